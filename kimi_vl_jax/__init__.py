@@ -1,0 +1,1 @@
+"""kimi_vl_jax: Kimi-VL training in JAX/Flax."""

@@ -1,0 +1,262 @@
+"""Model hyper-parameters: one frozen dataclass per component.
+
+Built from a preset (`tiny`, `small`, `kimi_vl_a3b`) or from an HF `config.json` (the
+`moonshotai/Kimi-VL-A3B-*` layout: `vision_config`, `text_config` with DeepSeek-V3 field names,
+`media_placeholder_token_id`). Values follow REFERENCE.md section 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """MoonViT (REFERENCE.md section 2)."""
+  patch_size: int = 14
+  hidden_size: int = 1152
+  num_layers: int = 27
+  num_heads: int = 16
+  intermediate_size: int = 4304
+  pos_emb_height: int = 64
+  pos_emb_width: int = 64
+  merge_kernel: tuple[int, int] = (2, 2)
+  rope_theta: float = 10000.0
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = 'gelu_pytorch_tanh'
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    return 3 * self.patch_size * self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """DeepSeek-V3-style MLA + MoE decoder ("Moonlight"), HF field names."""
+  vocab_size: int = 163840
+  hidden_size: int = 2048
+  num_layers: int = 27
+  num_heads: int = 16
+  q_lora_rank: int | None = None
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  intermediate_size: int = 11264
+  moe_intermediate_size: int = 1408
+  n_routed_experts: int = 64
+  n_shared_experts: int = 2
+  num_experts_per_tok: int = 6
+  first_k_dense_replace: int = 1
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 2.446
+  rope_theta: float = 800000.0
+  # HF `rope_scaling` as a sorted tuple of (key, value) pairs so the config stays hashable;
+  # None = plain RoPE. Use `rope_scaling_dict` to read it.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  rms_norm_eps: float = 1e-5
+  kv_lora_norm_eps: float = 1e-6
+  max_position_embeddings: int = 131072
+  tie_word_embeddings: bool = False
+  # Implementation choices (not in HF configs).
+  moe_impl: str = 'dropless'  # 'dropless' (ragged_dot) | 'capacity' (fixed expert buffers)
+  capacity_factor: float = 1.25
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_layers - self.first_k_dense_replace if self.n_routed_experts else 0
+
+  @property
+  def num_dense_layers(self) -> int:
+    return self.num_layers - self.num_moe_layers
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+
+@dataclasses.dataclass(frozen=True)
+class KimiVLConfig:
+  """The whole model plus the numerics / memory knobs that are not part of the checkpoint."""
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  media_placeholder_token_id: int = 163605
+  projector_ln_eps: float = 1e-5
+  dtype: str = 'float32'        # compute dtype of matmuls / activations
+  param_dtype: str = 'float32'  # storage dtype of parameters
+  scan_layers: bool = True
+  # Remat policy name: 'none' (no remat), 'full' (save nothing), or any name in
+  # `jax.checkpoint_policies` (e.g. 'dots_with_no_batch_dims_saveable').
+  remat_policy: str = 'none'
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw) -> 'KimiVLConfig':
+    return dataclasses.replace(self, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets.
+
+def kimi_vl_a3b() -> KimiVLConfig:
+  """The released Kimi-VL-A3B (REFERENCE.md section 1)."""
+  return KimiVLConfig()
+
+
+def small() -> KimiVLConfig:
+  """A ~200M-parameter model with the same structure, for benchmarks."""
+  return KimiVLConfig(
+      vision=VisionConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536),
+      text=TextConfig(vocab_size=32768, hidden_size=768, num_layers=8, num_heads=8,
+                      kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                      v_head_dim=64, intermediate_size=3072, moe_intermediate_size=512,
+                      n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+                      rope_theta=50000.0, max_position_embeddings=32768),
+  )
+
+
+def tiny() -> KimiVLConfig:
+  """A few-hundred-K-parameter model that exercises every code path, for tests and CPU demos."""
+  return KimiVLConfig(
+      vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                          pos_emb_height=16, pos_emb_width=16),
+      text=TextConfig(vocab_size=1024, hidden_size=64, num_layers=3, num_heads=4,
+                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                      n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                      first_k_dense_replace=1, routed_scaling_factor=2.446,
+                      rope_theta=10000.0, max_position_embeddings=4096),
+      media_placeholder_token_id=1023,
+  )
+
+
+PRESETS = {'kimi_vl_a3b': kimi_vl_a3b, 'small': small, 'tiny': tiny}
+
+
+def get_preset(name: str, **overrides) -> KimiVLConfig:
+  if name not in PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; choose one of {sorted(PRESETS)}')
+  return PRESETS[name]().replace(**overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# HF config.json <-> KimiVLConfig.
+
+_TEXT_FIELDS = {  # HF text_config key -> TextConfig field
+    'vocab_size': 'vocab_size', 'hidden_size': 'hidden_size',
+    'num_hidden_layers': 'num_layers', 'num_attention_heads': 'num_heads',
+    'q_lora_rank': 'q_lora_rank', 'kv_lora_rank': 'kv_lora_rank',
+    'qk_nope_head_dim': 'qk_nope_head_dim', 'qk_rope_head_dim': 'qk_rope_head_dim',
+    'v_head_dim': 'v_head_dim', 'intermediate_size': 'intermediate_size',
+    'moe_intermediate_size': 'moe_intermediate_size', 'n_routed_experts': 'n_routed_experts',
+    'n_shared_experts': 'n_shared_experts', 'num_experts_per_tok': 'num_experts_per_tok',
+    'first_k_dense_replace': 'first_k_dense_replace', 'n_group': 'n_group',
+    'topk_group': 'topk_group', 'norm_topk_prob': 'norm_topk_prob',
+    'routed_scaling_factor': 'routed_scaling_factor', 'rope_theta': 'rope_theta',
+    'rms_norm_eps': 'rms_norm_eps', 'max_position_embeddings': 'max_position_embeddings',
+    'tie_word_embeddings': 'tie_word_embeddings',
+}
+_VISION_FIELDS = {
+    'patch_size': 'patch_size', 'hidden_size': 'hidden_size',
+    'num_hidden_layers': 'num_layers', 'num_attention_heads': 'num_heads',
+    'intermediate_size': 'intermediate_size', 'init_pos_emb_height': 'pos_emb_height',
+    'init_pos_emb_width': 'pos_emb_width', 'merge_kernel_size': 'merge_kernel',
+}
+
+
+def _check_supported_text(tc: dict) -> None:
+  """Refuse HF options this implementation does not reproduce, instead of silently differing."""
+  checks = [
+      ('scoring_func', 'sigmoid'), ('topk_method', 'noaux_tc'), ('hidden_act', 'silu'),
+      ('moe_layer_freq', 1), ('attention_bias', False), ('ep_size', 1),
+  ]
+  for key, want in checks:
+    if key in tc and tc[key] is not None and tc[key] != want:
+      raise ValueError(f'text_config.{key}={tc[key]!r} is not supported (only {want!r})')
+  if tc.get('rope_interleave', True) is False:
+    raise ValueError('text_config.rope_interleave=False is not supported: DeepSeek-V3 '
+                     'checkpoints store the rope part of q/k interleaved')
+
+
+def from_hf_dict(cfg: dict, **overrides) -> KimiVLConfig:
+  """Builds a KimiVLConfig from the dict of an HF Kimi-VL `config.json`."""
+  if 'text_config' not in cfg or 'vision_config' not in cfg:
+    raise ValueError('an HF Kimi-VL config.json needs `text_config` and `vision_config`; '
+                     f'got keys {sorted(cfg)}')
+  tc, vc = dict(cfg['text_config']), dict(cfg['vision_config'])
+  _check_supported_text(tc)
+  text = {f: tc[k] for k, f in _TEXT_FIELDS.items() if k in tc}
+  # transformers >= 5 may carry rope settings in `rope_parameters`.
+  rp = tc.get('rope_parameters')
+  if isinstance(rp, dict):
+    if 'rope_theta' in rp:
+      text['rope_theta'] = rp['rope_theta']
+    if rp.get('rope_type', 'default') != 'default':
+      tc.setdefault('rope_scaling', rp)
+  rs = tc.get('rope_scaling')
+  if rs:
+    rs = dict(rs)
+    rs.setdefault('rope_type', rs.get('type', 'default'))
+    rs.pop('type', None)
+    if rs['rope_type'] != 'default':
+      text['rope_scaling'] = tuple(sorted((k, v) for k, v in rs.items() if k != 'rope_theta'))
+  if text.get('n_routed_experts') is None:
+    text['n_routed_experts'] = 0
+  vision = {f: vc[k] for k, f in _VISION_FIELDS.items() if k in vc}
+  if 'merge_kernel' in vision:
+    vision['merge_kernel'] = tuple(vision['merge_kernel'])
+  if 'hidden_act' in vc:
+    vision['hidden_act'] = vc['hidden_act']
+  top = {}
+  if 'media_placeholder_token_id' in cfg:
+    top['media_placeholder_token_id'] = cfg['media_placeholder_token_id']
+  config = KimiVLConfig(vision=VisionConfig(**vision), text=TextConfig(**text), **top)
+  return config.replace(**overrides)
+
+
+def from_hf_json(path: str, **overrides) -> KimiVLConfig:
+  """`path` is a `config.json` or a directory holding one."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'config.json')
+  with open(path) as f:
+    return from_hf_dict(json.load(f), **overrides)
+
+
+def to_hf_dict(config: KimiVLConfig) -> dict:
+  """The HF `config.json` dict of a KimiVLConfig (inverse of `from_hf_dict`)."""
+  t, v = config.text, config.vision
+  text = {k: getattr(t, f) for k, f in _TEXT_FIELDS.items()}
+  text.update(model_type='deepseek_v3', hidden_act='silu', scoring_func='sigmoid',
+              topk_method='noaux_tc', moe_layer_freq=1, attention_bias=False,
+              rope_scaling=t.rope_scaling_dict, kv_lora_norm_eps=t.kv_lora_norm_eps)
+  vision = {k: getattr(v, f) for k, f in _VISION_FIELDS.items()}
+  vision['merge_kernel_size'] = list(v.merge_kernel)
+  vision.update(model_type='moonvit', hidden_act=v.hidden_act)
+  return {
+      'architectures': ['KimiVLForConditionalGeneration'],
+      'model_type': 'kimi_vl',
+      'media_placeholder_token_id': config.media_placeholder_token_id,
+      'text_config': text,
+      'vision_config': vision,
+  }
