@@ -126,3 +126,24 @@ def remat_policy(name: str):
     raise ValueError(f'unknown remat policy {name!r}: use none, full, or a name in '
                      'jax.checkpoint_policies')
   return policy
+
+
+class Einsum(nn.Module):
+  """A parameter `kernel` of `shape` applied with an explicit einsum equation (gemma's `Einsum`).
+
+  `Einsum(shape, axes, name='q_proj')('BTD,DNH->BTNH', x)` keeps the shapes readable at the call
+  site; x and the kernel are cast to `dtype` and the product accumulates in that dtype (or in
+  `preferred_element_type` if given, e.g. fp32 logits).
+  """
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, eqn: str, x: Array, preferred_element_type=None) -> Array:
+    kernel = param_with_axes(self, 'kernel', self.kernel_init, self.shape, self.param_dtype,
+                             self.axes)
+    return jnp.einsum(eqn, x.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=preferred_element_type)

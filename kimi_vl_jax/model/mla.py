@@ -1,0 +1,166 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2 section 2.1 / DeepSeek-V3 section 2.1.1.
+
+Keys and values come from a low-rank latent: `c_kv = RMSNorm(x W_dkv)` (rank R), expanded per head
+by `kv_b_proj` into `[k_nope | v]`; a single decoupled RoPE key `k_rope` (Hr dims) is shared by all
+heads. Queries are `x W_q` or, with `q_lora_rank`, `RMSNorm(x W_dq) W_uq`, each head `[q_nope | q_rope]`.
+Scores use `[q_nope | rope(q_rope)] . [k_nope | rope(k_rope)]`.
+
+Numerics follow transformers' `DeepseekV3Attention` (rope_interleave=True): RoPE frequencies in fp32,
+optional YaRN scaling (`rope_scaling`), softmax scale `Hqk^-0.5 * mscale(factor, mscale_all_dim)^2`,
+fp32 softmax. The causal + segment mask comes from `attention.segment_mask`, so packed examples never
+attend to each other.
+
+Einsum letters: B batch, T query, S key, D model, N heads, H head dim, R lora rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_vl_jax.model import attention
+from kimi_vl_jax.model.config import TextConfig
+from kimi_vl_jax.model.layers import Einsum, RMSNorm, constrain
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE (1D) with optional YaRN scaling.
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN's attention temperature `0.1 * mscale * ln(scale) + 1` (1 when not extending)."""
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_parameters(config: TextConfig) -> tuple[np.ndarray, float, float]:
+  """Returns (inv_freq fp32 [Hr/2], attention_factor, softmax_scale) for the MLA rope part.
+
+  Mirrors transformers' `_compute_default_rope_parameters` / `_compute_yarn_parameters` (YaRN,
+  arXiv 2309.00071: per-frequency blend of interpolation and extrapolation with a linear ramp over
+  the dims between the beta_fast and beta_slow rotation counts) and DeepSeek's `yarn_apply_mscale`.
+  Computed in fp32 numpy in the same order as the reference, so angles match to the last ulp or so.
+  """
+  dim, base = config.qk_rope_head_dim, np.float32(config.rope_theta)
+  pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+  softmax_scale = config.qk_head_dim ** -0.5
+  rs = config.rope_scaling_dict
+  rope_type = 'default' if rs is None else rs.get('rope_type', rs.get('type', 'default'))
+  if rope_type == 'default':
+    return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0, softmax_scale
+  if rope_type != 'yarn':
+    raise ValueError(f'rope_scaling rope_type={rope_type!r} is not supported by MLA (only '
+                     "'default' and 'yarn', as DeepSeek-V3 uses)")
+  original = rs.get('original_max_position_embeddings') or config.max_position_embeddings
+  factor = rs.get('factor') or config.max_position_embeddings / original
+  mscale, mscale_all_dim = rs.get('mscale'), rs.get('mscale_all_dim')
+  attention_factor = rs.get('attention_factor')
+  if attention_factor is None:
+    if mscale and mscale_all_dim:
+      attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    else:
+      attention_factor = _yarn_mscale(factor)
+  beta_fast, beta_slow = rs.get('beta_fast') or 32, rs.get('beta_slow') or 1
+
+  def correction_dim(num_rotations):  # the dim whose wavelength fits `num_rotations` times
+    return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if rs.get('truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # the reference's guard against a zero-width ramp
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low))
+                 / np.float32(high - low), 0, 1).astype(np.float32)
+  extrapolation = np.float32(1) - ramp
+  inv_freq = ((np.float32(1) / (np.float32(factor) * pos_freqs)) * (np.float32(1) - extrapolation)
+              + (np.float32(1) / pos_freqs) * extrapolation)
+  if mscale_all_dim:
+    softmax_scale *= _yarn_mscale(factor, mscale_all_dim) ** 2
+  return inv_freq.astype(np.float32), float(attention_factor), softmax_scale
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray, attention_factor: float
+                 ) -> tuple[Array, Array]:
+  """positions [B, T] -> cos, sin [B, T, Hr/2] in fp32 (scaled by YaRN's attention_factor)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
+
+
+def apply_rope_interleaved(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates x [..., Hr] pairwise: complex slot j is the real pair (2j, 2j+1) (DeepSeek layout).
+
+  The reference de-interleaves then uses rotate-half; both apply the same rotation to q and k, and
+  differ only by a fixed permutation of the rope dims, so the scores are identical. Computed in fp32
+  and cast back to x's dtype. cos, sin broadcast against x[..., ::2].
+  """
+  xf = x.astype(jnp.float32)
+  x_even, x_odd = xf[..., 0::2], xf[..., 1::2]
+  out = jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+
+class MLA(nn.Module):
+  """MLA self-attention: x [B, T, D], positions [B, T], segment_ids [B, T] -> [B, T, D].
+
+  Causal within each segment; segment id 0 marks padding (it only sees other padding). Parameter
+  layout: docs/param_tree.md (`self_attn/...`), heads kept in checkpoint order.
+  """
+  config: TextConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Einsum:
+    return Einsum(shape, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+  def _norm(self, name: str, features: int) -> RMSNorm:
+    # transformers builds both latent norms with DeepseekV3RMSNorm's default eps (1e-6).
+    return RMSNorm(features, eps=self.config.kv_lora_norm_eps, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+    t = self.config
+    D, N, R = t.hidden_size, t.num_heads, t.kv_lora_rank
+    Hn, Hr, Hv, Hqk = t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim, t.qk_head_dim
+    if x.shape[-1] != D:
+      raise ValueError(f'MLA expects hidden size {D}, got input of shape {x.shape}')
+
+    # Queries: plain projection or low-rank (q_lora) with a norm on the latent.
+    if t.q_lora_rank is None:
+      q = self._proj('q_proj', (D, N, Hqk), ('embed', 'heads', 'kv'))('BTD,DNH->BTNH', x)
+    else:
+      Rq = t.q_lora_rank
+      cq = self._proj('q_a_proj', (D, Rq), ('embed', 'q_lora'))('BTD,DR->BTR', x)
+      cq = self._norm('q_a_layernorm', Rq)(cq)
+      q = self._proj('q_b_proj', (Rq, N, Hqk), ('q_lora', 'heads', 'kv'))('BTR,RNH->BTNH', cq)
+    q = constrain(q, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
+    q_nope, q_rope = q[..., :Hn], q[..., Hn:]
+
+    # Keys / values: one projection gives the latent [R] and the shared rope key [Hr].
+    ckv = self._proj('kv_a_proj_with_mqa', (D, R + Hr), ('embed', 'kv_lora'))('BSD,DR->BSR', x)
+    ckv, k_rope = ckv[..., :R], ckv[..., R:]                        # [B, S, R], [B, S, Hr]
+    ckv = self._norm('kv_a_layernorm', R)(ckv)
+    kv = self._proj('kv_b_proj', (R, N, Hn + Hv), ('kv_lora', 'heads', 'kv'))(
+        'BSR,RNH->BSNH', ckv)
+    k_nope, v = kv[..., :Hn], kv[..., Hn:]                          # [B, S, N, Hn], [B, S, N, Hv]
+
+    inv_freq, attention_factor, scale = rope_parameters(t)
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)  # [B, T, Hr/2]
+    q_rope = apply_rope_interleaved(q_rope, cos[:, :, None, :], sin[:, :, None, :])
+    k_rope = apply_rope_interleaved(k_rope, cos, sin)               # [B, S, Hr], shared by heads
+
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)                  # [B, T, N, Hqk]
+    k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + (Hr,))
+    k = jnp.concatenate([k_nope, k_rope], axis=-1)                  # [B, S, N, Hqk]
+    mask = attention.segment_mask(segment_ids, segment_ids, causal=True)
+    out = attention.dot_product_attention(q, k, v, mask, scale)      # [B, T, N, Hv]
+    out = constrain(out, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
+    return self._proj('o_proj', (N, Hv, D), ('heads', 'kv', 'embed'))('BTNH,NHD->BTD', out)
