@@ -1,0 +1,174 @@
+"""The Kimi-VL language model: a DeepSeek-V3-style decoder ("Moonlight"), Kimi-VL report section 2.1.
+
+    embed -> [first_k_dense_replace dense layers] -> [MoE layers] -> RMSNorm -> lm_head (fp32 logits)
+
+Each layer is pre-norm: `x += MLA(RMSNorm(x))`, `x += FFN(RMSNorm(x))` with FFN a SwiGLU MLP in the
+dense layers and `moe.MoE` in the others (transformers' `DeepseekV3DecoderLayer`). The two stacks are
+`nn.scan`s over layers (param axis 0, logical name 'layers'), optionally rematerialised with the
+config's remat policy; `scan_layers=False` unrolls them into `dense_layers_{i}` / `moe_layers_{i}`
+(convert with `stack_layer_params` / `unstack_layer_params`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kimi_vl_jax.model.config import KimiVLConfig
+from kimi_vl_jax.model.layers import Einsum, RMSNorm, constrain, default_kernel_init, remat_policy
+from kimi_vl_jax.model.mla import MLA
+from kimi_vl_jax.model.moe import MLP, MoE
+
+Array = jax.Array
+_ACT = ('act_batch', 'act_len', 'act_embed')
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block: (x [B, T, D], positions, segment_ids) -> (x, aux or None)."""
+  config: KimiVLConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array):
+    c, t = self.config, self.config.text
+    dt, pdt = c.jnp_dtype, c.jnp_param_dtype
+    norm = lambda name: RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=dt, param_dtype=pdt,
+                                name=name)
+    h = MLA(t, dt, pdt, name='self_attn')(norm('input_layernorm')(x), positions, segment_ids)
+    x = constrain(x + h, _ACT)
+    h = norm('post_attention_layernorm')(x)
+    if self.moe:
+      h, aux = MoE(t, dt, pdt, name='mlp')(h, segment_ids)
+    else:
+      h, aux = MLP(t.hidden_size, t.intermediate_size, dt, pdt, name='mlp')(h), None
+    return constrain(x + h, _ACT), aux
+
+
+def _layer_stack(config: KimiVLConfig, moe: bool, length: int):
+  """The module building `length` layers: an nn.scan (scan_layers) or a list of layers."""
+  layer = DecoderLayer
+  if config.remat_policy != 'none':
+    layer = nn.remat(layer, policy=remat_policy(config.remat_policy),
+                     prevent_cse=not config.scan_layers)
+  if not config.scan_layers:
+    return [layer(config, moe) for _ in range(length)]
+  scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=length,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+  return scanned(config, moe)
+
+
+class LanguageModel(nn.Module):
+  """`embed(input_ids) -> [B, T, D]`; `__call__(inputs_embeds, positions, segment_ids)` ->
+  (logits [B, T, V] fp32, aux) with aux = {'expert_load': [Lm, E], 'balance_loss': scalar (mean
+  over MoE layers of `moe.sequence_balance_loss`)}.
+
+  positions default to 0..T-1 and segment_ids to 1 (one unpadded sequence per row).
+  """
+  config: KimiVLConfig
+
+  def setup(self):
+    c, t = self.config, self.config.text
+    dt, pdt = c.jnp_dtype, c.jnp_param_dtype
+    self.embed_tokens = nn.Embed(
+        t.vocab_size, t.hidden_size, dtype=dt, param_dtype=pdt,
+        embedding_init=nn.with_logical_partitioning(default_kernel_init, ('vocab', 'embed')))
+    self.dense_layers = (_layer_stack(c, False, t.num_dense_layers)
+                         if t.num_dense_layers else [])
+    self.moe_layers = _layer_stack(c, True, t.num_moe_layers) if t.num_moe_layers else []
+    # Final norm output stays fp32 so the logits see no extra rounding.
+    self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=jnp.float32, param_dtype=pdt)
+    if not t.tie_word_embeddings:
+      self.lm_head = Einsum((t.hidden_size, t.vocab_size), ('embed', 'vocab'), dtype=dt,
+                            param_dtype=pdt)
+
+  def embed(self, input_ids: Array) -> Array:
+    """input_ids int [B, T] -> embeddings [B, T, D] in the compute dtype."""
+    return self.embed_tokens(input_ids)
+
+  def _run(self, stack, x: Array, positions: Array, segment_ids: Array):
+    """Runs a layer stack (scanned module or list); returns (x, stacked aux or None)."""
+    if not isinstance(stack, (list, tuple)):
+      return stack(x, positions, segment_ids)
+    auxes = []
+    for layer in stack:
+      x, aux = layer(x, positions, segment_ids)
+      auxes.append(aux)
+    if not auxes or auxes[0] is None:
+      return x, None
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+  def __call__(self, inputs_embeds: Array, positions: Array | None = None,
+               segment_ids: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    c, t = self.config, self.config.text
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != t.hidden_size:
+      raise ValueError(f'inputs_embeds must be [B, T, {t.hidden_size}], got {inputs_embeds.shape}')
+    B, T, _ = inputs_embeds.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+      segment_ids = jnp.ones((B, T), jnp.int32)
+    for name, a in (('positions', positions), ('segment_ids', segment_ids)):
+      if a.shape != (B, T):
+        raise ValueError(f'{name} must be [B, T] = {(B, T)}, got {a.shape}')
+    if self.is_initializing() and not t.tie_word_embeddings:
+      self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # create the table even if only embeds come in
+
+    x = constrain(inputs_embeds.astype(c.jnp_dtype), _ACT)
+    if t.num_dense_layers:
+      x, _ = self._run(self.dense_layers, x, positions, segment_ids)
+    aux = {'expert_load': jnp.zeros((0, t.n_routed_experts), jnp.float32),
+           'balance_loss': jnp.zeros((), jnp.float32)}
+    if t.num_moe_layers:
+      x, moe_aux = self._run(self.moe_layers, x, positions, segment_ids)
+      aux = {'expert_load': moe_aux['expert_load'],
+             'balance_loss': moe_aux['balance_loss'].mean()}
+    h = self.norm(x)                                                           # [B, T, D] fp32
+    if t.tie_word_embeddings:
+      table = self.embed_tokens.embedding.astype(c.jnp_dtype)
+      logits = jnp.einsum('BTD,VD->BTV', h.astype(c.jnp_dtype), table,
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = self.lm_head('BTD,DV->BTV', h, preferred_element_type=jnp.float32)
+    return constrain(logits, ('act_batch', 'act_len', 'act_vocab')), aux
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanned <-> unrolled parameter layouts (of the `language_model` subtree).
+
+def _stacks(config: KimiVLConfig):
+  t = config.text
+  return (('dense_layers', t.num_dense_layers), ('moe_layers', t.num_moe_layers))
+
+
+def stack_layer_params(params: dict, config: KimiVLConfig) -> dict:
+  """Unrolled (`dense_layers_{i}`, `moe_layers_{i}`) -> scanned (`dense_layers`, `moe_layers` with
+  a leading layer axis). Other entries are passed through; boxed metadata is dropped."""
+  out = dict(nn.meta.unbox(params))
+  for prefix, n in _stacks(config):
+    if not n:
+      continue
+    names = [f'{prefix}_{i}' for i in range(n)]
+    missing = [k for k in names if k not in out]
+    if missing:
+      raise ValueError(f'stack_layer_params: no {missing} in params (have {sorted(out)})')
+    out[prefix] = jax.tree.map(lambda *a: jnp.stack(a), *[out.pop(k) for k in names])
+  return out
+
+
+def unstack_layer_params(params: dict, config: KimiVLConfig) -> dict:
+  """Scanned -> unrolled; the inverse of `stack_layer_params`."""
+  out = dict(nn.meta.unbox(params))
+  for prefix, n in _stacks(config):
+    if not n:
+      continue
+    if prefix not in out:
+      raise ValueError(f'unstack_layer_params: no {prefix!r} in params (have {sorted(out)})')
+    stacked = out.pop(prefix)
+    lengths = {a.shape[0] for a in jax.tree.leaves(stacked)}
+    if lengths != {n}:
+      raise ValueError(f'unstack_layer_params: {prefix} has leading sizes {lengths}, expected {n}')
+    for i in range(n):
+      out[f'{prefix}_{i}'] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return out
