@@ -1,0 +1,213 @@
+"""Bundled demo data: easy-vqa (from its PyPI package) and generated arithmetic word problems.
+
+`python -m kimi_vl_jax.data.build_demo [--cache_dir DIR]` builds, under the cache directory
+(default `$KIMI_VL_JAX_CACHE` or `~/.cache/kimi_vl_jax`):
+
+  easy_vqa/{train,test}.jsonl          one question per conversation: user = image + question,
+                                       assistant = the one-word answer (38,575 / 9,673 records)
+  easy_vqa/captions_{train,test}.jsonl image-caption pairs ("A blue circle.") derived from the QA
+  easy_vqa/images/{train,test}/N.png   the 64x64 images, copied from the package (not committed)
+  arithmetic/{train,test}.jsonl        text-only chats: a word problem and a worked answer ending in
+                                       "The answer is N." plus the verifiable `answer` field
+  arithmetic/text_{train,test}.jsonl   the same problems as plain `{"text": ...}` documents
+
+Everything is deterministic. Configs name these files as `demo:<subdir>/<file>`, built on first use
+(`resolve_path`), so nothing derived from the package needs committing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+
+DEMO_VERSION = '1'
+ARITH_SIZES = {'train': 20000, 'test': 1000}
+ARITH_SEEDS = {'train': 1234, 'test': 98765}
+
+
+def default_cache_dir() -> str:
+  return os.environ.get('KIMI_VL_JAX_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'kimi_vl_jax')
+
+
+def _write_jsonl(path: str, records) -> int:
+  n = 0
+  with open(path, 'w') as f:
+    for r in records:
+      f.write(json.dumps(r) + '\n')
+      n += 1
+  return n
+
+
+def _atomic_build(final_dir: str, build_fn) -> str:
+  """Builds into a temporary sibling directory and renames it into place (safe under races)."""
+  marker = os.path.join(final_dir, 'VERSION')
+  if os.path.isfile(marker) and open(marker).read().strip() == DEMO_VERSION:
+    return final_dir
+  parent = os.path.dirname(final_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + '.tmp-', dir=parent)
+  try:
+    build_fn(tmp)
+    with open(os.path.join(tmp, 'VERSION'), 'w') as f:
+      f.write(DEMO_VERSION)
+    if os.path.isdir(final_dir):
+      shutil.rmtree(final_dir, ignore_errors=True)  # an older version
+    try:
+      os.rename(tmp, final_dir)
+    except OSError:
+      if not os.path.isfile(marker):  # nobody else finished it either
+        raise
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return final_dir
+
+
+# ----------------------------------------------------------------------------------------- easy-vqa
+
+_SHAPE_Q = re.compile(r'^what is the (\w+) shape\??$')
+_COLOR_Q = re.compile(r'^what color is the (\w+)\??$')
+
+
+def _easy_vqa_captions(questions, answers, image_ids) -> dict[int, str]:
+  """Image id -> 'A <color> <shape>.' from the questions that reveal both."""
+  color, shape = {}, {}
+  for q, a, i in zip(questions, answers, image_ids):
+    q = q.strip().lower()
+    if m := _SHAPE_Q.match(q):
+      color.setdefault(i, m.group(1))
+      shape.setdefault(i, a)
+    elif m := _COLOR_Q.match(q):
+      shape.setdefault(i, m.group(1))
+      color.setdefault(i, a)
+  return {i: f'A {color[i]} {shape[i]}.' for i in sorted(color) if i in shape}
+
+
+def _build_easy_vqa(out: str) -> None:
+  import easy_vqa
+  splits = {
+      'train': (easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
+      'test': (easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()),
+  }
+  for split, ((qs, ans, ids), paths) in splits.items():
+    img_dir = os.path.join(out, 'images', split)
+    os.makedirs(img_dir)
+    for i, src in sorted(paths.items()):
+      shutil.copyfile(src, os.path.join(img_dir, f'{i}.png'))
+    rel = lambda i: f'images/{split}/{i}.png'  # noqa: E731
+    _write_jsonl(os.path.join(out, f'{split}.jsonl'), (
+        {'messages': [
+            {'role': 'user', 'content': [{'type': 'image', 'image': rel(i)},
+                                         {'type': 'text', 'text': q}]},
+            {'role': 'assistant', 'content': a}], 'answer': a}
+        for q, a, i in zip(qs, ans, ids)))
+    caps = _easy_vqa_captions(qs, ans, ids)
+    _write_jsonl(os.path.join(out, f'captions_{split}.jsonl'),
+                 ({'image': rel(i), 'caption': c} for i, c in caps.items()))
+
+
+# --------------------------------------------------------------------------------------- arithmetic
+
+_NAMES = ['Ana', 'Ben', 'Chen', 'Dara', 'Eli', 'Fatima', 'Gus', 'Hana', 'Ivan', 'Jade', 'Kofi',
+          'Lena', 'Mia', 'Noah', 'Omar', 'Priya', 'Quinn', 'Rosa', 'Sam', 'Tara']
+_ITEMS = ['apples', 'books', 'coins', 'pencils', 'stickers', 'marbles', 'cookies', 'stamps',
+          'shells', 'cards']
+
+
+def arithmetic_problem(rng: random.Random) -> tuple[str, str, int]:
+  """One word problem -> (question, worked answer, numeric answer)."""
+  name, other = rng.sample(_NAMES, 2)
+  item = rng.choice(_ITEMS)
+  kind = rng.randrange(4)
+  if kind == 0:
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    q = f'{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?'
+    r, expr = a + b, f'{a} + {b}'
+  elif kind == 1:
+    a = rng.randint(10, 90)
+    b = rng.randint(1, a - 1)
+    q = f'{name} had {a} {item} and gave {b} to {other}. How many {item} does {name} have left?'
+    r, expr = a - b, f'{a} - {b}'
+  elif kind == 2:
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    q = f'There are {a} boxes with {b} {item} in each box. How many {item} are there in total?'
+    r, expr = a * b, f'{a} * {b}'
+  else:
+    b, r = rng.randint(2, 9), rng.randint(2, 12)
+    a = b * r
+    q = f'{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?'
+    expr = f'{a} / {b}'
+  return q, f'{expr} = {r}. The answer is {r}.', r
+
+
+def _build_arithmetic(out: str) -> None:
+  for split, n in ARITH_SIZES.items():
+    rng = random.Random(ARITH_SEEDS[split])
+    probs = [arithmetic_problem(rng) for _ in range(n)]
+    _write_jsonl(os.path.join(out, f'{split}.jsonl'), (
+        {'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}],
+         'answer': str(r)} for q, a, r in probs))
+    _write_jsonl(os.path.join(out, f'text_{split}.jsonl'),
+                 ({'text': f'Question: {q} Answer: {a}'} for q, a, _ in probs))
+
+
+BUILDERS = {'easy_vqa': _build_easy_vqa, 'arithmetic': _build_arithmetic}
+
+
+def ensure_demo(name: str, cache_dir: str | None = None) -> str:
+  """Builds demo set `name` (easy_vqa | arithmetic) if needed; returns its directory."""
+  if name not in BUILDERS:
+    raise ValueError(f'unknown demo data set {name!r}; known: {sorted(BUILDERS)}')
+  return _atomic_build(os.path.join(cache_dir or default_cache_dir(), name), BUILDERS[name])
+
+
+def resolve_path(path: str, cache_dir: str | None = None) -> str:
+  """`demo:<set>/<file>` -> the built file's absolute path; other paths unchanged."""
+  if not path.startswith('demo:'):
+    return path
+  rel = path[len('demo:'):]
+  name = rel.split('/', 1)[0]
+  full = os.path.join(ensure_demo(name, cache_dir), *rel.split('/')[1:])
+  if not os.path.exists(full):
+    raise FileNotFoundError(f'{path!r}: the demo set {name!r} has no {full!r}')
+  return full
+
+
+def demo_corpus() -> list[str]:
+  """The bundled text the tiny SentencePiece model is trained on (no files needed)."""
+  import easy_vqa
+  lines = []
+  for qs, ans, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
+    lines.extend(qs)
+    lines.extend(sorted(set(ans)))
+    lines.extend(_easy_vqa_captions(qs, ans, _).values())
+  for split in ('train', 'test'):
+    rng = random.Random(ARITH_SEEDS[split])
+    for _ in range(ARITH_SIZES[split]):
+      q, a, _ = arithmetic_problem(rng)
+      lines.append(f'Question: {q} Answer: {a}')
+  lines.extend(['system user assistant image', 'You are a helpful assistant.'])
+  return lines
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--cache_dir', default=None)
+  args = p.parse_args(argv)
+  for name in BUILDERS:
+    d = ensure_demo(name, args.cache_dir)
+    files = sorted(f for f in os.listdir(d) if f.endswith('.jsonl'))
+    print(f'{name}: {d}')
+    for f in files:
+      with open(os.path.join(d, f)) as fh:
+        print(f'  {f}: {sum(1 for _ in fh)} records')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,283 @@
+"""The grain data pipeline: sources -> examples -> mixture -> packed rows -> batches.
+
+Entry points for the trainer:
+
+  tok = make_tokenizer(cfg.tokenizer)
+  it = make_iterator(cfg.data, tok, seed=0, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+  batch = next(it)            # dict of numpy arrays, DESIGN.md "Batch" (+ nothing else)
+  data_stats(it)              # flat dict: kept / skipped counts by source and reason, realised mix
+  it.get_state(), it.set_state(s)   # JSON-able; grain.checkpoint.CheckpointSave(it) works
+
+Per source (REFERENCE.md sections 3 and 5): records are sharded per host (`process_index::
+process_count`), shuffled per epoch, repeated, turned into examples by `sources.ExampleMaker`
+(`random_map`: image augmentation is seeded per record and epoch); text sources are concatenated
+then split into `seq_len` chunks. Sources are mixed by weight (grain's deterministic weighted
+interleave), oversize examples are dropped and counted, examples are packed into rows
+(`packing.py`), batched, and optionally prefetched by `num_workers` processes. Everything is a
+function of (config, seed, process_index, process_count, num_workers): changing `num_workers`
+changes the order (grain shards the sources per worker), as documented by grain.
+
+Config fields read from `data` (ConfigDict or dict; defaults in `default_config()`):
+  sources: list of {name, kind: chat|caption|text, path, weight, root (default: the file's
+    directory), format (jsonl|txt|array_record; default from the file name)}. `path` may be
+    `demo:easy_vqa/train.jsonl` etc. (built on first use under `cache_dir`, see build_demo.py).
+  seq_len (T), max_patches (P, per row; 0 for text-only), max_images (I, per row),
+  batch_size (rows per host), num_workers (0 = in-process), worker_buffer_size,
+  shuffle, num_epochs (None = forever), default_system_prompt, cache_dir,
+  max_skip_rate (stop when skipped / seen exceeds it, checked once skip_check_min_examples records
+    were seen), skip_check_min_examples,
+  image: {max_patches (per image, before padding), max_side_patches, mean, std,
+    augment: {enabled, scale_min, scale_max, brightness, contrast, hflip_prob}},
+  packing: {algorithm: first_fit|best_fit, num_bins (default batch_size), shuffle_bins}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from grain._src.python.dataset import dataset as grain_dataset
+
+from kimi_vl_jax.data import build_demo
+from kimi_vl_jax.data import images as images_lib
+from kimi_vl_jax.data import packing
+from kimi_vl_jax.data import sources as sources_lib
+from kimi_vl_jax.data.tokenizer import make_tokenizer  # noqa: F401  (re-exported entry point)
+
+BATCH_KEYS = ('input_ids', 'targets', 'loss_mask', 'segment_ids', 'positions', 'patches',
+              'patch_coords', 'patch_image_ids', 'image_grid_hws')
+
+
+class DataQualityError(RuntimeError):
+  """Too many records were skipped: the data (or the config) is broken."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults for every field `make_iterator` reads (sources empty)."""
+  return ml_collections.ConfigDict({
+      'sources': [],
+      'seq_len': 8192,
+      'max_patches': 16384,
+      'max_images': 64,
+      'batch_size': 8,
+      'num_workers': 0,
+      'worker_buffer_size': 2,
+      'shuffle': True,
+      'num_epochs': None,
+      'default_system_prompt': None,
+      'cache_dir': None,
+      'max_skip_rate': 0.05,
+      'skip_check_min_examples': 200,
+      'image': {
+          'max_patches': 4096, 'max_side_patches': 512,
+          'mean': list(images_lib.CLIP_MEAN), 'std': list(images_lib.CLIP_STD),
+          'augment': {'enabled': False, 'scale_min': 0.8, 'scale_max': 1.2, 'brightness': 0.1,
+                      'contrast': 0.1, 'hflip_prob': 0.0},
+      },
+      'packing': {'algorithm': 'first_fit', 'num_bins': None, 'shuffle_bins': True},
+  })
+
+
+def _as_dict(cfg: Any) -> dict:
+  if cfg is None:
+    return {}
+  if hasattr(cfg, 'to_dict'):
+    return cfg.to_dict()
+  return dict(cfg)
+
+
+def _merged(cfg: Any) -> dict:
+  """User config over the defaults (nested dicts merged one level deep)."""
+  out = default_config().to_dict()
+  user = _as_dict(cfg)
+  unknown = set(user) - set(out)
+  if unknown:
+    raise ValueError(f'data config: unknown fields {sorted(unknown)}; known: {sorted(out)}')
+  for k, v in user.items():
+    if isinstance(out.get(k), dict) and isinstance(v, dict):
+      out[k] = {**out[k], **v}
+    else:
+      out[k] = v
+  return out
+
+
+def _source_seed(seed: int, i: int) -> int:
+  return int(np.random.SeedSequence([seed, i, 0x6b696d69]).generate_state(1)[0])
+
+
+def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, seed: int,
+                    process_index: int, process_count: int) -> grain.IterDataset:
+  """One source -> IterDataset of examples (or skip markers, for non-text kinds)."""
+  name = spec.get('name') or f'source{i}'
+  kind = spec.get('kind')
+  path = spec.get('path')
+  if not path:
+    raise ValueError(f'data.sources[{i}] ({name}): `path` is required')
+  path = build_demo.resolve_path(path, cfg['cache_dir'])
+  fmt = spec.get('format') or sources_lib.infer_format(path)
+  root = spec.get('root') or os.path.dirname(os.path.abspath(path))
+  src = sources_lib.open_source(path, fmt)
+  if len(src) < process_count:
+    raise ValueError(f'data source {name!r} ({path}) has {len(src)} records, fewer than the '
+                     f'{process_count} hosts it is sharded over')
+  s_seed = _source_seed(seed, i)
+  ds = grain.MapDataset.source(src)[process_index::process_count]
+  if cfg['shuffle']:
+    ds = ds.shuffle(seed=s_seed)
+  ds = ds.repeat(cfg['num_epochs'])
+  maker = sources_lib.ExampleMaker(
+      tokenizer=tok, kind=kind, source_index=i, name=f'{name} ({path})', root=root, fmt=fmt,
+      image_cfg=image_cfg, default_system_prompt=cfg['default_system_prompt'])
+  ds = ds.random_map(maker, seed=s_seed ^ 0x5EED)
+  it = ds.to_iter_dataset()
+  if kind == 'text':
+    it = packing.AccountIterDataset(it, layout)
+    it = packing.TextChunkIterDataset(it, cfg['seq_len'])
+  return it
+
+
+def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int = 0,
+                  process_count: int = 1):
+  """The pipeline's iterator (a grain DatasetIterator yielding batch dicts); see module doc."""
+  cfg = _merged(data_cfg)
+  specs = [_as_dict(s) for s in cfg['sources']]
+  if not specs:
+    raise ValueError('data.sources is empty: give at least one {kind, path, weight}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  for k in ('seq_len', 'batch_size'):
+    if int(cfg[k]) < 1:
+      raise ValueError(f'data.{k} must be >= 1, got {cfg[k]}')
+  if cfg['max_patches'] % 4:
+    raise ValueError(f'data.max_patches must be a multiple of 4 (2x2 merge), got {cfg["max_patches"]}')
+  weights = [float(s.get('weight', 1.0)) for s in specs]
+  if any(w <= 0 for w in weights):
+    raise ValueError(f'data.sources weights must be > 0, got {weights}')
+  image_cfg = images_lib.ImageConfig.from_config(cfg['image'])
+  layout = packing.StatsLayout(len(specs))
+  per_source = [
+      _source_dataset(s, i, cfg, tokenizer, image_cfg, layout, seed=seed,
+                      process_index=process_index, process_count=process_count)
+      for i, s in enumerate(specs)]
+  ds = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, weights)
+  limits = {'seq_len': cfg['seq_len'], 'max_patches': cfg['max_patches'],
+            'max_images': cfg['max_images']}
+  ds = packing.AccountIterDataset(ds, layout, limits=limits, count_kept=True)
+  pk = cfg['packing']
+  ds = packing.pack_rows(ds, seq_len=cfg['seq_len'], max_patches=cfg['max_patches'],
+                         max_images=cfg['max_images'], algorithm=pk['algorithm'],
+                         num_bins=int(pk['num_bins'] or cfg['batch_size']),
+                         seed=_source_seed(seed, 10_000), shuffle_bins=bool(pk['shuffle_bins']))
+  pad_id = tokenizer.pad_id
+  ds = ds.map(_Finalize(pad_id, layout.size))
+  ds = ds.batch(int(cfg['batch_size']), drop_remainder=True)
+  if int(cfg['num_workers']) > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(cfg['num_workers']),
+        per_worker_buffer_size=int(cfg['worker_buffer_size'])))
+  names = [s.get('name') or f'source{i}' for i, s in enumerate(specs)]
+  ds = StatsIterDataset(ds, layout, names, weights, float(cfg['max_skip_rate']),
+                        int(cfg['skip_check_min_examples']))
+  return ds.__iter__()
+
+
+class _Finalize:
+  """Picklable map: packed row -> contract row (packing.finalize_row)."""
+
+  def __init__(self, pad_id: int, stats_size: int):
+    self.pad_id, self.stats_size = pad_id, stats_size
+
+  def __call__(self, row):
+    return packing.finalize_row(row, pad_id=self.pad_id, stats_size=self.stats_size)
+
+
+class _StatsIterator(grain_dataset.DatasetIterator):
+  """Strips `_stats` from batches, keeps running totals (part of the state), checks skip rate."""
+
+  def __init__(self, parent, layout, names, weights, max_skip_rate, min_seen):
+    super().__init__(parent)
+    self._layout, self._names, self._weights = layout, names, weights
+    self._max_skip_rate, self._min_seen = max_skip_rate, min_seen
+    self._totals = layout.zeros()
+
+  def __next__(self):
+    batch = next(self._parent)
+    batch = dict(batch)
+    self._totals += np.asarray(batch.pop('_stats')).sum(axis=0)
+    table = self._layout.as_table(self._totals)
+    kept = int(table[:, 0].sum())
+    skipped = int(table[:, len(packing.KEPT_FIELDS):].sum())
+    seen = kept + skipped
+    if seen >= self._min_seen and skipped > self._max_skip_rate * seen:
+      raise DataQualityError(
+          f'data pipeline: {skipped} of {seen} records skipped ({skipped / seen:.1%}), above '
+          f'data.max_skip_rate={self._max_skip_rate:.1%}. Skips by source and reason: '
+          f'{self.skip_counts()}. The log has each skipped record with its source and line.')
+    return batch
+
+  def skip_counts(self) -> dict[str, dict[str, int]]:
+    table = self._layout.as_table(self._totals)
+    out = {}
+    for s, name in enumerate(self._names):
+      row = {r: int(table[s, len(packing.KEPT_FIELDS) + k])
+             for k, r in enumerate(packing.SKIP_REASONS)}
+      out[name] = {r: v for r, v in row.items() if v}
+    return out
+
+  def stats(self) -> dict[str, float]:
+    table = self._layout.as_table(self._totals)
+    kept_ex, kept_tok, kept_img = table[:, 0], table[:, 1], table[:, 2]
+    skipped = table[:, len(packing.KEPT_FIELDS):]
+    out: dict[str, float] = {}
+    tw = sum(self._weights)
+    for s, name in enumerate(self._names):
+      out[f'examples/{name}'] = int(kept_ex[s])
+      out[f'tokens/{name}'] = int(kept_tok[s])
+      out[f'images/{name}'] = int(kept_img[s])
+      out[f'skipped/{name}'] = int(skipped[s].sum())
+      out[f'mix_target/{name}'] = self._weights[s] / tw
+      out[f'mix_examples/{name}'] = float(kept_ex[s] / max(1, kept_ex.sum()))
+      out[f'mix_tokens/{name}'] = float(kept_tok[s] / max(1, kept_tok.sum()))
+      for k, r in enumerate(packing.SKIP_REASONS):
+        if skipped[s, k]:
+          out[f'skipped/{name}/{r}'] = int(skipped[s, k])
+    seen = int(kept_ex.sum() + skipped.sum())
+    out['skip_rate'] = float(skipped.sum() / max(1, seen))
+    return out
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'totals': [int(v) for v in self._totals]}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._totals = np.asarray(state['totals'], np.int64)
+
+
+class StatsIterDataset(grain.IterDataset):
+  """Final stage: see _StatsIterator."""
+
+  def __init__(self, parent, layout, names, weights, max_skip_rate, min_seen):
+    super().__init__(parent)
+    self._args = (layout, names, weights, max_skip_rate, min_seen)
+
+  def __iter__(self):
+    return _StatsIterator(self._parent.__iter__(), *self._args)
+
+
+def data_stats(iterator) -> dict[str, float]:
+  """Counters for logging: kept examples / tokens / images and skips per source (and reason),
+  target vs realised mix (by examples and by tokens), overall skip rate."""
+  if not isinstance(iterator, _StatsIterator):
+    raise TypeError(f'data_stats needs the iterator returned by make_iterator, got {type(iterator)}')
+  return iterator.stats()
+
+
+def skip_counts(iterator) -> dict[str, dict[str, int]]:
+  """{source name: {reason: count}} of the records skipped so far."""
+  if not isinstance(iterator, _StatsIterator):
+    raise TypeError(f'skip_counts needs the iterator returned by make_iterator, got {type(iterator)}')
+  return iterator.skip_counts()

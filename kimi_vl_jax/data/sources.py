@@ -1,0 +1,236 @@
+"""Record sources and the record -> example step.
+
+Source kinds (config `data.sources[i].kind`):
+  chat:    conversations `{"messages": [...]}` (chat.py), images relative to the dataset root.
+  caption: image-caption pairs `{"image": "rel/path.png", "caption": "..."}`.
+  text:    pretraining documents: JSONL `{"text": "..."}` or `.txt` (one document per line).
+Formats (from the file name unless `format` is given): `jsonl`, `txt`, `array_record` (each record
+the UTF-8 JSON of one line of the JSONL form). The dataset root defaults to the file's directory;
+image paths that resolve outside it (`..`, absolute paths, symlinks out) are refused.
+
+`ExampleMaker` turns one record into an example (numpy arrays, variable size) or a skip marker
+`{'skip': reason, 'source': i}`: a bad record never raises, it is counted (packing.py) and logged
+here with its source name and line.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from kimi_vl_jax.data import chat
+from kimi_vl_jax.data import images as images_lib
+
+log = logging.getLogger(__name__)
+
+KINDS = ('chat', 'caption', 'text')
+EMPTY_PATCHES = np.zeros((0, images_lib.PATCH_DIM), np.float32)
+
+
+class LineSource:
+  """Random access to the non-blank lines of a text file (JSONL or plain text), by byte offsets.
+
+  Returns `{'raw': bytes, 'line': 1-based line number}`. Pickles without an open file handle, so
+  it travels to grain worker processes.
+  """
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'data source not found: {path!r}')
+    self.path = path
+    starts, ends, lines = [], [], []
+    pos = 0
+    with open(path, 'rb') as f:
+      for k, line in enumerate(f, start=1):
+        if line.strip():
+          starts.append(pos)
+          ends.append(pos + len(line))
+          lines.append(k)
+        pos += len(line)
+    self._starts = np.asarray(starts, np.int64)
+    self._ends = np.asarray(ends, np.int64)
+    self._lines = np.asarray(lines, np.int64)
+    self._fd = None
+
+  def __len__(self) -> int:
+    return len(self._lines)
+
+  def __getitem__(self, i: int) -> dict:
+    if self._fd is None:
+      self._fd = os.open(self.path, os.O_RDONLY)
+    start, end = int(self._starts[i]), int(self._ends[i])
+    return {'raw': os.pread(self._fd, end - start, start), 'line': int(self._lines[i])}
+
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    d['_fd'] = None
+    return d
+
+  def __repr__(self) -> str:
+    return f'LineSource({self.path!r}, {len(self)} records)'
+
+
+class ArrayRecordSource:
+  """ArrayRecord file(s) whose records are the JSON of the JSONL form; `line` = record index."""
+
+  def __init__(self, paths: str | list[str]):
+    import grain
+    self.paths = paths
+    self._src = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, i: int) -> dict:
+    return {'raw': self._src[i], 'line': int(i)}
+
+  def __repr__(self) -> str:
+    return f'ArrayRecordSource({self.paths!r})'
+
+
+def write_array_record(records: list[Any], path: str) -> None:
+  """Writes JSON-serialisable records (or raw bytes) to one ArrayRecord file."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  w = ArrayRecordWriter(path, 'group_size:1')
+  for r in records:
+    w.write(r if isinstance(r, bytes) else json.dumps(r).encode())
+  w.close()
+
+
+def infer_format(path: str) -> str:
+  p = path.lower()
+  if p.endswith('.jsonl') or p.endswith('.json'):
+    return 'jsonl'
+  if p.endswith('.txt'):
+    return 'txt'
+  if '.array_record' in p or p.endswith('.arrayrecord'):
+    return 'array_record'
+  raise ValueError(f'cannot infer the format of {path!r}: set `format` to jsonl, txt or array_record')
+
+
+def open_source(path: str, fmt: str | None = None):
+  fmt = fmt or infer_format(path)
+  if fmt in ('jsonl', 'txt'):
+    return LineSource(path)
+  if fmt == 'array_record':
+    return ArrayRecordSource(path)
+  raise ValueError(f'unknown source format {fmt!r} for {path!r}')
+
+
+def resolve_under_root(root: str, ref: str) -> str:
+  """Absolute path of `ref` inside `root`; SkipExample('path_escape') if it resolves outside."""
+  if not isinstance(ref, str) or not ref or '\x00' in ref:
+    raise chat.SkipExample('bad_schema', f'bad image path {ref!r}')
+  real_root = os.path.realpath(root)
+  full = os.path.realpath(os.path.join(real_root, ref))
+  if os.path.commonpath([real_root, full]) != real_root:
+    raise chat.SkipExample('path_escape', f'image path {ref!r} resolves outside the root {root!r}')
+  return full
+
+
+class ExampleMaker:
+  """Record -> example dict, or a skip marker. Picklable (it runs in grain workers).
+
+  Example keys: input_ids int32 [n], token_mask int32 [n], sub_seg int32 [n] (all 1; the text
+  chunker numbers documents inside a chunk), patches float32 [p, 588], patch_coords int32 [p, 2],
+  image_grid_hws int32 [i, 2], source int.
+  """
+
+  def __init__(self, *, tokenizer, kind: str, source_index: int, name: str, root: str,
+               fmt: str, image_cfg: images_lib.ImageConfig,
+               default_system_prompt: str | None = None, log_first: int = 20):
+    if kind not in KINDS:
+      raise ValueError(f'source {name!r}: unknown kind {kind!r}; use one of {KINDS}')
+    self.tok = tokenizer
+    self.kind = kind
+    self.source_index = source_index
+    self.name = name
+    self.root = root
+    self.fmt = fmt
+    self.image_cfg = image_cfg
+    self.default_system_prompt = default_system_prompt
+    self.log_first = log_first
+    self._logged = collections.Counter()
+
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    d['_logged'] = collections.Counter()
+    return d
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    try:
+      return self._make(record, rng)
+    except chat.SkipExample as e:
+      return self._skip(record, e.reason, e.detail)
+    except images_lib.BadImage as e:
+      return self._skip(record, e.reason, e.detail)
+
+  def _skip(self, record: dict, reason: str, detail: str) -> dict:
+    key = reason
+    self._logged[key] += 1
+    n = self._logged[key]
+    if n <= self.log_first or n % 1000 == 0:
+      log.warning('data: skipped %s line %s (%s): %s%s', self.name, record.get('line'), reason,
+                  detail, f' [{n} so far in this process]' if n > self.log_first else '')
+    return {'skip': reason, 'source': self.source_index}
+
+  def _decode(self, raw: bytes):
+    try:
+      text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise chat.SkipExample('malformed_json', f'not UTF-8: {e}') from e
+    if self.fmt == 'txt':
+      return {'text': text.rstrip('\r\n')}
+    try:
+      return json.loads(text)
+    except json.JSONDecodeError as e:
+      raise chat.SkipExample('malformed_json', f'{e.msg} at column {e.colno}') from e
+
+  def _images(self, refs: list[str], rng):
+    """Loads and preprocesses each image -> (patches, coords, grids, tokens per image)."""
+    patches, coords, grids, tokens = [], [], [], []
+    for ref in refs:
+      path = resolve_under_root(self.root, ref)
+      img = images_lib.load_image(path, draft_limit=self.image_cfg.max_patches)
+      p, c, hw = images_lib.preprocess(img, self.image_cfg, rng)
+      patches.append(p)
+      coords.append(c)
+      grids.append(hw)
+      tokens.append(images_lib.num_image_tokens(hw))
+    if not refs:
+      return EMPTY_PATCHES, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32), []
+    return (np.concatenate(patches), np.concatenate(coords),
+            np.asarray(grids, np.int32).reshape(-1, 2), tokens)
+
+  def _make(self, record: dict, rng) -> dict:
+    obj = self._decode(record['raw'])
+    refs: list[str] = []
+    if self.kind == 'chat':
+      turns = chat.parse_conversation(obj)
+      refs = chat.image_refs(turns)
+    elif self.kind == 'caption':
+      if not isinstance(obj, dict) or not isinstance(obj.get('image'), str) \
+          or not isinstance(obj.get('caption'), str):
+        raise chat.SkipExample('bad_schema', 'caption record needs "image" and "caption" strings')
+      refs = [obj['image']]
+    else:
+      if not isinstance(obj, dict) or not isinstance(obj.get('text'), str):
+        raise chat.SkipExample('bad_schema', 'text record needs a "text" string')
+    patches, coords, grids, tokens = self._images(refs, rng)
+    if self.kind == 'chat':
+      ids, mask = chat.render_chat(turns, self.tok, tokens,
+                                   default_system_prompt=self.default_system_prompt)
+    elif self.kind == 'caption':
+      ids, mask = chat.render_caption(obj['caption'], self.tok, tokens[0])
+    else:
+      ids, mask = chat.render_text(obj['text'], self.tok)
+    return {
+        'input_ids': ids, 'token_mask': mask, 'sub_seg': np.ones_like(ids),
+        'patches': patches, 'patch_coords': coords, 'image_grid_hws': grids,
+        'source': self.source_index,
+    }
