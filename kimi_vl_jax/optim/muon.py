@@ -1,0 +1,473 @@
+"""Moonlight Muon + AdamW, as one optax transformation (REFERENCE.md section 5).
+
+Kimi-VL trains every stage with Muon as modified in Moonlight ("Muon is Scalable for LLM
+Training", arXiv 2502.16982): for a weight matrix W [rows, cols] with gradient G,
+
+  M <- beta * M + G                      # plain sum, not an EMA (no bias correction)
+  U <- G + beta * M                      # Nesterov
+  O <- NewtonSchulz5(U)                  # fp32; X = U / (||U||_F + eps), transposed if rows > cols,
+                                         # 5 x  X <- a X + (b A + c A^2) X,  A = X X^T
+  W <- W - lr * (0.2 * sqrt(max(rows, cols)) * O + wd * W)
+
+so the update RMS matches AdamW's. Token embeddings, the LM head, biases and every 1-D parameter
+use AdamW (b1 0.9, b2 0.95, eps 1e-8) with the same LR and decoupled weight decay.
+
+What is reused from optax and what is not: the momentum is `optax.trace(beta, nesterov=True)`
+(exactly `M = beta M + G`, `G + beta M`), weight decay `optax.add_decayed_weights`, the LR
+`optax.scale_by_learning_rate`, the AdamW group `optax.adamw`, the grouping `optax.partition`, and
+the per-tensor matrix view `optax.contrib.MuonDimensionNumbers`. `optax.contrib.muon` itself is
+not used: its momentum is a bias-corrected EMA (a different direction in the first steps), it
+sends every 2-D tensor (embeddings, LM head) to Muon, and its Newton-Schulz and RMS-scaling
+helpers are private (`optax.contrib._muon`), so Newton-Schulz is written here (a few lines).
+
+Matrix view (must equal the PyTorch reference's matrix shapes). Scanned layers carry a leading
+`layers` axis and routed experts an `expert` axis: the leading run of those axes are *batch* axes,
+each slice its own matrix (REFERENCE.md: "each expert is its own matrix"). Of the remaining axes
+the first is the input and the rest the output, except kernels whose input is per-head (`o_proj`
+[N, Hv, D], vision `wo` [Nv, Hv, Dv]): there the head axes are the input. E.g. q_proj
+[L, D, N, Hqk] is L matrices [D, N*Hqk]; experts [L, E, D, Fe] are L*E matrices [D, Fe].
+
+Distributed Muon (ZeRO-1): every optimizer-state leaf has its parameter's shape, so the trainer
+shards the state like the parameters (`state_shardings_like_params`); under jit, XLA gathers a
+sharded matrix for the Newton-Schulz matmuls and the update comes out sharded like the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+from optax.contrib import MuonDimensionNumbers
+
+from kimi_vl_jax.optim import schedules
+
+BATCH_AXES = ('layers', 'expert')          # leading axes that index separate matrices
+HEAD_INPUT_AXES = ('heads', 'kv', 'vit_heads', 'vit_kv')  # per-head input of o_proj / wo
+
+# Ordered (path regex, group, reason) rules checked before the shape rules below; first match wins.
+PATH_RULES = (
+    (r'(^|/)e_score_correction_bias$', 'frozen', 'MoE router bias (trainer updates it)'),
+    (r'^language_model/embed_tokens/embedding$', 'adamw', 'token embedding'),
+    (r'^language_model/lm_head/kernel$', 'adamw', 'LM head'),
+    (r'(^|/)pos_emb$', 'adamw', 'position-embedding grid'),
+    (r'(^|/)bias$', 'adamw', 'bias'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+  """Where one parameter goes. `dim_nums` (Muon only) gives its input/output axes; every other
+  axis is a batch axis (one matrix per slice)."""
+  kind: str                       # 'muon' | 'adamw' | 'frozen'
+  reason: str
+  shape: tuple[int, ...]
+  dim_nums: MuonDimensionNumbers | None = None
+
+  def __post_init__(self):
+    if self.kind not in ('muon', 'adamw', 'frozen'):
+      raise ValueError(f'ParamGroup.kind must be muon, adamw or frozen, got {self.kind!r}')
+    if (self.kind == 'muon') != (self.dim_nums is not None):
+      raise ValueError(f'a {self.kind} ParamGroup {"needs" if self.kind == "muon" else "takes no"} '
+                       'dim_nums')
+    if self.dim_nums is not None:  # ints -> tuples of non-negative axes
+      norm = lambda ax: tuple(a % len(self.shape) for a in ((ax,) if isinstance(ax, int) else ax))
+      object.__setattr__(self, 'dim_nums', MuonDimensionNumbers(
+          norm(self.dim_nums.reduction_axis), norm(self.dim_nums.output_axis)))
+
+  @property
+  def matrix_shape(self) -> tuple[int, int, int]:
+    """(number of matrices, rows, cols) of the Muon view."""
+    rows = math.prod(self.shape[a] for a in self.dim_nums.reduction_axis)
+    cols = math.prod(self.shape[a] for a in self.dim_nums.output_axis)
+    return math.prod(self.shape) // (rows * cols), rows, cols
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter grouping.
+
+def path_str(path) -> str:
+  """'language_model/moe_layers/mlp/gate/kernel' from a jax key path."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, (jax.sharding.PartitionSpec, tuple)) and all(
+      a is None or isinstance(a, str) for a in x)
+
+
+def _flatten_params(params) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple], Any]:
+  """(path -> shape, path -> logical axes found in boxes, treedef of the unboxed tree)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)
+  shapes, axes = {}, {}
+  for path, leaf in leaves:
+    if is_box(leaf):
+      axes[path_str(path)] = tuple(leaf.names)
+      leaf = leaf.value
+    shapes[path_str(path)] = tuple(np.shape(leaf))
+  return shapes, axes, jax.tree.structure(nn.meta.unbox(params))
+
+
+def _flatten_axes(logical_axes) -> dict[str, tuple]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=_is_axes)
+  out = {}
+  for path, leaf in leaves:
+    if not _is_axes(leaf):
+      raise ValueError(f'logical_axes/{path_str(path)}: expected a PartitionSpec or tuple of axis '
+                       f'names, got {leaf!r}')
+    out[path_str(path)] = tuple(leaf)
+  return out
+
+
+def _trainable_fn(trainable, frozen_patterns: Sequence[str]) -> Callable[[str], bool]:
+  """`trainable`: None (all), a list of path regexes (re.search), or a dict path -> bool."""
+  frozen_res = [re.compile(p) for p in frozen_patterns]
+  if trainable is None:
+    base = lambda p: True
+  elif isinstance(trainable, dict):
+    base = lambda p: bool(trainable[p])
+  else:
+    if isinstance(trainable, str):
+      raise ValueError(f'trainable must be a list of regexes, not the string {trainable!r}')
+    res = [re.compile(p) for p in trainable]
+    base = lambda p: any(r.search(p) for r in res)
+  return lambda p: base(p) and not any(r.search(p) for r in frozen_res)
+
+
+def _classify(path: str, shape: tuple[int, ...], axes: tuple) -> ParamGroup:
+  for pattern, kind, reason in PATH_RULES:
+    if re.search(pattern, path):
+      return ParamGroup(kind, reason, shape)
+  n_batch = 0
+  while n_batch < len(axes) and axes[n_batch] in BATCH_AXES:
+    n_batch += 1
+  rest = axes[n_batch:]
+  if len(rest) <= 1:
+    return ParamGroup('adamw', '1-D' if n_batch == 0 else '1-D per layer/expert', shape)
+  n_in = 1
+  if rest[0] in HEAD_INPUT_AXES:  # o_proj / wo: the input is (heads, head_dim)
+    while n_in < len(rest) - 1 and rest[n_in] in HEAD_INPUT_AXES:
+      n_in += 1
+  dims = MuonDimensionNumbers(reduction_axis=tuple(range(n_batch, n_batch + n_in)),
+                              output_axis=tuple(range(n_batch + n_in, len(axes))))
+  return ParamGroup('muon', 'matrix', shape, dims)
+
+
+def muon_param_groups(params, logical_axes=None, trainable=None,
+                      frozen_patterns: Sequence[str] = ()) -> Any:
+  """Assigns every parameter to 'muon' (with its matrix view), 'adamw' or 'frozen'.
+
+  Args:
+    params: the parameter tree, real or abstract (`jax.eval_shape(model.init, ...)['params']`),
+      boxed (`nn.LogicallyPartitioned`, whose names are then used) or plain.
+    logical_axes: tree of logical axis names (PartitionSpec or tuple per leaf, e.g.
+      `nn.get_partition_spec(boxed_params)`); needed when `params` is not boxed.
+    trainable: None (all), a list of path regexes (a param trains if any matches), or a pytree of
+      bools with the params' structure.
+    frozen_patterns: path regexes of parameters to freeze on top of `trainable`.
+  Returns:
+    A tree with the (unboxed) params' structure whose leaves are `ParamGroup`s.
+  """
+  shapes, box_axes, treedef = _flatten_params(params)
+  axes = _flatten_axes(logical_axes) if logical_axes is not None else box_axes
+  missing = [p for p in shapes if p not in axes]
+  if missing:
+    raise ValueError(f'no logical axis names for {len(missing)} parameters (e.g. {missing[:3]}); '
+                     'pass boxed params or `logical_axes` (nn.get_partition_spec of them)')
+  if not isinstance(trainable, (type(None), list, tuple, str)):
+    trainable = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    if set(trainable) != set(shapes):
+      raise ValueError('the trainable mask tree does not match the params: differing paths '
+                       f'{sorted(set(trainable) ^ set(shapes))[:5]}')
+  is_trainable = _trainable_fn(trainable, frozen_patterns)
+  groups = []
+  for path, shape in shapes.items():
+    if len(axes[path]) != len(shape):
+      raise ValueError(f'{path}: {len(axes[path])} logical axes {axes[path]} for shape {shape}')
+    if not is_trainable(path):
+      groups.append(ParamGroup('frozen', 'not trainable', shape))
+    else:
+      groups.append(_classify(path, shape, axes[path]))
+  return jax.tree.unflatten(treedef, groups)
+
+
+def _fmt_count(n: int) -> str:
+  for unit, div in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if n >= div:
+      return f'{n / div:.2f}{unit}'
+  return str(n)
+
+
+def groups_summary(groups, max_examples: int = 3) -> str:
+  """One line per group (tensors, parameters, reasons) plus example paths, for the log."""
+  flat = [(path_str(p), g) for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]]
+  lines = ['optimizer groups (Moonlight Muon + AdamW, REFERENCE.md 5):']
+  for kind in ('muon', 'adamw', 'frozen'):
+    members = [(p, g) for p, g in flat if g.kind == kind]
+    n_params = sum(math.prod(g.shape) for _, g in members)
+    reasons = sorted({g.reason for _, g in members})
+    lines.append(f'  {kind:6s}: {len(members):4d} tensors, {_fmt_count(n_params):>8s} params'
+                 + (f'  [{", ".join(reasons)}]' if reasons else ''))
+    # Examples: the largest tensor of each reason first, then the next largest.
+    by_size = sorted(members, key=lambda m: -math.prod(m[1].shape))
+    firsts = [next(m for m in by_size if m[1].reason == r) for r in reasons]
+    examples = (firsts + [m for m in by_size if m not in firsts])[:max(max_examples, 1)]
+    for p, g in examples:
+      view = ''
+      if kind == 'muon':
+        n, r, c = g.matrix_shape
+        view = f' -> {n} x [{r}, {c}]'
+      lines.append(f'      {p} {list(g.shape)}{view}')
+  return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Newton-Schulz and the Muon update.
+
+def newton_schulz(x: jax.Array, coeffs: Sequence[float] = (3.4445, -4.7750, 2.0315),
+                  steps: int = 5, eps: float = 1e-7, precision=None) -> jax.Array:
+  """Approximate orthogonalisation of the matrices x [..., rows, cols], in fp32.
+
+  Moonlight / Keller Jordan's quintic iteration: X = x / (||x||_F + eps) per matrix, transposed
+  when rows > cols (so A = X X^T is the smaller Gram matrix), then `steps` times
+  X <- a X + (b A + c A^2) X. Returns fp32 with x's shape.
+  """
+  a, b, c = coeffs
+  x = x.astype(jnp.float32)
+  transpose = x.shape[-2] > x.shape[-1]
+  if transpose:
+    x = jnp.swapaxes(x, -1, -2)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+  x = x / (norm + eps)
+  mm = lambda p, q: jnp.matmul(p, q, precision=precision)
+  for _ in range(steps):
+    gram = mm(x, jnp.swapaxes(x, -1, -2))    # A = X X^T  [..., m, m]
+    x = a * x + mm(b * gram + c * mm(gram, gram), x)
+  return jnp.swapaxes(x, -1, -2) if transpose else x
+
+
+def _explicit_spec(x: jax.Array):
+  """x's PartitionSpec (padded to x.ndim) under an Explicit-axes mesh, else None (Auto mode,
+  where XLA places the collectives itself)."""
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  if mesh is None or not getattr(mesh, 'explicit_axes', ()):
+    return None
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def orthogonalize_update(u: jax.Array, group: ParamGroup, coeffs, steps: int, eps: float,
+                         rms_scale: float, precision=None) -> jax.Array:
+  """Newton-Schulz on the matrix view of u, scaled by rms_scale * sqrt(max(rows, cols)).
+
+  Batch axes stay separate axes (so an expert-sharded axis stays sharded); the matrix axes are
+  gathered for the iteration and the result is re-sliced like u (distributed Muon). Under Auto
+  sharding XLA inserts these collectives; under Explicit sharding they are written out here.
+  """
+  _, rows, cols = group.matrix_shape
+  dn = group.dim_nums
+  batch = tuple(a for a in range(u.ndim) if a not in dn.reduction_axis + dn.output_axis)
+  perm = batch + tuple(dn.reduction_axis) + tuple(dn.output_axis)  # the identity for our tree
+  ut = jnp.transpose(u, perm)
+  spec = _explicit_spec(ut)
+  if spec is not None:  # gather the matrix axes, keep the batch axes' sharding
+    ut = jax.sharding.reshard(ut, P(*spec[:len(batch)], *([None] * (u.ndim - len(batch)))))
+  mats = ut.reshape(ut.shape[:len(batch)] + (rows, cols))   # [*batch, rows, cols]
+  o = newton_schulz(mats, coeffs, steps, eps, precision) * (rms_scale * math.sqrt(max(rows, cols)))
+  o = o.astype(u.dtype).reshape(ut.shape)
+  if spec is not None:  # keep only the local slice, like the parameter
+    o = jax.sharding.reshard(o, P(*spec))
+  return jnp.transpose(o, tuple(np.argsort(perm)))
+
+
+def scale_by_newton_schulz(groups, coeffs=(3.4445, -4.7750, 2.0315), steps: int = 5,
+                           eps: float = 1e-7, rms_scale: float = 0.2,
+                           precision=None) -> optax.GradientTransformation:
+  """Stateless: replaces each Muon leaf's update by its scaled orthogonalisation.
+
+  `groups` is the `muon_param_groups` tree; leaves are found by path, so this works inside
+  `optax.partition` (where non-Muon leaves are masked out).
+  """
+  by_path = {path_str(p): g for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]}
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def one(path, u):
+      g = by_path[path_str(path)]
+      if g.kind != 'muon':
+        raise ValueError(f'{path_str(path)} reached Newton-Schulz but is in group {g.kind!r}')
+      if tuple(u.shape) != g.shape:
+        raise ValueError(f'{path_str(path)}: update shape {u.shape} != grouped shape {g.shape}')
+      return orthogonalize_update(u, g, coeffs, steps, eps, rms_scale, precision)
+
+    return jax.tree_util.tree_map_with_path(one, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def moonlight_muon(learning_rate, groups, weight_decay: float = 0.1, beta: float = 0.95,
+                   nesterov: bool = True, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps: int = 5,
+                   eps: float = 1e-7, rms_scale: float = 0.2, mu_dtype=jnp.float32,
+                   precision=None) -> optax.GradientTransformation:
+  """The Muon branch: sum momentum, Nesterov, Newton-Schulz, RMS scale, decoupled wd, -lr."""
+  return optax.chain(
+      optax.trace(decay=beta, nesterov=nesterov, accumulator_dtype=mu_dtype),
+      scale_by_newton_schulz(groups, ns_coeffs, ns_steps, eps, rms_scale, precision),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _zero_frozen(labels) -> optax.GradientTransformation:
+  """Zeroes frozen leaves' gradients before clipping, so they do not enter the global norm."""
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, l: jnp.zeros_like(u) if l == 'frozen' else u,
+                        updates, labels), state
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole optimizer from its config.
+
+def default_config() -> ml_collections.ConfigDict:
+  """`optim` fields (every stage config sets a subset; the rest keep these values).
+
+  schedule        LR schedule, see `schedules.make_schedule` (kind + fields), shared by both groups
+  weight_decay    decoupled weight decay, both groups (W <- W - lr * wd * W)
+  grad_clip_norm  clip by global norm of the trainable gradients; None = no clipping
+  muon.beta       momentum (M = beta M + G);  muon.nesterov: use G + beta M
+  muon.ns_steps, muon.ns_coeffs (a, b, c), muon.eps   Newton-Schulz iteration and norm epsilon
+  muon.rms_scale  the 0.2 in 0.2 * sqrt(max(rows, cols))
+  muon.ns_precision  matmul precision of Newton-Schulz: 'default' | 'high' | 'highest'
+  adam.b1, adam.b2, adam.eps   the AdamW group
+  mu_dtype        dtype of the momentum / first-moment buffers
+  trainable       None = all; else a list of path regexes (re.search) of parameters that train
+  frozen          path regexes of parameters to freeze (zero update, no state) on top of that
+  """
+  c = ml_collections.ConfigDict()
+  c.schedule = ml_collections.ConfigDict({'kind': 'constant', 'peak_lr': 1e-4})
+  c.weight_decay = 0.1
+  c.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+  c.muon = ml_collections.ConfigDict({
+      'beta': 0.95, 'nesterov': True, 'ns_steps': 5, 'ns_coeffs': (3.4445, -4.7750, 2.0315),
+      'eps': 1e-7, 'rms_scale': 0.2, 'ns_precision': 'default'})
+  c.adam = ml_collections.ConfigDict({'b1': 0.9, 'b2': 0.95, 'eps': 1e-8})
+  c.mu_dtype = 'float32'
+  c.trainable = ml_collections.config_dict.placeholder(tuple)
+  c.frozen = ()
+  return c
+
+
+def _merge(default: dict, user: dict, where: str = 'optim') -> dict:
+  out = dict(default)
+  for k, v in user.items():
+    if k not in default:
+      raise ValueError(f'unknown config field {where}.{k}; known: {sorted(default)}')
+    if isinstance(default[k], dict) and k != 'schedule':
+      if not isinstance(v, dict):
+        raise ValueError(f'{where}.{k} must be a dict of fields, got {v!r}')
+      out[k] = _merge(default[k], v, f'{where}.{k}')
+    else:
+      out[k] = v
+  return out
+
+
+_PRECISIONS = {'default': None, 'high': jax.lax.Precision.HIGH,
+               'highest': jax.lax.Precision.HIGHEST}
+
+
+def make_optimizer(optim_cfg, params_or_abstract, logical_axes=None, trainable_mask=None
+                   ) -> tuple[optax.GradientTransformation, str]:
+  """Moonlight Muon + AdamW for a parameter tree; returns (transformation, groups summary).
+
+  Args:
+    optim_cfg: ConfigDict (or dict) with the fields of `default_config()` (missing ones default).
+    params_or_abstract: params or `jax.eval_shape` of them, boxed or plain (see
+      `muon_param_groups`); the transformation then expects the plain (unboxed) tree.
+    logical_axes: logical axis names per leaf, when the params are not boxed.
+    trainable_mask: optional pytree of bools (True = trains) instead of `optim_cfg.trainable`.
+  """
+  user = optim_cfg.to_dict() if isinstance(optim_cfg, ml_collections.ConfigDict) else optim_cfg
+  cfg = _merge(default_config().to_dict(), dict(user))
+  m, a = cfg['muon'], cfg['adam']
+  if m['ns_precision'] not in _PRECISIONS:
+    raise ValueError(f"optim.muon.ns_precision must be one of {sorted(_PRECISIONS)}, "
+                     f"got {m['ns_precision']!r}")
+  if len(tuple(m['ns_coeffs'])) != 3:
+    raise ValueError(f"optim.muon.ns_coeffs must be (a, b, c), got {m['ns_coeffs']!r}")
+  if trainable_mask is not None and cfg['trainable'] is not None:
+    raise ValueError('give either trainable_mask or optim.trainable, not both')
+  trainable = trainable_mask if trainable_mask is not None else cfg['trainable']
+  if isinstance(trainable, tuple):
+    trainable = list(trainable)
+  groups = muon_param_groups(params_or_abstract, logical_axes, trainable, tuple(cfg['frozen']))
+  labels = jax.tree.map(lambda g: g.kind, groups)
+  lr = schedules.make_schedule(cfg['schedule'])
+  mu_dtype = jnp.dtype(cfg['mu_dtype'])
+  wd = cfg['weight_decay']
+  tx = optax.partition(
+      {
+          'muon': moonlight_muon(lr, groups, wd, m['beta'], m['nesterov'],
+                                 tuple(m['ns_coeffs']), m['ns_steps'], m['eps'], m['rms_scale'],
+                                 mu_dtype, _PRECISIONS[m['ns_precision']]),
+          'adamw': optax.adamw(lr, b1=a['b1'], b2=a['b2'], eps=a['eps'], weight_decay=wd,
+                               mu_dtype=mu_dtype),
+          'frozen': optax.set_to_zero(),
+      },
+      labels)
+  parts = [_zero_frozen(labels)]
+  clip = cfg['grad_clip_norm']
+  if clip is not None:
+    if not clip > 0:
+      raise ValueError(f'optim.grad_clip_norm must be positive or None, got {clip!r}')
+    parts.append(optax.clip_by_global_norm(clip))
+  summary = groups_summary(groups)
+  summary += (f"\n  lr schedule {cfg['schedule']}, weight decay {wd}, grad clip {clip}, "
+              f"muon beta {m['beta']} ns {m['ns_steps']}x{tuple(m['ns_coeffs'])}, "
+              f"adam ({a['b1']}, {a['b2']}, {a['eps']})")
+  return optax.chain(*parts, tx), summary
+
+
+def state_shardings_like_params(abstract_state, params_like, default=None):
+  """Maps each optimizer-state leaf to the `params_like` entry of its parameter (ZeRO-1).
+
+  Every per-parameter buffer (Muon momentum, Adam moments) sits in the state under the
+  parameter's own dict path, so its trailing dict keys name the parameter; such leaves take that
+  parameter's sharding/spec from `params_like` (a tree with the params' structure). Scalars
+  (step counts) and anything else get `default` (e.g. a replicated NamedSharding).
+  """
+  by_path = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(
+      params_like, is_leaf=lambda x: x is None or _is_axes(x))[0]}
+
+  def one(path, leaf):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, str(k.key))
+    # The partition state also has dict keys ('muon', 'adamw'); drop them from the front.
+    while keys and '/'.join(keys) not in by_path:
+      keys.pop(0)
+    return by_path['/'.join(keys)] if keys and np.ndim(leaf) > 0 else default
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)
