@@ -60,3 +60,31 @@ def test_projector_params_and_axes():
   assert tuple(axes[('linear_2', 'kernel')]) == ('mlp', 'embed')
   with pytest.raises(ValueError, match='projector input must be'):
     projector_lib.Projector(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 5)))
+
+
+def test_whole_model_fixture_image_features():
+  """kimi_vl_tiny (sharded Kimi-VL checkpoint): config == tiny(), and MoonViT + Projector on its
+  HF-order pixel_values reproduce the reference's projected image features."""
+  import os
+  from kimi_vl_jax.checkpoint import hf
+  from kimi_vl_jax.model import config as config_lib
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'fixtures',
+                      'kimi_vl_tiny')
+  assert os.path.exists(os.path.join(path, 'model.safetensors.index.json'))
+  config, params = hf.load(path)
+  assert config == config_lib.tiny()
+  with np.load(os.path.join(path, 'inputs.npz')) as f:
+    inputs = dict(f)
+  with np.load(os.path.join(path, 'outputs.npz')) as f:
+    want = f['image_features']
+  batch = vision.pack_hf_images(inputs['pixel_values'].astype(np.float32),
+                                inputs['image_grid_hws'])
+  assert int((inputs['input_ids'] == config.media_placeholder_token_id).sum()) == len(want)
+
+  def encode(p, b):
+    feats = vision.MoonViT(config.vision).apply({'params': p['vision_tower']}, *b.values())
+    return projector_lib.Projector(config).apply({'params': p['projector']}, feats)
+
+  got = np.asarray(jax.jit(encode)(params, batch))[0]
+  err = np.abs(got - want).max()
+  assert err < TOL, f'max |jax - torch| = {err}'
