@@ -82,7 +82,9 @@ def test_whole_model_fixture_image_features():
   assert int((inputs['input_ids'] == config.media_placeholder_token_id).sum()) == len(want)
 
   def encode(p, b):
-    feats = vision.MoonViT(config.vision).apply({'params': p['vision_tower']}, *b.values())
+    feats = vision.MoonViT(config.vision).apply(
+        {'params': p['vision_tower']}, b['patches'], b['patch_coords'], b['patch_image_ids'],
+        b['image_grid_hws'])
     return projector_lib.Projector(config).apply({'params': p['projector']}, feats)
 
   got = np.asarray(jax.jit(encode)(params, batch))[0]
