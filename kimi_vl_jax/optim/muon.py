@@ -27,9 +27,10 @@ the first is the input and the rest the output, except kernels whose input is pe
 [N, Hv, D], vision `wo` [Nv, Hv, Dv]): there the head axes are the input. E.g. q_proj
 [L, D, N, Hqk] is L matrices [D, N*Hqk]; experts [L, E, D, Fe] are L*E matrices [D, Fe].
 
-Distributed Muon (ZeRO-1): every optimizer-state leaf has its parameter's shape, so the trainer
-shards the state like the parameters (`state_shardings_like_params`); under jit, XLA gathers a
-sharded matrix for the Newton-Schulz matmuls and the update comes out sharded like the parameter.
+Distributed Muon (ZeRO-1): every per-parameter state leaf has its parameter's shape and sits
+under the parameter's dict path, so `parallel/rules.py` (`opt_state_shardings`) shards it like the
+parameter and further over 'data'; under jit, XLA gathers a sharded matrix for the Newton-Schulz
+matmuls and keeps the local slice of the update (`orthogonalize_update`).
 """
 
 from __future__ import annotations
@@ -447,27 +448,3 @@ def make_optimizer(optim_cfg, params_or_abstract, logical_axes=None, trainable_m
               f"adam ({a['b1']}, {a['b2']}, {a['eps']})")
   return optax.chain(*parts, tx), summary
 
-
-def state_shardings_like_params(abstract_state, params_like, default=None):
-  """Maps each optimizer-state leaf to the `params_like` entry of its parameter (ZeRO-1).
-
-  Every per-parameter buffer (Muon momentum, Adam moments) sits in the state under the
-  parameter's own dict path, so its trailing dict keys name the parameter; such leaves take that
-  parameter's sharding/spec from `params_like` (a tree with the params' structure). Scalars
-  (step counts) and anything else get `default` (e.g. a replicated NamedSharding).
-  """
-  by_path = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(
-      params_like, is_leaf=lambda x: x is None or _is_axes(x))[0]}
-
-  def one(path, leaf):
-    keys = []
-    for k in reversed(path):
-      if not isinstance(k, jax.tree_util.DictKey):
-        break
-      keys.insert(0, str(k.key))
-    # The partition state also has dict keys ('muon', 'adamw'); drop them from the front.
-    while keys and '/'.join(keys) not in by_path:
-      keys.pop(0)
-    return by_path['/'.join(keys)] if keys and np.ndim(leaf) > 0 else default
-
-  return jax.tree_util.tree_map_with_path(one, abstract_state)

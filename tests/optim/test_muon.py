@@ -4,6 +4,7 @@ The numpy reference below is written from REFERENCE.md section 5 with each tenso
 given explicitly (not computed by the code under test).
 """
 
+import functools
 import math
 import os
 import sys
@@ -36,13 +37,13 @@ SPEC = {
     'language_model/moe_layers/self_attn/o_proj/kernel':
         ((2, 2, 6, 16), ('layers', 'heads', 'kv', 'embed'), 'muon', (2, 12, 16)),
     'language_model/moe_layers/mlp/gate/kernel':  # router: the expert axis is the output here
-        ((2, 16, 3), ('layers', 'embed', 'expert'), 'muon', (2, 16, 3)),
+        ((2, 16, 4), ('layers', 'embed', 'expert'), 'muon', (2, 16, 4)),
     'language_model/moe_layers/mlp/gate/e_score_correction_bias':
-        ((2, 3), ('layers', 'expert'), 'frozen', None),
+        ((2, 4), ('layers', 'expert'), 'frozen', None),
     'language_model/moe_layers/mlp/experts/gate_proj':
-        ((2, 3, 16, 8), ('layers', 'expert', 'embed', 'expert_mlp'), 'muon', (6, 16, 8)),
+        ((2, 4, 16, 8), ('layers', 'expert', 'embed', 'expert_mlp'), 'muon', (8, 16, 8)),
     'extra/experts/up_proj':  # a 3-D [E, in, out] expert tensor
-        ((3, 8, 16), ('expert', 'embed', 'expert_mlp'), 'muon', (3, 8, 16)),
+        ((4, 8, 16), ('expert', 'embed', 'expert_mlp'), 'muon', (4, 8, 16)),
     'extra/q_proj/kernel': ((16, 2, 4), ('embed', 'heads', 'kv'), 'muon', (1, 16, 8)),
     'extra/tall/kernel': ((20, 12), ('embed', 'mlp'), 'muon', (1, 20, 12)),
     'vision_tower/blocks/wqkv/kernel': ((1, 8, 3, 2, 4),
@@ -139,6 +140,11 @@ def np_reference(params, grads_seq, beta=0.95, b1=0.9, b2=0.95, eps=1e-8):
 _STEPS = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _default_tx():
+  return muon.make_optimizer(_cfg(), _boxed_abstract())
+
+
 def _run(tx, params, grads_seq):
   state = tx.init(params)
   if id(tx) not in _STEPS:  # one compilation per optimizer
@@ -179,7 +185,7 @@ def test_newton_schulz_matches_numpy_and_optax():
 def test_update_matches_numpy_over_several_steps():
   params = _random_tree(1, 0.1)
   grads_seq = [_random_tree(10 + i) for i in range(4)]
-  tx, summary = muon.make_optimizer(_cfg(), _boxed_abstract())
+  tx, summary = _default_tx()
   got, _ = _run(tx, params, grads_seq)
   want = np_reference(params, grads_seq)
   p0 = _flat(params)
@@ -296,30 +302,26 @@ def test_bad_inputs_name_the_problem():
   assert _flat(muon.muon_param_groups(plain, axes)).keys() == SPEC.keys()
 
 
-@pytest.mark.parametrize('axis_type', ['auto', 'explicit'])
-def test_sharded_equals_unsharded(axis_type):
-  """ZeRO-1: params and optimizer state sharded over 8 CPU devices give the same update."""
-  types = {'auto': jax.sharding.AxisType.Auto, 'explicit': jax.sharding.AxisType.Explicit}
-  mesh = jax.make_mesh((4, 2), ('data', 'expert'), axis_types=(types[axis_type],) * 2)
-  specs = {p: P(*([None] * len(s))) for p, (s, _, _, _) in SPEC.items()}
-  specs.update({
-      'language_model/embed_tokens/embedding': P('data', 'expert'),
-      'language_model/lm_head/kernel': P('expert', 'data'),
-      'language_model/moe_layers/self_attn/q_proj/kernel': P(None, 'data', 'expert', None),
-      'language_model/moe_layers/self_attn/o_proj/kernel': P(None, 'expert', None, 'data'),
-      'language_model/moe_layers/mlp/experts/gate_proj': P(None, None, 'data', 'expert'),
-      'extra/experts/up_proj': P(None, 'data', 'expert'),
-      'extra/tall/kernel': P('data', 'expert'),
-      'language_model/moe_layers/input_layernorm/scale': P('expert', 'data'),
-  })
-  param_sh = _nest({p: NamedSharding(mesh, s) for p, s in specs.items()})
+@functools.lru_cache(maxsize=None)
+def _unsharded_reference():
   params = _random_tree(4, 0.1)
   grads_seq = [_random_tree(20 + i) for i in range(2)]
-  tx, _ = muon.make_optimizer(_cfg(), _boxed_abstract())
-  want, _ = _run(tx, params, grads_seq)
+  tx, _ = _default_tx()
+  return tx, params, grads_seq, _run(tx, params, grads_seq)[0]
 
-  state_sh = muon.state_shardings_like_params(jax.eval_shape(tx.init, params), param_sh,
-                                              NamedSharding(mesh, P()))
+
+@pytest.mark.parametrize('axis_type, zero1', [('auto', True), ('explicit', False)])
+def test_sharded_equals_unsharded(axis_type, zero1):
+  """Params FSDP+EP-sharded over 8 CPU devices, optimizer state like the params (and over 'data'
+  on top with ZeRO-1), via parallel/rules.py: the same update as unsharded."""
+  from kimi_vl_jax.parallel import mesh as mesh_lib, rules
+  tx, params, grads_seq, want = _unsharded_reference()
+  types = {'auto': jax.sharding.AxisType.Auto, 'explicit': jax.sharding.AxisType.Explicit}
+  mesh = jax.make_mesh((4, 2, 1, 1), mesh_lib.AXES, axis_types=(types[axis_type],) * 4)
+  boxed = _boxed_abstract()
+  param_sh = rules.param_shardings(boxed, mesh, 'fsdp_ep')
+  abstract_state = jax.eval_shape(tx.init, params)
+  state_sh = rules.opt_state_shardings(abstract_state, boxed, mesh, 'fsdp_ep', zero1=zero1)
   init = jax.jit(tx.init, out_shardings=state_sh)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p), in_shardings=(param_sh, state_sh, param_sh),
                  out_shardings=(param_sh, state_sh))
@@ -332,7 +334,11 @@ def test_sharded_equals_unsharded(axis_type):
   for path, w in _flat(p).items():
     np.testing.assert_allclose(np.asarray(w), np.asarray(_flat(want)[path]), rtol=1e-5,
                                atol=1e-6, err_msg=path)
-  # The momentum really is sharded like its parameter (ZeRO-1), not replicated.
-  mom = [(muon.path_str(k), x) for k, x in jax.tree_util.tree_flatten_with_path(state)[0]
-         if 'experts/gate_proj' in muon.path_str(k)]
-  assert mom and all(x.sharding.spec == P(None, None, 'data', 'expert') for _, x in mom), mom
+  # The experts' momentum is sharded like the parameter (experts over 'expert', a matrix axis over
+  # 'data'), so Newton-Schulz has to gather the matrix axis.
+  flat_state = [(muon.path_str(k), x) for k, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+  mom = [x for k, x in flat_state if k.endswith('experts/gate_proj')]
+  assert len(mom) == 1 and mom[0].sharding.spec == P(None, 'expert', 'data'), mom[0].sharding
+  # ZeRO-1 splits even the replicated 1-D norm's Adam moments over 'data'.
+  norm = [x for k, x in flat_state if k.endswith('language_model/norm/scale')]
+  assert len(norm) == 2 and all(x.sharding.spec == (P('data') if zero1 else P()) for x in norm)
