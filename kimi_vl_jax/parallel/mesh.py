@@ -195,8 +195,9 @@ def validate(config: Any, model_config: Any = None, num_devices: int | None = No
              num_slices: int | None = None, num_processes: int | None = None) -> dict[str, int]:
   """`check` driven by a whole stage config (`parallel`, `data`, `model` sections).
 
-  Reads `config.parallel`, `config.data.seq_len` and the global batch from
-  `config.data.global_batch_size` (or `config.data.batch_size`). The model's expert and layer
+  Reads `config.parallel`, `config.data.seq_len` and the global batch: `config.data.
+  global_batch_size` if set, else `config.data.batch_size` (rows per host, as the data pipeline
+  reads it) times the number of processes. The model's expert and layer
   counts come from `model_config` (a `KimiVLConfig`) or, if None, from the `config.model` preset.
   Device, slice and process counts default to the running job's.
   """
@@ -204,7 +205,11 @@ def validate(config: Any, model_config: Any = None, num_devices: int | None = No
   if par is None:
     raise ValueError('the config has no `parallel` section (see parallel.mesh.default_config)')
   data = _get(config, 'data', {}) or {}
-  batch = _get(data, 'global_batch_size', _get(data, 'batch_size'))
+  if num_processes is None:
+    num_processes = jax.process_count()
+  batch = _get(data, 'global_batch_size')
+  if batch is None and _get(data, 'batch_size') is not None:
+    batch = int(_get(data, 'batch_size')) * num_processes
   seq_len = _get(data, 'seq_len')
   if model_config is None:
     name = _get(config, 'model')
@@ -222,4 +227,4 @@ def validate(config: Any, model_config: Any = None, num_devices: int | None = No
       num_experts=text.n_routed_experts if text is not None else None,
       num_moe_layers=text.num_moe_layers if text is not None else None,
       num_dense_layers=text.num_dense_layers if text is not None else None,
-      num_processes=num_processes if num_processes is not None else jax.process_count())
+      num_processes=num_processes)

@@ -1,0 +1,251 @@
+"""TPU ahead-of-time memory planning on a CPU-only machine.
+
+    python -m kimi_vl_jax.aot --config=configs/joint_sft.py --topology=v5p-256 [--phase=NAME]
+        [--num_slices=2] [--config.parallel.expert=16 ...]
+
+compiles the real train step (`train/train_step.py`, with the optimizer, ZeRO-1 shardings and the
+rule preset of the config) of the configured model for a TPU topology that is not attached, using
+jax's topology descriptions and the `libtpu` compiler, and prints per-device argument / output /
+temporary memory against the chip's HBM, the compiled FLOPs and whether it fits. Nothing is
+allocated: parameters, optimizer state and the batch are `jax.ShapeDtypeStruct`s carrying their
+shardings. (MaxText's `train_compile.py` is the model; topology names follow Cloud TPU's
+user-facing accelerator types, `v5p-256` = 128 v5p chips, `v5e-256` = 256 v5e chips.)
+
+Notes on the figures: XLA's `memory_analysis()` reports the per-device sizes of one SPMD program;
+total = arguments + outputs + temporaries - aliased (the donated train state is updated in place,
+so its outputs alias its arguments). The FLOP count is the compiled per-device program's,
+including rematerialisation recompute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+# The compile runs on the CPU host; libtpu is only the compiler. Several jax processes on one
+# machine must not fight over libtpu's single-process lock file for that.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from kimi_vl_jax.parallel import mesh as mesh_lib  # noqa: E402
+from kimi_vl_jax.parallel import rules as rules_lib  # noqa: E402
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """What `jax.experimental.topologies.get_topology_desc` needs, plus the chip's HBM."""
+  name: str                      # user-facing, e.g. 'v5p-256'
+  topology_name: str             # libtpu's, e.g. 'v5:4x4x8'
+  chip_config_name: str          # 'megacore' (v4/v5p: one device per chip) or 'default'
+  chips_per_host_bounds: tuple[int, int, int]
+  wrap: tuple[bool, bool, bool]  # torus wrap-around links per dimension
+  hbm_bytes: int
+  num_chips: int
+
+
+# Chip -> (libtpu prefix, HBM per chip, counts TensorCores in the name, dims of the ICI).
+_CHIPS = {
+    'v4': ('v4', 32 * GiB, True, 3),
+    'v5p': ('v5', 95 * GiB, True, 3),
+    'v5e': ('v5e', 16 * GiB, False, 2),
+    'v6e': ('v6e', 32 * GiB, False, 2),
+}
+# Standard slice shapes by chip count (Cloud TPU docs; MaxText accelerator_to_spec_map).
+_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+              128: (4, 4, 8), 192: (4, 4, 12), 256: (4, 8, 8), 384: (4, 8, 12), 512: (8, 8, 8),
+              1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+              128: (8, 16), 256: (16, 16)}
+
+
+def topology(name: str) -> Topology:
+  """'v5p-256' / 'v5e-64' / 'v6e-8' / 'v4-32' -> the topology description arguments."""
+  chip, _, count = name.partition('-')
+  if chip not in _CHIPS or not count.isdigit():
+    raise ValueError(f'unknown topology {name!r}: use <chip>-<size> with chip in {sorted(_CHIPS)}, '
+                     'e.g. v5p-256, v5e-256, v6e-64')
+  prefix, hbm, counts_cores, ndim = _CHIPS[chip]
+  n = int(count)
+  chips = n // 2 if counts_cores else n
+  shapes = _SHAPES_3D if ndim == 3 else _SHAPES_2D
+  if chips not in shapes or (counts_cores and n % 2):
+    sizes = sorted(c * 2 if counts_cores else c for c in shapes)
+    raise ValueError(f'{name!r}: no standard {chip} slice of that size; choose one of '
+                     + ', '.join(f'{chip}-{s}' for s in sizes))
+  shape = shapes[chips]
+  if ndim == 3:
+    wrap = (True, True, True) if chips >= 64 else (False, False, False)
+    per_host = (2, 2, 1)
+  else:
+    wrap = {256: (True, True, False), 128: (False, True, False)}.get(chips, (False,) * 3)
+    per_host = {1: (1, 1, 1), 8: (2, 4, 1)}.get(chips, (2, 2, 1))
+  return Topology(name, f'{prefix}:' + 'x'.join(map(str, shape)),
+                  'megacore' if counts_cores else 'default', per_host, wrap, hbm, chips)
+
+
+def topology_devices(topo: Topology, num_slices: int = 1) -> list:
+  from jax.experimental.topologies import get_topology_desc
+  desc = get_topology_desc(platform='tpu', topology_name=topo.topology_name,
+                           chip_config_name=topo.chip_config_name,
+                           chips_per_host_bounds=topo.chips_per_host_bounds,
+                           num_slices=num_slices, wrap=topo.wrap)
+  return list(desc.devices)
+
+
+# --------------------------------------------------------------------------------------------
+# The step to compile.
+
+def abstract_batch(data_cfg, global_batch: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """ShapeDtypeStructs of one global batch as DESIGN.md's Batch table defines it."""
+  B, T = global_batch, int(data_cfg.seq_len)
+  Pn, I = int(data_cfg.get('max_patches', 0) or 0), int(data_cfg.get('max_images', 0) or 0)
+  s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
+  out = {'input_ids': s((B, T), jnp.int32), 'targets': s((B, T), jnp.int32),
+         'loss_mask': s((B, T), jnp.float32), 'segment_ids': s((B, T), jnp.int32),
+         'positions': s((B, T), jnp.int32)}
+  if Pn > 0:
+    out.update(patches=s((B, Pn, 588), jnp.float32), patch_coords=s((B, Pn, 2), jnp.int32),
+               patch_image_ids=s((B, Pn), jnp.int32), image_grid_hws=s((B, I, 2), jnp.int32))
+  return out
+
+
+def _phase(cfg, phase: str | None):
+  from kimi_vl_jax.train.loop import resolve_phases
+  phases = resolve_phases(cfg)
+  if phase is None:
+    return phases[-1]
+  for ph in phases:
+    if ph['name'] == phase:
+      return ph
+  raise ValueError(f'--phase={phase!r}: the config has phases {[p["name"] for p in phases]}')
+
+
+def lower_train_step(cfg, mesh, *, phase: str | None = None, global_batch: int | None = None,
+                     num_hosts: int = 1):
+  """(jax.stages.Lowered, info dict) of the config's train step on `mesh` (abstract inputs)."""
+  from kimi_vl_jax.model.kimi_vl import KimiVL
+  from kimi_vl_jax.train.init import StateFactory, model_config
+  from kimi_vl_jax.train.train_step import StepOptions, make_train_step
+
+  ph = _phase(cfg, phase)
+  data = ph['data']
+  if global_batch is None:
+    global_batch = int(data.get('global_batch_size', 0) or 0) or int(data.batch_size) * num_hosts
+  mc = model_config(cfg, ph['model_overrides'])
+  sizes = mesh_lib.check(
+      cfg.parallel, num_devices=mesh.devices.size,
+      num_slices=len({getattr(d, 'slice_index', 0) for d in mesh.devices.flat}),
+      global_batch=global_batch, seq_len=int(data.seq_len), num_experts=mc.text.n_routed_experts,
+      num_moe_layers=mc.text.num_moe_layers, num_dense_layers=mc.text.num_dense_layers,
+      num_processes=num_hosts)
+  rules = rules_lib.get_rules(cfg.parallel.rules)
+  factory = StateFactory(cfg, mc, mesh)
+  t = cfg.train
+  opts = StepOptions(grad_accum=int(t.get('grad_accum', 1)),
+                     z_loss_weight=float(t.get('z_loss_weight', 0.0)),
+                     balance_loss_weight=float(t.get('balance_loss_weight', 0.0)),
+                     router_bias_rate=float(t.get('router_bias_rate', 1e-3)))
+  step_fn = make_train_step(KimiVL(mc), factory.tx, opts, trainable=factory.trainable,
+                            lr_fn=factory.lr_fn)
+  bsh = rules_lib.batch_sharding(mesh, rules)
+  batch = abstract_batch(data, global_batch, bsh)
+  with rules_lib.sharding_context(mesh, rules):
+    jitted = jax.jit(step_fn, in_shardings=(factory.shardings, {k: bsh for k in batch}),
+                     out_shardings=(factory.shardings, None), donate_argnums=0)
+    lowered = jitted.lower(factory.abstract, batch)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract.params))
+  info = {'phase': ph['name'], 'seq_len': int(data.seq_len), 'global_batch': global_batch,
+          'max_patches': int(data.get('max_patches', 0) or 0), 'mesh': sizes,
+          'rules': cfg.parallel.rules, 'params': n_params, 'dtype': mc.dtype,
+          'param_dtype': mc.param_dtype, 'remat': mc.remat_policy}
+  return lowered, info
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
+  """Per-device byte counts from `compiled.memory_analysis()` and FLOPs from `cost_analysis()`."""
+  m = compiled.memory_analysis()
+  arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+  temp, alias = int(m.temp_size_in_bytes), int(m.alias_size_in_bytes)
+  code = int(getattr(m, 'generated_code_size_in_bytes', 0))
+  total = arg + out + temp - alias + code
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = float((cost or {}).get('flops', float('nan')))
+  return {'argument': arg, 'output': out, 'temp': temp, 'alias': alias, 'code': code,
+          'total': total, 'hbm': hbm_bytes, 'fits': total <= hbm_bytes, 'flops': flops}
+
+
+def format_report(topo: Topology, num_slices: int, info: dict, rep: dict,
+                  seconds: float) -> str:
+  g = lambda b: f'{b / GiB:.2f} GiB' if b >= GiB / 10 else f'{b / 2**20:.1f} MiB'  # noqa: E731
+  mesh = ' x '.join(f'{k}={v}' for k, v in info['mesh'].items())
+  lines = [
+      f'topology {topo.name} x {num_slices} slice(s) ({topo.topology_name}, '
+      f'{topo.num_chips * num_slices} chips), mesh {mesh}, rules {info["rules"]!r}',
+      f'phase {info["phase"]!r}: global batch {info["global_batch"]} x seq_len {info["seq_len"]}'
+      f' (max_patches {info["max_patches"]}), {info["params"] / 1e9:.2f}B params '
+      f'({info["param_dtype"]} storage, {info["dtype"]} compute, remat {info["remat"]!r})',
+      f'per-device memory:  arguments {g(rep["argument"])}   outputs {g(rep["output"])}   '
+      f'temporaries {g(rep["temp"])}   aliased {g(rep["alias"])}',
+      f'                    total {g(rep["total"])}  vs HBM {g(rep["hbm"])}  '
+      f'({100 * rep["total"] / rep["hbm"]:.0f}%)  -> ' + ('FITS' if rep['fits'] else 'DOES NOT FIT'),
+      f'compiled FLOPs per device per step: {rep["flops"]:.3e}   compile time {seconds:.0f} s',
+  ]
+  return '\n'.join(lines)
+
+
+def plan(cfg, topology_name: str, *, num_slices: int = 1, phase: str | None = None,
+         global_batch: int | None = None) -> tuple[str, dict]:
+  topo = topology(topology_name)
+  devices = topology_devices(topo, num_slices)
+  mesh = mesh_lib.make_mesh(cfg.parallel, devices=devices)
+  hosts = len({d.process_index for d in devices})
+  t0 = time.time()
+  lowered, info = lower_train_step(cfg, mesh, phase=phase, global_batch=global_batch,
+                                   num_hosts=hosts)
+  compiled = lowered.compile()
+  rep = memory_report(compiled, topo.hbm_bytes)
+  seconds = time.time() - t0
+  return format_report(topo, num_slices, info, rep, seconds), {**info, **rep,
+                                                               'seconds': seconds}
+
+
+def main(argv=None):
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file('config', None, 'stage config file (path[:arg])',
+                                  lock_config=False)
+  flags.DEFINE_string('topology', 'v5p-256', 'TPU slice type, e.g. v5p-256, v5e-256, v6e-64')
+  flags.DEFINE_integer('num_slices', 1, 'number of slices (multi-slice over DCN)')
+  flags.DEFINE_string('phase', None, 'phase name of the stage config (default: the last)')
+  flags.DEFINE_integer('global_batch', None, 'override the global batch (rows)')
+
+  def run(_):
+    FLAGS = flags.FLAGS
+    if FLAGS.config is None:
+      raise app.UsageError('--config is required, e.g. --config=configs/joint_sft.py')
+    text, _ = plan(FLAGS.config, FLAGS.topology, num_slices=FLAGS.num_slices,
+                   phase=FLAGS.phase, global_batch=FLAGS.global_batch)
+    print(text, flush=True)
+
+  app.run(run, argv=argv or sys.argv)
+
+
+if __name__ == '__main__':
+  main()
