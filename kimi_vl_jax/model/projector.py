@@ -39,25 +39,28 @@ class Projector(nn.Module):
   """LayerNorm(Dv) per patch -> 2x2 merge -> linear_1 (4Dv -> 4Dv) -> GELU(erf) -> linear_2 (-> D).
 
   __call__(x [B, P, Dv]) -> [B, P/4, D]. Params: docs/param_tree.md `projector/`.
+  `dtype` / `param_dtype` default (None) to the config's `dtype` / `param_dtype`.
   """
   config: KimiVLConfig
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
+  dtype: jnp.dtype | None = None
+  param_dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    dtype = self.config.jnp_dtype if self.dtype is None else self.dtype
+    param_dtype = self.config.jnp_param_dtype if self.param_dtype is None else self.param_dtype
     vc = self.config.vision
     dv, d = vc.hidden_size, self.config.text.hidden_size
     kh, kw = vc.merge_kernel
     dm = kh * kw * dv
     if x.ndim != 3 or x.shape[-1] != dv:
       raise ValueError(f'projector input must be [B, P, {dv}]; got {x.shape}')
-    x = LayerNorm(dv, eps=self.config.projector_ln_eps, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name='pre_norm')(x)
+    x = LayerNorm(dv, eps=self.config.projector_ln_eps, dtype=dtype,
+                  param_dtype=param_dtype, name='pre_norm')(x)
     x = merge_patches(x, vc.merge_kernel)  # [B, M, 4Dv]
-    x = DenseGeneral((dm,), (dm,), ('mm_embed', 'mlp'), use_bias=True, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='linear_1')(x)
+    x = DenseGeneral((dm,), (dm,), ('mm_embed', 'mlp'), use_bias=True, dtype=dtype,
+                     param_dtype=param_dtype, name='linear_1')(x)
     x = constrain(gelu_erf(x), ('act_batch', 'act_len', 'act_mlp'))
-    x = DenseGeneral((dm,), (d,), ('mlp', 'embed'), use_bias=True, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='linear_2')(x)
+    x = DenseGeneral((dm,), (d,), ('mlp', 'embed'), use_bias=True, dtype=dtype,
+                     param_dtype=param_dtype, name='linear_2')(x)
     return constrain(x, ('act_batch', 'act_len', 'act_embed'))

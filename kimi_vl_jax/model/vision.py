@@ -315,3 +315,32 @@ def hf_order(image_grid_hws, merge_kernel: tuple[int, int] = (2, 2)) -> np.ndarr
     forward.append(start + merge_order(h, w, merge_kernel))
     start += h * w
   return np.argsort(np.concatenate(forward))
+
+
+# ------------------------------------------------------------------------------------------
+# Scanned <-> unrolled block parameters (of the `vision_tower` subtree).
+
+def stack_block_params(params: dict, config: VisionConfig) -> dict:
+  """Unrolled `blocks_{i}` (scan_layers=False) -> scanned `blocks` with a leading layer axis."""
+  out = dict(nn.meta.unbox(params))
+  names = [f'blocks_{i}' for i in range(config.num_layers)]
+  missing = [k for k in names if k not in out]
+  if missing:
+    raise ValueError(f'stack_block_params: no {missing} in params (have {sorted(out)})')
+  out['blocks'] = jax.tree.map(lambda *a: jnp.stack(a), *[out.pop(k) for k in names])
+  return out
+
+
+def unstack_block_params(params: dict, config: VisionConfig) -> dict:
+  """Scanned `blocks` -> unrolled `blocks_{i}`; the inverse of `stack_block_params`."""
+  out = dict(nn.meta.unbox(params))
+  if 'blocks' not in out:
+    raise ValueError(f'unstack_block_params: no blocks in params (have {sorted(out)})')
+  stacked = out.pop('blocks')
+  lengths = {a.shape[0] for a in jax.tree.leaves(stacked)}
+  if lengths != {config.num_layers}:
+    raise ValueError(f'unstack_block_params: blocks have leading sizes {lengths}, expected '
+                     f'{config.num_layers}')
+  for i in range(config.num_layers):
+    out[f'blocks_{i}'] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return out

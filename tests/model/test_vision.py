@@ -283,18 +283,31 @@ def test_pack_hf_images_rejects_bad_input():
 # ------------------------------------------------------------------------------------------
 # Layer stacking, remat, bf16.
 
-def test_unscanned_and_remat_match_scanned():
+def test_unscanned_matches_scanned():
   arrays = fixture()[2]
   pixels, grids = case_pixels(arrays, 'nonsquare_6x10')
   batch = vision.pack_hf_images(pixels, grids)
   want = run(batch)
   p = params()
-  unscanned = {k: v for k, v in p.items() if k != 'blocks'}
-  for i in range(fixture()[0].vision.num_layers):
-    unscanned[f'blocks_{i}'] = jax.tree.map(lambda x: x[i], p['blocks'])
+  vc = fixture()[0].vision
+  unscanned = vision.unstack_block_params(p, vc)
+  assert 'blocks' not in unscanned and 'blocks_1' in unscanned
   np.testing.assert_allclose(run(batch, unscanned, scan_layers=False), want, atol=1e-5)
-  np.testing.assert_allclose(run(batch, remat='full'), want, atol=1e-5)
+  restacked = vision.stack_block_params(unscanned, vc)
+  jax.tree.map(np.testing.assert_array_equal, restacked, p)
+  # An unscanned model initialises exactly the unrolled layout.
+  model, _ = apply_fn(scan_layers=False)
+  init = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *batch.values()))['params']
+  assert jax.tree.structure(nn.meta.unbox(init)) == jax.tree.structure(unscanned)
 
+
+@pytest.mark.slow
+def test_remat_matches_no_remat_values_and_grads():
+  arrays = fixture()[2]
+  pixels, grids = case_pixels(arrays, 'nonsquare_6x10')
+  batch = vision.pack_hf_images(pixels, grids)
+  p = params()
+  np.testing.assert_allclose(run(batch, remat='full'), run(batch), atol=1e-5)
   model, _ = apply_fn(remat='full')
   model0, _ = apply_fn()
   loss = lambda m: jax.jit(jax.grad(lambda q: jnp.sum(m.apply({'params': q}, *batch.values())
