@@ -81,8 +81,10 @@ class KimiVL(nn.Module):
         raise ValueError('pass either HF-style pixel_values or packed patches, not both')
       if image_grid_hws is None:
         raise ValueError('pixel_values needs image_grid_hws [N, 2]')
-      packed = pack_hf_images(pixel_values, image_grid_hws)
-      n_tokens = int(packed['patches'].shape[1]) // 4
+      packed = pack_hf_images(pixel_values, image_grid_hws, c.vision.merge_kernel,
+                              c.vision.patch_size)
+      n_tokens = int(packed['patches'].shape[1]) // (c.vision.merge_kernel[0] *
+                                                      c.vision.merge_kernel[1])
       ids = np.asarray(input_ids) if not isinstance(input_ids, jax.core.Tracer) else None
       if ids is not None and int((ids == c.media_placeholder_token_id).sum()) != n_tokens:
         raise ValueError(
