@@ -256,6 +256,10 @@ def test_a3b_grouping_table():
   real = real_abstract_params(cfg)
   if real is not None:
     trees['model'] = real
+  if real is not None:  # the model follows docs/param_tree.md: same paths, groups, matrix views
+    as_tuple = lambda t: {k: (g.shape, g.kind, g.dim_nums)
+                          for k, g in _flat(muon.muon_param_groups(t)).items()}
+    assert as_tuple(real) == as_tuple(trees['doc'])
   for name, tree in trees.items():
     groups = _flat(muon.muon_param_groups(tree))
     view = lambda p: groups[p].matrix_shape
@@ -284,6 +288,36 @@ def test_a3b_grouping_table():
     assert [l.split(':')[0].strip() for l in lines if l.startswith('  ') and ':' in l] == [
         'muon', 'adamw', 'frozen']
     assert '26 x [2048, 3072]' in summary or '1664 x [2048, 1408]' in summary
+
+
+def test_tiny_model_update_rms_matches_adamw_scale():
+  """On the real tiny model tree: Muon's update RMS is ~0.2 lr per matrix (Moonlight's point of
+  the 0.2 sqrt(max(rows, cols)) scale), AdamW's first step is ~lr per entry, the router bias stays."""
+  boxed = real_abstract_params(config_lib.tiny())
+  if boxed is None:
+    pytest.skip('model modules not importable yet')
+  rng = np.random.default_rng(0)
+  plain = nn.meta.unbox(boxed)
+  params = jax.tree.map(lambda x: 0.02 * rng.standard_normal(x.shape).astype(np.float32), plain)
+  grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), plain)
+  cfg = _cfg(weight_decay=0.0, schedule=ml_collections.ConfigDict({'kind': 'constant',
+                                                                    'peak_lr': 1.0}))
+  tx, _ = muon.make_optimizer(cfg, boxed)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+  groups = _flat(muon.muon_param_groups(boxed))
+  kinds = set()
+  for path, u in _flat(updates).items():
+    g, u = groups[path], np.asarray(u)
+    kinds.add(g.kind)
+    if g.kind == 'frozen':
+      assert np.all(u == 0), path
+    elif g.kind == 'adamw':
+      np.testing.assert_allclose(np.abs(u), 1.0, rtol=1e-2, err_msg=path)  # eps 1e-8
+    else:
+      n, rows, cols = g.matrix_shape
+      rms = np.sqrt(np.mean(np.square(u.reshape(n, rows, cols)), axis=(1, 2)))
+      assert np.all((0.12 < rms) & (rms < 0.25)), (path, rms)
+  assert kinds == {'muon', 'adamw', 'frozen'}
 
 
 def test_bad_inputs_name_the_problem():
