@@ -22,7 +22,8 @@ def doc_abstract_params(config: KimiVLConfig) -> dict:
   Dv, Nv, Hv, Fv, Lv = v.hidden_size, v.num_heads, v.head_dim, v.intermediate_size, v.num_layers
   D, N, V = t.hidden_size, t.num_heads, t.vocab_size
   R, Hr, Hn, Hvt = t.kv_lora_rank, t.qk_rope_head_dim, t.qk_nope_head_dim, t.v_head_dim
-  E, Fe, Fs = t.n_routed_experts, t.moe_intermediate_size, t.n_shared_experts * t.moe_intermediate_size
+  E, Fe = t.n_routed_experts, t.moe_intermediate_size
+  Fs = t.n_shared_experts * Fe
   ln = lambda *lead: {'scale': _leaf(lead + (Dv,), ('layers',) * len(lead) + ('norm',)),
                       'bias': _leaf(lead + (Dv,), ('layers',) * len(lead) + ('norm',))}
   vision = {
@@ -46,7 +47,8 @@ def doc_abstract_params(config: KimiVLConfig) -> dict:
   M = 4 * Dv
   projector = {
       'pre_norm': ln(),
-      'linear_1': {'kernel': _leaf((M, M), ('mm_embed', 'mm_embed')), 'bias': _leaf((M,), ('mm_embed',))},
+      'linear_1': {'kernel': _leaf((M, M), ('mm_embed', 'mm_embed')),
+                   'bias': _leaf((M,), ('mm_embed',))},
       'linear_2': {'kernel': _leaf((M, D), ('mm_embed', 'embed')), 'bias': _leaf((D,), ('embed',))},
   }
 

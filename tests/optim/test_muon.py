@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from kimi_vl_jax.model import config as config_lib
 from kimi_vl_jax.optim import muon
@@ -276,8 +276,9 @@ def test_a3b_grouping_table():
     assert view('vision_tower/patch_embed/kernel') == (1, 588, 1152), name
     assert view('projector/linear_2/kernel') == (1, 4608, 2048), name
     for p in (lm + 'embed_tokens/embedding', lm + 'lm_head/kernel', lm + 'norm/scale',
-              lm + 'moe_layers/input_layernorm/scale', lm + 'moe_layers/self_attn/kv_a_layernorm/scale',
-              vt + 'wqkv/bias', vt + 'norm0/scale', 'vision_tower/pos_emb', 'projector/linear_1/bias'):
+              lm + 'moe_layers/input_layernorm/scale',
+              lm + 'moe_layers/self_attn/kv_a_layernorm/scale', vt + 'wqkv/bias',
+              vt + 'norm0/scale', 'vision_tower/pos_emb', 'projector/linear_1/bias'):
       assert groups[p].kind == 'adamw', (name, p)
     assert groups[lm + 'moe_layers/mlp/gate/e_score_correction_bias'].kind == 'frozen', name
     total = sum(math.prod(g.shape) for g in groups.values())
@@ -287,12 +288,13 @@ def test_a3b_grouping_table():
     lines = summary.splitlines()
     assert [l.split(':')[0].strip() for l in lines if l.startswith('  ') and ':' in l] == [
         'muon', 'adamw', 'frozen']
-    assert '26 x [2048, 3072]' in summary or '1664 x [2048, 1408]' in summary
+    assert '1664 x [2048, 1408]' in summary  # examples start with the largest tensors
 
 
 def test_tiny_model_update_rms_matches_adamw_scale():
-  """On the real tiny model tree: Muon's update RMS is ~0.2 lr per matrix (Moonlight's point of
-  the 0.2 sqrt(max(rows, cols)) scale), AdamW's first step is ~lr per entry, the router bias stays."""
+  """On the real tiny model tree: Muon's update RMS is ~0.2 lr per matrix (the point of
+  Moonlight's 0.2 sqrt(max(rows, cols)) scale), AdamW's first step is ~lr per entry, and the
+  router bias does not move."""
   boxed = real_abstract_params(config_lib.tiny())
   if boxed is None:
     pytest.skip('model modules not importable yet')
