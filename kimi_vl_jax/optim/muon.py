@@ -72,6 +72,7 @@ class ParamGroup:
   reason: str
   shape: tuple[int, ...]
   dim_nums: MuonDimensionNumbers | None = None
+  axes: tuple[str | None, ...] = ()   # logical axis names (for the Newton-Schulz gather)
 
   def __post_init__(self):
     if self.kind not in ('muon', 'adamw', 'frozen'):
@@ -155,20 +156,21 @@ def _trainable_fn(trainable, frozen_patterns: Sequence[str]) -> Callable[[str], 
 def _classify(path: str, shape: tuple[int, ...], axes: tuple) -> ParamGroup:
   for pattern, kind, reason in PATH_RULES:
     if re.search(pattern, path):
-      return ParamGroup(kind, reason, shape)
+      return ParamGroup(kind, reason, shape, axes=axes)
   n_batch = 0
   while n_batch < len(axes) and axes[n_batch] in BATCH_AXES:
     n_batch += 1
   rest = axes[n_batch:]
   if len(rest) <= 1:
-    return ParamGroup('adamw', '1-D' if n_batch == 0 else '1-D per layer/expert', shape)
+    return ParamGroup('adamw', '1-D' if n_batch == 0 else '1-D per layer/expert', shape,
+                      axes=axes)
   n_in = 1
   if rest[0] in HEAD_INPUT_AXES:  # o_proj / wo: the input is (heads, head_dim)
     while n_in < len(rest) - 1 and rest[n_in] in HEAD_INPUT_AXES:
       n_in += 1
   dims = MuonDimensionNumbers(reduction_axis=tuple(range(n_batch, n_batch + n_in)),
                               output_axis=tuple(range(n_batch + n_in, len(axes))))
-  return ParamGroup('muon', 'matrix', shape, dims)
+  return ParamGroup('muon', 'matrix', shape, dims, axes)
 
 
 def muon_param_groups(params, logical_axes=None, trainable=None,
@@ -203,7 +205,7 @@ def muon_param_groups(params, logical_axes=None, trainable=None,
     if len(axes[path]) != len(shape):
       raise ValueError(f'{path}: {len(axes[path])} logical axes {axes[path]} for shape {shape}')
     if not is_trainable(path):
-      groups.append(ParamGroup('frozen', 'not trainable', shape))
+      groups.append(ParamGroup('frozen', 'not trainable', shape, axes=axes[path]))
     else:
       groups.append(_classify(path, shape, axes[path]))
   return jax.tree.unflatten(treedef, groups)
@@ -281,7 +283,9 @@ def orthogonalize_update(u: jax.Array, group: ParamGroup, coeffs, steps: int, ep
 
   Batch axes stay separate axes (so an expert-sharded axis stays sharded); the matrix axes are
   gathered for the iteration and the result is re-sliced like u (distributed Muon). Under Auto
-  sharding XLA inserts these collectives; under Explicit sharding they are written out here.
+  sharding this is a logical constraint (batch axes by their logical names, matrix axes
+  replicated; resolved by the trainer's `nn.logical_axis_rules`, a no-op without them) and XLA
+  re-slices the result per the step's out_shardings; under Explicit sharding both are reshards.
   """
   _, rows, cols = group.matrix_shape
   dn = group.dim_nums
@@ -289,8 +293,11 @@ def orthogonalize_update(u: jax.Array, group: ParamGroup, coeffs, steps: int, ep
   perm = batch + tuple(dn.reduction_axis) + tuple(dn.output_axis)  # the identity for our tree
   ut = jnp.transpose(u, perm)
   spec = _explicit_spec(ut)
+  gathered = [None] * (u.ndim - len(batch))
   if spec is not None:  # gather the matrix axes, keep the batch axes' sharding
-    ut = jax.sharding.reshard(ut, P(*spec[:len(batch)], *([None] * (u.ndim - len(batch)))))
+    ut = jax.sharding.reshard(ut, P(*spec[:len(batch)], *gathered))
+  elif group.axes:
+    ut = nn.with_logical_constraint(ut, tuple(group.axes[a] for a in batch) + tuple(gathered))
   mats = ut.reshape(ut.shape[:len(batch)] + (rows, cols))   # [*batch, rows, cols]
   o = newton_schulz(mats, coeffs, steps, eps, precision) * (rms_scale * math.sqrt(max(rows, cols)))
   o = o.astype(u.dtype).reshape(ut.shape)

@@ -361,7 +361,7 @@ def test_sharded_equals_unsharded(axis_type, zero1):
   init = jax.jit(tx.init, out_shardings=state_sh)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p), in_shardings=(param_sh, state_sh, param_sh),
                  out_shardings=(param_sh, state_sh))
-  with jax.set_mesh(mesh):
+  with rules.sharding_context(mesh, 'fsdp_ep'):  # as the trainer traces its step
     p = jax.device_put(params, param_sh)
     state = init(p)
     for g in grads_seq:
