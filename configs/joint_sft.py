@@ -1,0 +1,78 @@
+"""Joint SFT (Kimi-VL report section 2.3; REFERENCE.md section 5).
+
+Text and multimodal ChatML conversations, loss on assistant turns only, packed rows; all
+parameters train. Two phases: one epoch at 32K tokens with LR 2e-5 -> 2e-6, then one epoch at
+128K re-warmed to 1e-5 -> 1e-6. Starts from the long-context stage's checkpoint.
+
+  python -m kimi_vl_jax.main --config=configs/joint_sft.py --workdir=RUN \\
+      --config.data_dir=DATA --config.tokenizer.path=TIKTOKEN --config.init_from=orbax:LONG_CTX_RUN
+  python -m kimi_vl_jax.main --config=configs/joint_sft.py:tiny --workdir=/tmp/kimi_vl_tiny
+
+The tiny variant trains a small model from scratch on the bundled demo data (easy-vqa image
+questions + arithmetic word problems) and reports the easy-vqa answer accuracy of greedy decoding
+(`--config.train.blank_images=True` is the ablation with every image blanked out).
+"""
+
+from kimi_vl_jax.train import stage_config as sc
+
+# Steps of one epoch at each length: set to (SFT tokens / (seq_len x global rows)) for your data.
+EPOCH_STEPS_32K = 3000
+EPOCH_STEPS_128K = 1200
+
+
+def get_config(arg: str = ''):
+  arg = sc.check_variant(arg)
+  c = sc.base('joint_sft', arg)
+  if arg == 'tiny':
+    c.model = 'demo'
+    c.data.sources = [
+        sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.8),
+        sc.source('arithmetic', 'chat', 'demo:arithmetic/train.jsonl', 0.2),
+    ]
+    c.data.seq_len = 256
+    c.data.batch_size = 8
+    c.data.max_patches = 192
+    c.data.max_images = 12
+    c.data.image = {'max_patches': 16}
+    c.phases = [
+        {'name': 'sft_short', 'steps': 500, 'data': {'seq_len': 256}},
+        {'name': 'sft_long', 'steps': 100, 'data': {'seq_len': 256}},
+    ]
+    c.optim.schedule = {'kind': 'multi_phase', 'phases': [
+        {'steps': 500, 'warmup_steps': 30, 'peak_lr': 3e-3, 'end_lr': 3e-4},
+        {'steps': 100, 'warmup_steps': 10, 'peak_lr': 1e-3, 'end_lr': 1e-4},
+    ]}
+    c.optim.weight_decay = 0.01
+    c.checkpoint.interval = 100
+    c.eval.every = 200
+    c.eval.batches = 0
+    c.eval.answer_file = 'demo:easy_vqa/test.jsonl'
+    c.eval.answer_examples = 500
+    c.eval.answer_batch = 50
+    c.eval.max_new_tokens = 4
+    return c
+
+  c.init_from = 'orbax:{long_context_run}'  # set --config.init_from=orbax:WORKDIR
+  c.data.sources = [
+      sc.source('text_sft', 'chat', '{data_dir}/sft/text.array_record', 0.5),
+      sc.source('multimodal_sft', 'chat', '{data_dir}/sft/multimodal.array_record', 0.5),
+  ]
+  c.data.seq_len = 32768
+  c.data.batch_size = 1
+  c.data.max_patches = 65536
+  c.data.max_images = 256
+  c.phases = [
+      {'name': 'sft_32k', 'steps': EPOCH_STEPS_32K, 'data': {'seq_len': 32768}},
+      {'name': 'sft_128k', 'steps': EPOCH_STEPS_128K,
+       'data': {'seq_len': 131072, 'max_patches': 262144, 'max_images': 1024}},
+  ]
+  c.optim.schedule = {'kind': 'multi_phase', 'phases': [
+      {'steps': EPOCH_STEPS_32K, 'warmup_steps': 50, 'peak_lr': 2e-5, 'end_lr': 2e-6},
+      {'steps': EPOCH_STEPS_128K, 'warmup_steps': 50, 'peak_lr': 1e-5, 'end_lr': 1e-6},
+  ]}
+  c.parallel.context = 4
+  c.parallel.rules = 'fsdp_ep_cp'
+  c.model_overrides.text = {'rope_theta': 800000.0}
+  c.eval.every = 500
+  c.eval.data = {'sources': [sc.source('heldout', 'chat', '{data_dir}/sft/heldout.jsonl')]}
+  return c

@@ -1,0 +1,117 @@
+"""Train checkpoints: orbax CheckpointManager holding the train state and the data iterator.
+
+One directory per run, `workdir/checkpoints/<step>/` (DESIGN.md "Checkpoints"), each with
+  state/   the TrainState (params, optimizer state, step, rng, counters), orbax StandardSave
+  data/    the data iterator state (grain's checkpoint handler, one JSON file per process)
+  meta/    JSON: phase index of the data state, config fingerprint
+
+Saves are asynchronous (the step loop continues while arrays are written). Orbax writes each
+step into a temporary directory and renames it when complete, so `latest_step()` never lists a
+checkpoint cut off mid-write (a SIGKILL during a save leaves only a `*.orbax-checkpoint-tmp*`
+directory, which is deleted on the next start). Retention: the newest `keep` checkpoints, plus
+every step that is a multiple of `keep_every` (0 = none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class IteratorState:
+  """Adapts any iterator with `get_state()/set_state()` (grain `DatasetIterator` or a wrapper)
+  to grain's orbax handler, which stores `get_state()` bytes for non-grain iterators."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state(), sort_keys=True).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    if hasattr(self.iterator, 'start_prefetch'):
+      self.iterator.start_prefetch()
+
+
+def make_manager(directory: str, *, interval: int, keep: int | None, keep_every: int = 0,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """A CheckpointManager over `directory` saving every `interval` steps."""
+  if interval < 1:
+    raise ValueError(f'checkpoint.interval must be >= 1, got {interval}')
+  if keep is not None and keep < 1:
+    raise ValueError(f'checkpoint.keep must be >= 1 or None (keep all), got {keep}')
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=interval, max_to_keep=keep, keep_period=keep_every or None,
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=('state', 'data', 'meta'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator, meta: dict,
+         force: bool = False) -> bool:
+  """Saves (asynchronously) if `step` is due under the manager's policy, or when `force`."""
+  args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(IteratorState(iterator)),
+      meta=ocp.args.JsonSave(meta))
+  saved = manager.save(step, args=args, force=force)
+  if saved:
+    logging.info('checkpoint save started at step %d', step)
+  return saved
+
+
+def latest_step(manager: ocp.CheckpointManager) -> int | None:
+  """The newest *complete* checkpoint step (temporary directories are never listed)."""
+  return manager.latest_step()
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            iterator=None) -> Any:
+  """Restores the state onto the shardings of `abstract_state` (ShapeDtypeStructs with
+  `.sharding`); when `iterator` is given its position is restored in place too."""
+  args = {'state': ocp.args.StandardRestore(abstract_state)}
+  if iterator is not None:
+    args['data'] = grain.checkpoint.CheckpointRestore(IteratorState(iterator))
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  return restored['state']
+
+
+def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> Any:
+  """Only the params of another run's train checkpoint (`init_from='orbax:WORKDIR'`).
+
+  `abstract_params` are the params' ShapeDtypeStructs (with shardings); the optimizer state
+  and the rest of the saved TrainState are not read.
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'init_from orbax: no checkpoints directory at {directory}')
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                             item_names=('state', 'data', 'meta')) as mgr:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'init_from orbax: no complete checkpoint in {directory}')
+    # Restore just the params subtree (partial restore: the rest of the state is not read).
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={'params': abstract_params},
+        restore_args=jax.tree.map(_restore_arg, {'params': abstract_params}),
+        partial_restore=True)))
+  logging.info('init_from orbax: params of %s step %d', directory, step)
+  return restored['state']['params']
+
+
+def _restore_arg(x):
+  return ocp.ArrayRestoreArgs(sharding=getattr(x, 'sharding', None), global_shape=x.shape,
+                              dtype=x.dtype)

@@ -1,0 +1,164 @@
+"""Building the model config, the optimizer and the sharded train state of a run.
+
+The state is never materialised on one host: its shapes come from `jax.eval_shape`, its
+shardings from the logical axis names through the rule preset (`parallel/rules.py`), and it is
+created by a jitted function with those `out_shardings` (STYLE.md "Training code"). Sources:
+
+  init_from = 'scratch'        random init (`model.kimi_vl.init_params`)
+            | 'hf:DIR'         an HF Kimi-VL directory (`checkpoint.hf.load`)
+            | 'params:DIR'     an orbax params directory (`checkpoint.convert.save_params`)
+            | 'orbax:WORKDIR'  the params of another stage's train checkpoint (latest step)
+
+Optimizer state, step and counters always start fresh except when resuming this run's own
+checkpoint (handled by the loop).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kimi_vl_jax.model import config as model_config_lib
+from kimi_vl_jax.model.config import KimiVLConfig
+from kimi_vl_jax.model.kimi_vl import init_params
+from kimi_vl_jax.optim import make_optimizer, schedules
+from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.train import checkpointing
+from kimi_vl_jax.train.train_step import TrainState, new_counters, trainable_tree
+
+
+def _as_dict(x) -> dict:
+  if x is None:
+    return {}
+  return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else dict(x)
+
+
+def apply_model_overrides(mc: KimiVLConfig, overrides) -> KimiVLConfig:
+  """`overrides`: {'text': {...}, 'vision': {...}, <top-level KimiVLConfig field>: value}."""
+  ov = _as_dict(overrides)
+  text = ov.pop('text', None) or {}
+  vision = ov.pop('vision', None) or {}
+  try:
+    if text:
+      mc = mc.replace(text=mc.text.__class__(**{**mc.text.__dict__, **dict(text)}))
+    if vision:
+      mc = mc.replace(vision=mc.vision.__class__(**{**mc.vision.__dict__, **dict(vision)}))
+    return mc.replace(**ov)
+  except TypeError as e:
+    raise ValueError(f'config.model_overrides: {e}') from None
+
+
+def model_config(cfg, phase_overrides=None) -> KimiVLConfig:
+  """The model of a stage config: `cfg.model` (preset name, or a directory / config.json of an
+  HF checkpoint) with `cfg.model_overrides` and then the phase's overrides applied. With
+  `init_from='hf:DIR'` / `'params:DIR'` and `cfg.model == 'from_init'` the config is read there."""
+  name = cfg.model
+  init_from = cfg.get('init_from', 'scratch') or 'scratch'
+  if name == 'from_init':
+    kind, _, path = init_from.partition(':')
+    if kind not in ('hf', 'params'):
+      raise ValueError("model='from_init' needs init_from='hf:DIR' or 'params:DIR', got "
+                       f'{init_from!r}')
+    mc = model_config_lib.from_hf_json(path)
+  elif name in model_config_lib.PRESETS:
+    mc = model_config_lib.get_preset(name)
+  elif os.path.exists(name):
+    mc = model_config_lib.from_hf_json(name)
+  else:
+    raise ValueError(f'config.model={name!r} is neither a preset {sorted(model_config_lib.PRESETS)}'
+                     ' nor an HF config path')
+  mc = apply_model_overrides(mc, cfg.get('model_overrides'))
+  return apply_model_overrides(mc, phase_overrides)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+class StateFactory:
+  """Abstract state, shardings, optimizer and initialisers of one run (all phases share them)."""
+
+  def __init__(self, cfg, mc: KimiVLConfig, mesh):
+    self.cfg, self.mc, self.mesh = cfg, mc, mesh
+    self.rules = rules_lib.get_rules(cfg.parallel.rules)
+    rng = jax.random.PRNGKey(cfg.seed)
+    self.abstract_boxed = jax.eval_shape(lambda r: init_params(mc, r), rng)
+    self.param_shardings = rules_lib.param_shardings(self.abstract_boxed, mesh, self.rules)
+    abstract_params = nn.meta.unbox(self.abstract_boxed)
+    self.tx, self.optimizer_summary = make_optimizer(cfg.optim, self.abstract_boxed)
+    optim = _as_dict(cfg.optim)
+    trainable = optim.get('trainable')
+    self.trainable = trainable_tree(abstract_params, None if trainable is None else
+                                    list(trainable), tuple(optim.get('frozen', ())))
+    self.lr_fn = schedules.make_schedule(optim.get('schedule', {'kind': 'constant',
+                                                                'peak_lr': 1e-4}))
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    self.opt_shardings = rules_lib.opt_state_shardings(
+        abstract_opt, self.abstract_boxed, mesh, self.rules, zero1=cfg.parallel.get('zero1', True))
+    rep = replicated(mesh)
+    self.shardings = TrainState(
+        step=rep, params=self.param_shardings, opt_state=self.opt_shardings, rng=rep,
+        counters={k: rep for k in new_counters()})
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                          opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                          counters={k: jax.ShapeDtypeStruct((), jnp.int32) for k in new_counters()})
+    self.abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
+
+  def _from_params(self, params, rng) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      rng=rng, counters=new_counters())
+
+  def create(self) -> TrainState:
+    """A fresh state from `cfg.init_from` (not a resume), placed on the mesh."""
+    init_from = self.cfg.get('init_from', 'scratch') or 'scratch'
+    kind, _, path = init_from.partition(':')
+    if '{' in init_from:
+      raise ValueError(f'init_from={init_from!r} is a template: set --config.init_from to the '
+                       "previous stage's source, e.g. orbax:WORKDIR")
+    seed_rng = jax.random.PRNGKey(self.cfg.seed)
+    init_rng, state_rng = jax.random.split(seed_rng)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      if kind == 'scratch':
+        fn = lambda r1, r2: self._from_params(nn.meta.unbox(init_params(self.mc, r1)), r2)
+        return jax.jit(fn, out_shardings=self.shardings)(init_rng, state_rng)
+      abstract_params = self.abstract.params
+      if kind == 'hf':
+        from kimi_vl_jax.checkpoint import hf
+        loaded_cfg, params = hf.load(path, dtype=self.mc.param_dtype)
+        self._check_same_shapes(params, f'HF checkpoint {path}')
+        params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s.sharding), params,
+                              abstract_params)
+      elif kind == 'params':
+        from kimi_vl_jax.checkpoint import convert
+        _, params = convert.load_params(path, abstract_params)
+      elif kind == 'orbax':
+        params = checkpointing.restore_params(path, abstract_params)
+      else:
+        raise ValueError(f"init_from={init_from!r}: expected 'scratch', 'hf:DIR', 'params:DIR' "
+                         "or 'orbax:WORKDIR'")
+      self._check_same_shapes(params, init_from)
+      logging.info('initialised params from %s', init_from)
+      return jax.jit(self._from_params, out_shardings=self.shardings,
+                     donate_argnums=0)(params, state_rng)
+
+  def _check_same_shapes(self, params, where: str) -> None:
+    want = {jax.tree_util.keystr(p): (tuple(x.shape), jnp.dtype(x.dtype)) for p, x in
+            jax.tree_util.tree_flatten_with_path(self.abstract.params)[0]}
+    got = {jax.tree_util.keystr(p): (tuple(np.shape(x)), jnp.dtype(x.dtype)) for p, x in
+           jax.tree_util.tree_flatten_with_path(params)[0]}
+    if want.keys() != got.keys():
+      raise ValueError(f'{where}: parameter tree differs from the model config: missing '
+                       f'{sorted(want.keys() - got.keys())[:5]}, unexpected '
+                       f'{sorted(got.keys() - want.keys())[:5]}')
+    bad = [f'{k}: {got[k][0]} vs model {want[k][0]}' for k in want if want[k][0] != got[k][0]]
+    if bad:
+      raise ValueError(f'{where}: shapes differ from the model config: ' + '; '.join(bad[:5]))

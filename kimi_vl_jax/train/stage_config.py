@@ -1,0 +1,110 @@
+"""Shared building blocks of the stage configs in `configs/` (the fields the loop reads).
+
+A stage config (`configs/<stage>.py: get_config(arg)`) is an `ml_collections.ConfigDict`:
+
+  stage            which loop runs (main.LM_STAGES)
+  model            preset name ('kimi_vl_a3b', 'small', 'tiny', 'demo') or an HF config path
+  model_overrides  {'text': {...}, 'vision': {...}, top-level KimiVLConfig fields (dtype, remat)}
+  tokenizer        {kind: 'kimi', path} | {kind: 'sentencepiece'} (the bundled tiny model)
+  init_from        'scratch' | 'hf:DIR' | 'params:DIR' | 'orbax:WORKDIR'
+  data_dir         substituted for `{data_dir}` in data source paths (full-scale configs)
+  seed
+  data             the data pipeline config (data/pipeline.py; `batch_size` = rows per host)
+  phases           [{name, steps, data: {overrides}, model_overrides: {...}}]; steps add up
+  optim            optimizer config (optim/muon.py `default_config`: schedule, weight decay,
+                   trainable / frozen parameter regexes)
+  parallel         mesh + rule preset (parallel/mesh.py `default_config`)
+  checkpoint       interval, keep (last N), keep_every (K), async_save
+  train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate, log_every,
+                   blank_images (ablation: zero every image), tensorboard, peak_flops
+  eval             every, batches, data, answer_file, answer_examples, answer_batch,
+                   max_new_tokens (train/evaluate.py)
+
+`arg` picks the variant: '' = the full Kimi-VL-A3B recipe for TPU pods, 'tiny' = a model of a
+few hundred K parameters on the bundled demo data that runs on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from kimi_vl_jax.parallel import mesh as mesh_lib
+
+VARIANTS = ('', 'tiny')
+
+# Full-scale numbers (REFERENCE.md sections 5 and 7). Rows per host x hosts = global batch.
+A3B_ROWS_PER_HOST = 4          # x 64 hosts of a v5p-256 slice = 256 rows of 8K = 2M tokens/step
+
+
+def check_variant(arg: str, allowed=VARIANTS) -> str:
+  arg = (arg or '').strip()
+  if arg not in allowed:
+    raise ValueError(f'config variant {arg!r}: choose one of {[a or "(full)" for a in allowed]}')
+  return arg
+
+
+def base(stage: str, arg: str) -> ml_collections.ConfigDict:
+  """Fields common to every LM stage, for the full model ('') or the tiny CPU variant."""
+  tiny = arg == 'tiny'
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.model = 'tiny' if tiny else 'kimi_vl_a3b'
+  c.model_overrides = ml_collections.ConfigDict() if tiny else ml_collections.ConfigDict(
+      {'dtype': 'bfloat16', 'param_dtype': 'float32', 'remat_policy': 'full'})
+  c.tokenizer = ml_collections.ConfigDict(
+      {'kind': 'sentencepiece', 'path': None} if tiny else
+      {'kind': 'kimi', 'path': ml_collections.config_dict.placeholder(str)})
+  c.init_from = 'scratch'
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.seed = 0
+  c.jax_matmul_precision = 'highest' if tiny else ''
+
+  c.data = ml_collections.ConfigDict({
+      'sources': [],
+      'seq_len': 512 if tiny else 8192,
+      'max_patches': 256 if tiny else 16384,
+      'max_images': 16 if tiny else 64,
+      'batch_size': 8 if tiny else A3B_ROWS_PER_HOST,
+      'num_workers': 0 if tiny else 8,
+      'default_system_prompt': None,
+      'image': {'max_patches': 64 if tiny else 4096},
+  })
+  c.phases = []
+
+  c.optim = ml_collections.ConfigDict({
+      'schedule': {'kind': 'constant', 'peak_lr': 1e-3},
+      'weight_decay': 0.1,
+      'grad_clip_norm': 1.0,
+      'trainable': ml_collections.config_dict.placeholder(tuple),
+      'frozen': (),
+  })
+  c.parallel = mesh_lib.default_config()
+  if not tiny:
+    c.parallel.expert = 8
+    c.parallel.rules = 'fsdp_ep'
+  c.checkpoint = ml_collections.ConfigDict(
+      {'interval': 50 if tiny else 1000, 'keep': 3, 'keep_every': 0 if tiny else 10000,
+       'async_save': True})
+  c.train = ml_collections.ConfigDict({
+      'grad_accum': 1,
+      'z_loss_weight': 0.0 if tiny else 1e-4,
+      'balance_loss_weight': 0.0,
+      'router_bias_rate': 1e-3,
+      'log_every': 1 if tiny else 10,
+      'blank_images': False,
+      'tensorboard': True,
+      'peak_flops': ml_collections.config_dict.placeholder(float),
+  })
+  c.eval = ml_collections.ConfigDict({
+      'every': 0, 'batches': 2 if tiny else 16, 'data': {},
+      'answer_file': '', 'answer_examples': 500, 'answer_batch': 50, 'max_new_tokens': 6,
+  })
+  return c
+
+
+def source(name: str, kind: str, path, weight: float = 1.0) -> dict:
+  return {'name': name, 'kind': kind, 'path': path, 'weight': weight}
+
+
+def tokens_to_steps(tokens: float, seq_len: int, global_rows: int) -> int:
+  return max(1, int(round(tokens / (seq_len * global_rows))))
