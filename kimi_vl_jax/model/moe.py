@@ -113,7 +113,7 @@ def routed_experts_dropless(x: Array, topk_idx: Array, topk_weights: Array, w_ga
   E = w_gate.shape[0]
   flat_e = topk_idx.reshape(-1)                                    # [T*K], token-major
   order = jnp.argsort(flat_e, stable=True)                         # assignments grouped by expert
-  xs = x.astype(dtype)[order // K]                                 # [T*K, D]
+  xs = jnp.asarray(x, dtype)[order // K]                              # [T*K, D]
   group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   ys = _swiglu_grouped(xs, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype),
                        group_sizes)
@@ -146,7 +146,7 @@ def routed_experts_capacity(x: Array, topk_idx: Array, topk_weights: Array, w_ga
   keep = valid & (slot < C)
   slot = jnp.where(keep, slot, C)                                             # C = out of bounds
   buf = jnp.zeros((E, C, D), dtype).at[flat_e, slot].set(
-      x.astype(dtype)[jnp.arange(T * K) // K], mode='drop')                   # [E, C, D]
+      jnp.asarray(x, dtype)[jnp.arange(T * K) // K], mode='drop')             # [E, C, D]
   gate = jnp.einsum('ECD,EDF->ECF', buf, w_gate.astype(dtype))
   up = jnp.einsum('ECD,EDF->ECF', buf, w_up.astype(dtype))
   out = jnp.einsum('ECF,EFD->ECD', jax.nn.silu(gate) * up, w_down.astype(dtype))
