@@ -1,10 +1,10 @@
-"""The Kimi-VL language model: a DeepSeek-V3-style decoder ("Moonlight"), Kimi-VL report section 2.1.
+"""The Kimi-VL language model: a DeepSeek-V3-style decoder ("Moonlight"), Kimi-VL report sec. 2.1.
 
-    embed -> [first_k_dense_replace dense layers] -> [MoE layers] -> RMSNorm -> lm_head (fp32 logits)
+    embed -> [first_k_dense_replace dense layers] -> [MoE layers] -> RMSNorm -> lm_head (fp32)
 
 Each layer is pre-norm: `x += MLA(RMSNorm(x))`, `x += FFN(RMSNorm(x))` with FFN a SwiGLU MLP in the
-dense layers and `moe.MoE` in the others (transformers' `DeepseekV3DecoderLayer`). The two stacks are
-`nn.scan`s over layers (param axis 0, logical name 'layers'), optionally rematerialised with the
+dense layers and `moe.MoE` in the others (transformers' `DeepseekV3DecoderLayer`). The two stacks
+are `nn.scan`s over layers (param axis 0, logical name 'layers'), optionally rematerialised with the
 config's remat policy; `scan_layers=False` unrolls them into `dense_layers_{i}` / `moe_layers_{i}`
 (convert with `stack_layer_params` / `unstack_layer_params`).
 """
@@ -113,7 +113,8 @@ class LanguageModel(nn.Module):
       if a.shape != (B, T):
         raise ValueError(f'{name} must be [B, T] = {(B, T)}, got {a.shape}')
     if self.is_initializing() and not t.tie_word_embeddings:
-      self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # create the table even if only embeds come in
+      # Create the table even though only embeddings come in here.
+      self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
 
     x = constrain(inputs_embeds.astype(c.jnp_dtype), _ACT)
     if t.num_dense_layers:

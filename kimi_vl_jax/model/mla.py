@@ -2,13 +2,14 @@
 
 Keys and values come from a low-rank latent: `c_kv = RMSNorm(x W_dkv)` (rank R), expanded per head
 by `kv_b_proj` into `[k_nope | v]`; a single decoupled RoPE key `k_rope` (Hr dims) is shared by all
-heads. Queries are `x W_q` or, with `q_lora_rank`, `RMSNorm(x W_dq) W_uq`, each head `[q_nope | q_rope]`.
+heads. Queries are `x W_q` or, with `q_lora_rank`, `RMSNorm(x W_dq) W_uq`, each head
+`[q_nope | q_rope]`.
 Scores use `[q_nope | rope(q_rope)] . [k_nope | rope(k_rope)]`.
 
-Numerics follow transformers' `DeepseekV3Attention` (rope_interleave=True): RoPE frequencies in fp32,
-optional YaRN scaling (`rope_scaling`), softmax scale `Hqk^-0.5 * mscale(factor, mscale_all_dim)^2`,
-fp32 softmax. The causal + segment mask comes from `attention.segment_mask`, so packed examples never
-attend to each other.
+Numerics follow transformers' `DeepseekV3Attention` (rope_interleave=True): RoPE frequencies in
+fp32, optional YaRN scaling (`rope_scaling`), softmax scale `Hqk^-0.5 * mscale(factor,
+mscale_all_dim)^2`, fp32 softmax. The causal + segment mask comes from `attention.segment_mask`, so
+packed examples never attend to each other.
 
 Einsum letters: B batch, T query, S key, D model, N heads, H head dim, R lora rank.
 """

@@ -1,13 +1,13 @@
-"""DeepSeek-V3 MoE feed-forward (DeepSeekMoE with aux-loss-free balancing), DeepSeek-V3 section 2.1.2.
+"""DeepSeek-V3 MoE feed-forward (DeepSeekMoE, aux-loss-free balancing), DeepSeek-V3 section 2.1.2.
 
     h = x + sum_i FFN_shared_i(x) + sum_{i in TopK} g_i FFN_routed_i(x)
 
-Router (fp32): `s = sigmoid(x W_gate)`; experts are *chosen* by `s + b` (b = `e_score_correction_bias`,
-the aux-loss-free balancing bias, under stop_gradient, updated by the trainer with
-`update_router_bias`), optionally restricted to the `topk_group` best of `n_group` expert groups
-(group score = sum of its two best `s + b`); the *weights* are the un-biased `s` of the chosen experts,
-renormalised (`norm_topk_prob`, + 1e-20) and multiplied by `routed_scaling_factor`. This matches
-transformers' `DeepseekV3TopkRouter` / `DeepseekV3MoE`.
+Router (fp32): `s = sigmoid(x W_gate)`; experts are *chosen* by `s + b` (b =
+`e_score_correction_bias`, the aux-loss-free balancing bias, under stop_gradient, updated by the
+trainer with `update_router_bias`), optionally restricted to the `topk_group` best of `n_group`
+expert groups (group score = sum of its two best `s + b`); the *weights* are the un-biased `s` of
+the chosen experts, renormalised (`norm_topk_prob`, + 1e-20) and multiplied by
+`routed_scaling_factor`. This matches transformers' `DeepseekV3TopkRouter` / `DeepseekV3MoE`.
 
 Routed experts are a plain function of (tokens, choices, weights, stacked expert weights) chosen by
 `TextConfig.moe_impl` from `ROUTED_EXPERTS`: 'dropless' (sort by expert + `jax.lax.ragged_dot`) or
@@ -55,7 +55,7 @@ class MLP(nn.Module):
 def select_experts(scores: Array, bias: Array, *, top_k: int, n_group: int = 1,
                    topk_group: int = 1, norm_topk_prob: bool = True,
                    routed_scaling_factor: float = 1.0) -> tuple[Array, Array]:
-  """scores [..., E] fp32 (sigmoid), bias [E] -> (topk_idx int32 [..., K], topk_weights fp32 [..., K]).
+  """scores [..., E] fp32 (sigmoid), bias [E] -> (topk_idx int32, topk_weights fp32), both [..., K].
 
   The bias only affects which experts are chosen (it is stop-gradient'ed here); the weights are the
   chosen experts' raw scores, so gradients reach the router through them.
@@ -92,8 +92,8 @@ def check_router_config(t: TextConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Routed experts: x [T, D] (all tokens flattened), topk_idx / topk_weights [T, K],
-# w_gate / w_up [E, D, F], w_down [E, F, D] -> [T, D]. `token_mask` [T] (bool) zeroes padding tokens'
-# routed output (and, for 'capacity', keeps them out of the buffers).
+# w_gate / w_up [E, D, F], w_down [E, F, D] -> [T, D]. `token_mask` [T] (bool) zeroes padding
+# tokens' routed output (and, for 'capacity', keeps them out of the buffers).
 
 def _swiglu_grouped(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array
                     ) -> Array:

@@ -1,4 +1,4 @@
-"""LanguageModel: parity with transformers' DeepseekV3ForCausalLM and masking / layout properties."""
+"""LanguageModel: parity with transformers' DeepseekV3ForCausalLM; masking / layout properties."""
 
 import dataclasses
 
@@ -140,8 +140,8 @@ def init_params(config, seed=0):
   return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes))
 
 
-# Rows probe different positions t_b: d logits[b, t_b] / d embeds[b, s] must be 0 exactly for s > t_b
-# and non-zero for s <= t_b. (One backward pass covers all rows, since rows are independent.)
+# Rows probe different positions t_b: d logits[b, t_b] / d embeds[b, s] must be 0 exactly for
+# s > t_b and non-zero for s <= t_b. One backward pass covers all rows (rows are independent).
 PROBE_T = (0, 2, 5, 7)
 _GRADS = {}
 

@@ -68,7 +68,8 @@ def test_rope_parameters_default_and_yarn():
   assert inv_yarn[0] == pytest.approx(inv_freq[0])
   np.testing.assert_allclose(inv_yarn[2:], inv_freq[2:] / 4.0, rtol=1e-6)
   with pytest.raises(ValueError, match='rope_type'):
-    rope_parameters(dataclasses.replace(text, rope_scaling=(('factor', 2.0), ('rope_type', 'linear'))))
+    rope_parameters(dataclasses.replace(
+        text, rope_scaling=(('factor', 2.0), ('rope_type', 'linear'))))
 
 
 def test_packed_segments_and_padding():
@@ -77,7 +78,8 @@ def test_packed_segments_and_padding():
   rng = np.random.default_rng(1)
   T, la, lb, D = 12, 5, 4, text.hidden_size
   a, b = rng.standard_normal((la, D)), rng.standard_normal((lb, D))
-  x, seg, pos = np.zeros((3, T, D), np.float32), np.zeros((3, T), np.int32), np.zeros((3, T), np.int32)
+  x = np.zeros((3, T, D), np.float32)
+  seg, pos = np.zeros((3, T), np.int32), np.zeros((3, T), np.int32)
   x[0, :la], x[0, la:la + lb], x[0, la + lb:] = a, b, 7.0
   seg[0, :la], seg[0, la:la + lb] = 1, 2
   pos[0, :la], pos[0, la:la + lb] = np.arange(la), np.arange(lb)

@@ -1,4 +1,4 @@
-"""MoE: parity with transformers' DeepseekV3MoE, routing rule, dispatch implementations, statistics."""
+"""MoE: parity with transformers' DeepseekV3MoE, routing rule, dispatch implementations, stats."""
 
 import dataclasses
 import math
@@ -118,7 +118,8 @@ def test_capacity_equals_dropless_when_nothing_overflows():
   np.testing.assert_allclose(capacity, dropless, atol=1e-5, rtol=0)
   # ... and so do their gradients (ragged_dot's transpose vs the einsum path).
   def grads(impl, **kw):
-    loss = lambda x, w, ws: jnp.sum(jnp.sin(moe_lib.routed_experts(x, idx, w, *ws, impl=impl, **kw)))
+    def loss(x, w, ws):
+      return jnp.sum(jnp.sin(moe_lib.routed_experts(x, idx, w, *ws, impl=impl, **kw)))
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, ws)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                grads('capacity', capacity_factor=4.0), grads('dropless'))
