@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -190,16 +191,43 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
           'total': total, 'hbm': hbm_bytes, 'fits': total <= hbm_bytes, 'flops': flops}
 
 
+_OOM = re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM '
+                  r'\(([\d.]+)([KMGT])\)')
+
+
+def oom_report(error: Exception, hbm_bytes: int) -> dict[str, Any] | None:
+  """The report of a compile that XLA refused because temporaries exceed HBM (else None).
+
+  The TPU compiler stops at `CompileTimeHbmOom` before producing an executable; its message
+  carries the temporaries it needed, which is the figure that matters for planning.
+  """
+  m = _OOM.search(str(error))
+  if m is None:
+    return None
+  unit = {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+  temp = int(float(m.group(1)) * unit[m.group(2)])
+  nan = float('nan')
+  return {'argument': None, 'output': None, 'temp': temp, 'alias': None, 'code': None,
+          'total': temp, 'hbm': hbm_bytes, 'fits': False, 'flops': nan,
+          'error': 'CompileTimeHbmOom'}
+
+
 def format_report(topo: Topology, num_slices: int, info: dict, rep: dict,
                   seconds: float) -> str:
   g = lambda b: f'{b / GiB:.2f} GiB' if b >= GiB / 10 else f'{b / 2**20:.1f} MiB'  # noqa: E731
   mesh = ' x '.join(f'{k}={v}' for k, v in info['mesh'].items())
-  lines = [
+  head = [
       f'topology {topo.name} x {num_slices} slice(s) ({topo.topology_name}, '
       f'{topo.num_chips * num_slices} chips), mesh {mesh}, rules {info["rules"]!r}',
       f'phase {info["phase"]!r}: global batch {info["global_batch"]} x seq_len {info["seq_len"]}'
       f' (max_patches {info["max_patches"]}), {info["params"] / 1e9:.2f}B params '
-      f'({info["param_dtype"]} storage, {info["dtype"]} compute, remat {info["remat"]!r})',
+      f'({info["param_dtype"]} storage, {info["dtype"]} compute, remat {info["remat"]!r})']
+  if rep.get('error') == 'CompileTimeHbmOom':
+    return '\n'.join(head + [
+        f'DOES NOT FIT: the TPU compiler stopped (CompileTimeHbmOom) because the step needs '
+        f'{g(rep["temp"])} of temporaries per device alone, vs HBM {g(rep["hbm"])} '
+        f'({rep["temp"] / rep["hbm"]:.1f}x); compile time {seconds:.0f} s'])
+  lines = head + [
       f'per-device memory:  arguments {g(rep["argument"])}   outputs {g(rep["output"])}   '
       f'temporaries {g(rep["temp"])}   aliased {g(rep["alias"])}',
       f'                    total {g(rep["total"])}  vs HBM {g(rep["hbm"])}  '
@@ -218,8 +246,12 @@ def plan(cfg, topology_name: str, *, num_slices: int = 1, phase: str | None = No
   t0 = time.time()
   lowered, info = lower_train_step(cfg, mesh, phase=phase, global_batch=global_batch,
                                    num_hosts=hosts)
-  compiled = lowered.compile()
-  rep = memory_report(compiled, topo.hbm_bytes)
+  try:
+    rep = memory_report(lowered.compile(), topo.hbm_bytes)
+  except jax.errors.JaxRuntimeError as e:
+    rep = oom_report(e, topo.hbm_bytes)
+    if rep is None:
+      raise
   seconds = time.time() - t0
   return format_report(topo, num_slices, info, rep, seconds), {**info, **rep,
                                                                'seconds': seconds}

@@ -50,3 +50,12 @@ def test_compile_for_an_unattached_tpu_slice_reports_memory():
   assert rep['fits'] and rep['total'] >= rep['argument']
   # 2 * M * K * N over 8 devices, within what XLA adds for tanh / sum.
   np.testing.assert_allclose(rep['flops'], 2 * 64 * 1024 * 2048 / 8, rtol=0.05)
+
+
+def test_compile_time_hbm_oom_becomes_a_does_not_fit_report():
+  err = RuntimeError('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the '
+                     'total memory required for HLO temporaries (310.53G) exceeds available HBM '
+                     '(95.73G). HLO module: jit_train_step.')
+  rep = aot.oom_report(err, 95 * aot.GiB)
+  assert not rep['fits'] and abs(rep['temp'] / aot.GiB - 310.53) < 1e-6
+  assert aot.oom_report(RuntimeError('INTERNAL: something else'), 95 * aot.GiB) is None
