@@ -321,6 +321,11 @@ def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], o
   return flat
 
 
+# Kept in fp32 whatever the storage dtype: the router bias moves by +-rate per step under the
+# aux-loss-free rule, increments that bf16 would mostly round away.
+FP32_PARAMS = frozenset({'e_score_correction_bias'})
+
+
 class CheckpointMismatch(ValueError):
   """A checkpoint tensor is missing, unexpected or has the wrong shape."""
 
@@ -349,7 +354,8 @@ def hf_to_params(tensors, config: KimiVLConfig, include_vision: bool = True,
         f'checkpoint does not match the config: {len(missing)} missing tensors '
         f'{missing[:8]}{" ..." if len(missing) > 8 else ""}, {len(unexpected)} unexpected tensors '
         f'{unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
-  out = {path: np.zeros(shape, dtype) for path, shape in shapes.items()}
+  out = {path: np.zeros(shape, np.float32 if path[-1] in FP32_PARAMS else dtype)
+         for path, shape in shapes.items()}
   for key, slot in slots.items():
     tensor = tensors[available[key]]
     slice_shp = slice_shape(slot.rule, shapes[slot.rule.path])

@@ -137,3 +137,16 @@ def test_hf_config_round_trip_and_refusals():
     config_lib.from_hf_dict(d)
   with pytest.raises(ValueError, match='text_config'):
     config_lib.from_hf_dict({'vision_config': {}})
+
+
+def test_router_bias_stays_fp32_under_bf16_storage(tmp_path):
+  config = config_lib.tiny().replace(param_dtype='bfloat16')
+  params = random_params(config)
+  hf.save(config, params, str(tmp_path))
+  _, loaded = hf.load(str(tmp_path))
+  gate = loaded['language_model']['moe_layers']['mlp']['gate']
+  assert gate['e_score_correction_bias'].dtype == np.float32
+  assert gate['kernel'].dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(
+      gate['e_score_correction_bias'],
+      params['language_model']['moe_layers']['mlp']['gate']['e_score_correction_bias'])
