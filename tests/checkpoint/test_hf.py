@@ -14,7 +14,8 @@ from kimi_vl_jax.model import config as config_lib
 
 def random_params(config, dtype=np.float32, seed=0):
   rng = np.random.default_rng(seed)
-  flat = {path: rng.standard_normal(shape).astype(dtype)
+  flat = {path: rng.standard_normal(shape).astype(
+      np.float32 if path[-1] in hf_mapping.FP32_PARAMS else dtype)
           for path, shape in hf_mapping.param_shapes(config).items()}
   return hf_mapping.unflatten(flat)
 
@@ -140,10 +141,11 @@ def test_hf_config_round_trip_and_refusals():
 
 
 def test_router_bias_stays_fp32_under_bf16_storage(tmp_path):
-  config = config_lib.tiny().replace(param_dtype='bfloat16')
+  config = config_lib.tiny()
   params = random_params(config)
   hf.save(config, params, str(tmp_path))
-  _, loaded = hf.load(str(tmp_path))
+  config2, loaded = hf.load(str(tmp_path), param_dtype='bfloat16')
+  assert config2.param_dtype == 'bfloat16'
   gate = loaded['language_model']['moe_layers']['mlp']['gate']
   assert gate['e_score_correction_bias'].dtype == np.float32
   assert gate['kernel'].dtype == ml_dtypes.bfloat16
