@@ -174,8 +174,13 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
                          seed=_source_seed(seed, 10_000), shuffle_bins=bool(pk['shuffle_bins']))
   pad_id = tokenizer.pad_id
   ds = ds.map(_Finalize(pad_id, layout.size))
-  ds = ds.batch(int(cfg['batch_size']), drop_remainder=True)
+  # grain batches into shared memory in worker processes, which cannot hold zero-size arrays
+  # (P = 0 or I = 0 in text-only configs): stack those batches with plain numpy instead.
+  zero_size = cfg['max_patches'] == 0 or cfg['max_images'] == 0
+  ds = ds.batch(int(cfg['batch_size']), drop_remainder=True,
+                batch_fn=_stack_batch if zero_size else None)
   if int(cfg['num_workers']) > 0:
+    _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(cfg['num_workers']),
         per_worker_buffer_size=int(cfg['worker_buffer_size'])))
@@ -183,6 +188,18 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
   ds = StatsIterDataset(ds, layout, names, weights, float(cfg['max_skip_rate']),
                         int(cfg['skip_check_min_examples']))
   return ds.__iter__()
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app (tests, notebooks) nobody
+  parsed them, so accept the defaults."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _stack_batch(rows):
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 class _Finalize:
