@@ -195,7 +195,8 @@ class Trainer:
           rec.update(_data_metrics(iterator, extra))
           last_time, tokens_since, flops_since = now, 0.0, 0.0
           bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                          mfu=f"{rec['mfu']:.2%}", skip=int(m['counters/skipped_steps']))
+                          mfu=f"{rec['mfu']:.2%}", skip=int(m['counters/skipped_steps']),
+                          refresh=False)
         writer.write(step, rec)
         bar.update(1)
         meta = {'phase': p_idx, 'stage': cfg.stage}

@@ -33,7 +33,9 @@ from kimi_vl_jax.parallel import mesh as mesh_lib
 VARIANTS = ('', 'tiny')
 
 # Full-scale numbers (REFERENCE.md sections 5 and 7). Rows per host x hosts = global batch.
-A3B_ROWS_PER_HOST = 4          # x 64 hosts of a v5p-256 slice = 256 rows of 8K = 2M tokens/step
+A3B_HOSTS = 64                 # a v5p-256 slice: 128 chips, 64 hosts
+A3B_ROWS_PER_HOST = 16         # x 64 hosts = 1024 rows of 8K = 8.4M tokens per step
+A3B_GLOBAL_ROWS = A3B_HOSTS * A3B_ROWS_PER_HOST
 
 
 def check_variant(arg: str, allowed=VARIANTS) -> str:
@@ -100,6 +102,15 @@ def base(stage: str, arg: str) -> ml_collections.ConfigDict:
       'answer_file': '', 'answer_examples': 500, 'answer_batch': 50, 'max_new_tokens': 6,
   })
   return c
+
+
+def tiny_pretrain_sources() -> list[dict]:
+  """Bundled demo data in pre-training form: text documents, image captions, image QA."""
+  return [
+      source('arith_text', 'text', 'demo:arithmetic/text_train.jsonl', 0.4),
+      source('captions', 'caption', 'demo:easy_vqa/captions_train.jsonl', 0.3),
+      source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.3),
+  ]
 
 
 def source(name: str, kind: str, path, weight: float = 1.0) -> dict:

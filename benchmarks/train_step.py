@@ -1,0 +1,122 @@
+"""Train-step benchmark: tokens/s and MFU of the shared train step, Muon vs AdamW step time.
+
+    python benchmarks/train_step.py [--model=small] [--batch=2] [--seq_len=512] [--steps=5]
+
+MFU is against the fp32 matmul throughput measured on the same machine in the same run (a jitted
+square matmul, best of several), with the analytic FLOPs of `train.metrics` (active experts
+only, attention included, 3x forward for training). The optimizer comparison runs the same step
+with the Moonlight Muon + AdamW optimizer (`optim.make_optimizer`) and with plain AdamW on every
+parameter (router biases frozen in both), and reports the ratio of the step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kimi_vl_jax.model.config import get_preset  # noqa: E402
+from kimi_vl_jax.model.kimi_vl import KimiVL, init_params  # noqa: E402
+from kimi_vl_jax.optim import make_optimizer  # noqa: E402
+from kimi_vl_jax.train import metrics as metrics_lib  # noqa: E402
+from kimi_vl_jax.train.train_step import (StepOptions, TrainState, make_train_step,  # noqa: E402
+                                          new_counters, trainable_tree)
+
+
+def synthetic_batch(mc, B: int, T: int, grid: int = 8, seed: int = 0) -> dict:
+  """Packed rows: one grid x grid-patch image at the start of each row, then text; loss on all
+  text tokens."""
+  rng = np.random.default_rng(seed)
+  P, n_img = grid * grid, grid * grid // 4
+  ids = rng.integers(1, mc.text.vocab_size - 1, size=(B, T)).astype(np.int32)
+  ids[:, :n_img] = mc.media_placeholder_token_id
+  mask = np.ones((B, T), np.float32)
+  mask[:, :n_img] = 0
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
+  coords = np.stack([rows.ravel(), cols.ravel()], -1).astype(np.int32)
+  return {'input_ids': ids, 'targets': np.roll(ids, -1, 1), 'loss_mask': mask,
+          'segment_ids': np.ones((B, T), np.int32),
+          'positions': np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+          'patches': rng.normal(size=(B, P, mc.vision.patch_dim)).astype(np.float32),
+          'patch_coords': np.broadcast_to(coords, (B, P, 2)).copy(),
+          'patch_image_ids': np.ones((B, P), np.int32),
+          'image_grid_hws': np.full((B, 1, 2), grid, np.int32)}
+
+
+def time_step(mc, tx, boxed, batch, steps: int) -> tuple[float, float]:
+  """(compile seconds, median step seconds) of the jitted, donated train step."""
+  params = nn.meta.unbox(boxed)
+  trainable = trainable_tree(params)
+  step = jax.jit(make_train_step(KimiVL(mc), tx, StepOptions(), trainable), donate_argnums=0)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(0), counters=new_counters())
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  t0 = time.perf_counter()
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  assert np.isfinite(float(m['loss']))
+  return compile_s, float(np.median(times))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--model', default='small')
+  ap.add_argument('--batch', type=int, default=2)
+  ap.add_argument('--seq_len', type=int, default=512)
+  ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--out', default=None, help='write the results as JSON here')
+  args = ap.parse_args()
+  jax.config.update('jax_default_matmul_precision', 'highest')
+
+  mc = get_preset(args.model)
+  batch = synthetic_batch(mc, args.batch, args.seq_len)
+  peak = metrics_lib.measure_matmul_flops(2048)
+  boxed = init_params(mc, jax.random.PRNGKey(0))
+  lr = {'kind': 'constant', 'peak_lr': 1e-3}
+  muon_tx, _ = make_optimizer({'schedule': lr}, boxed)
+  labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: 'frozen' if 'e_score_correction_bias' in jax.tree_util.keystr(p) else 'adamw',
+      nn.meta.unbox(boxed))
+  adamw_tx = optax.partition({'adamw': optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1),
+                              'frozen': optax.set_to_zero()}, labels)
+
+  results = {'model': args.model, 'batch': args.batch, 'seq_len': args.seq_len,
+             'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+             'matmul_flops_per_s': peak}
+  flops = metrics_lib.batch_flops(mc, batch)
+  tokens = args.batch * args.seq_len
+  for name, tx in (('muon', muon_tx), ('adamw', adamw_tx)):
+    compile_s, step_s = time_step(mc, tx, boxed, batch, args.steps)
+    results[name] = {'compile_s': compile_s, 'step_s': step_s, 'tokens_per_s': tokens / step_s,
+                     'mfu': flops / step_s / (peak * jax.device_count())}
+  results['step_flops'] = flops
+  results['muon_over_adamw_step_time'] = results['muon']['step_s'] / results['adamw']['step_s']
+  print(json.dumps(results, indent=2))
+  m = results['muon']
+  print(f"{args.model}: {m['tokens_per_s']:.0f} tokens/s, MFU {m['mfu']:.1%} of the measured "
+        f"{peak / 1e9:.0f} GFLOP/s fp32 matmul; Muon/AdamW step time "
+        f"{results['muon_over_adamw_step_time']:.2f}")
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
