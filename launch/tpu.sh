@@ -68,12 +68,17 @@ nodes() {
 on_all_hosts() {  # on_all_hosts CMD: the same command on every host of every slice, in parallel
   local cmd="$1" pids=()
   for node in $(nodes); do
+    if [[ "$DRY_RUN" == 1 ]]; then  # printed in order, not interleaved
+      run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
+        --worker=all --command="$cmd"
+      continue
+    fi
     run gcloud compute tpus tpu-vm ssh "$node" --zone="$ZONE" "${PROJECT_FLAG[@]}" \
       --worker=all --command="$cmd" &
     pids+=($!)
   done
   local rc=0
-  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  for p in "${pids[@]+"${pids[@]}"}"; do wait "$p" || rc=$?; done
   return $rc
 }
 

@@ -35,7 +35,7 @@ def test_multislice_queued_resource_and_one_ssh_per_slice():
   assert '--node-count=2 --node-prefix=kimi-vl' in out and '--runtime-version=v2-alpha-tpuv5' in out
   rc, out, _ = _dry('install', NUM_SLICES='3')
   lines = [l for l in out.splitlines() if l.startswith('gcloud')]
-  assert sorted(l.split()[5] for l in lines) == ['kimi-vl-0', 'kimi-vl-1', 'kimi-vl-2']
+  assert [l.split()[5] for l in lines] == ['kimi-vl-0', 'kimi-vl-1', 'kimi-vl-2']
   assert all('--worker=all' in l and 'pip install' in l.replace('\\', '') for l in lines)
   rc, _, err = _dry('create', NUM_SLICES='2')
   assert rc == 2 and 'queued resource' in err

@@ -1,0 +1,155 @@
+"""Expert parallelism: routed experts split over the mesh's 'expert' axis, tokens moved by all-to-all.
+
+The MoE layer (`model/moe.py`) computes the router and calls a routed-experts function chosen by
+`TextConfig.moe_impl`; importing this module registers two mesh-aware ones:
+
+* `'ep_capacity'`: every device packs its (token, expert) assignments into fixed buffers
+  `[E, C, D]` (C = ceil(capacity_factor * local_tokens * K / E) slots per expert, assignments past
+  that dropped in token order, like `routed_experts_capacity`), sends each expert-shard's slice to
+  the device holding those experts (`all_to_all` over 'expert'), runs its E/ep experts on what it
+  received, and sends the results back the same way. Static shapes, GShard-style.
+* `'ep_dropless'`: nothing is dropped. Each device sends every assignment to its expert's shard
+  in a buffer `[ep, t*K, D]` sized for the worst case (all local assignments to one shard) with the
+  expert id of each row (padding rows get a zero-weight dummy expert); the receiver sorts rows by
+  expert and runs grouped matmuls (`ragged_dot`). This is the path that runs on XLA:CPU, which
+  lacks `ragged_all_to_all`; it moves ep times more bytes than needed, so on TPU the ragged
+  exchange (MaxText's `ragged_all_to_all` dispatch) is the efficient form of the same computation.
+
+Both run under `shard_map` over the whole mesh: tokens stay split the way the activations are
+(the mesh axes of `act_batch` and `act_len` in the active rule preset), expert weights enter split
+over 'expert' only (a preset that also splits `embed` over 'data', ZeRO-3 style, has XLA gather
+those shards on entry). Outside a mesh, or when the 'expert' axis has size 1, they fall back to the
+single-device implementations, so a config can select them unconditionally.
+
+Einsum letters: T tokens, K top-k, D model, E experts (L local ones), F expert ffn width, C slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from kimi_vl_jax.model import moe
+from kimi_vl_jax.parallel import rules as rules_lib
+
+Array = jax.Array
+EXPERT_AXIS = 'expert'
+
+
+def _context():
+  """(mesh, token mesh axes) of the surrounding `sharding_context`, or (None, ()) outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or EXPERT_AXIS not in mesh.axis_names:
+    return None, ()
+  rules = nn.get_logical_axis_rules()
+  axes = rules_lib.mesh_axes_of(rules, 'act_batch') + rules_lib.mesh_axes_of(rules, 'act_len')
+  return mesh, tuple(a for a in axes if a in mesh.axis_names)
+
+
+def _swiglu(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
+  """h [L, C, D] through each local expert: -> [L, C, D]."""
+  gate = jnp.einsum('LCD,LDF->LCF', h, w_gate)
+  up = jnp.einsum('LCD,LDF->LCF', h, w_up)
+  return jnp.einsum('LCF,LFD->LCD', jax.nn.silu(gate) * up, w_down)
+
+
+def _combine(ys: Array, weights: Array, dtype) -> Array:
+  """ys [T, K, D], weights [T, K] -> [T, D], summed in fp32 like the single-device paths."""
+  return jnp.einsum('TKD,TK->TD', ys.astype(jnp.float32), weights.astype(jnp.float32)).astype(dtype)
+
+
+def _capacity_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *, ep: int,
+                    capacity_factor: float, dtype):
+  """Per-device body of 'ep_capacity' (inside shard_map). x [t, D], w_* [L, ...] local experts."""
+  t, K = topk_idx.shape
+  L, D = w_gate.shape[0], x.shape[-1]
+  E = L * ep
+  C = moe.expert_capacity(t, K, E, capacity_factor)
+  flat_e = topk_idx.reshape(-1)                                             # [t*K] token-major
+  valid = jnp.repeat(token_mask, K)
+  onehot = jax.nn.one_hot(flat_e, E, dtype=jnp.int32) * valid[:, None]
+  slot = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), flat_e[:, None], 1)[:, 0] - 1
+  keep = valid & (slot < C)
+  slot = jnp.where(keep, slot, C)                                           # C = out of bounds
+  send = jnp.zeros((E, C, D), dtype).at[flat_e, slot].set(
+      x.astype(dtype)[jnp.arange(t * K) // K], mode='drop')                 # [E, C, D]
+  # Expert e lives on shard e // L as its local expert e % L: [ep, L, C, D] splits by shard.
+  recv = jax.lax.all_to_all(send.reshape(ep, L, C, D), EXPERT_AXIS, 0, 0)  # [src, L, C, D]
+  h = recv.transpose(1, 0, 2, 3).reshape(L, ep * C, D)
+  out = _swiglu(h, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype))
+  out = out.reshape(L, ep, C, D).transpose(1, 0, 2, 3)                      # [src, L, C, D]
+  back = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 0).reshape(E, C, D)       # my assignments
+  ys = back.at[flat_e, slot].get(mode='fill', fill_value=0).reshape(t, K, D)
+  return _combine(ys, topk_weights * keep.reshape(t, K), dtype)
+
+
+def _dropless_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *, ep: int,
+                    dtype):
+  """Per-device body of 'ep_dropless': worst-case padded all-to-all + grouped matmuls."""
+  t, K = topk_idx.shape
+  L, D = w_gate.shape[0], x.shape[-1]
+  n = t * K
+  flat_e = topk_idx.reshape(-1)
+  dest, local_e = flat_e // L, flat_e % L                                   # shard, expert there
+  valid = jnp.repeat(token_mask, K)
+  # Row of each assignment inside its destination's buffer: rank among same-destination ones.
+  onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
+  row = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), dest[:, None], 1)[:, 0] - 1
+  send = jnp.zeros((ep, n, D), dtype).at[dest, row].set(x.astype(dtype)[jnp.arange(n) // K])
+  # Padding rows and masked tokens go to dummy expert L (zero weights, result discarded).
+  ids = jnp.full((ep, n), L, jnp.int32).at[dest, row].set(jnp.where(valid, local_e, L))
+  recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0).reshape(ep * n, D)
+  recv_ids = jax.lax.all_to_all(ids, EXPERT_AXIS, 0, 0).reshape(ep * n)
+  order = jnp.argsort(recv_ids, stable=True)
+  sizes = jnp.bincount(recv_ids, length=L + 1).astype(jnp.int32)
+  pad = lambda w: jnp.concatenate([w.astype(dtype), jnp.zeros((1,) + w.shape[1:], dtype)])  # noqa: E731
+  gate = jax.lax.ragged_dot(recv[order], pad(w_gate), sizes)
+  up = jax.lax.ragged_dot(recv[order], pad(w_up), sizes)
+  out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, pad(w_down), sizes)   # sorted rows
+  out = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(ep, n, D)
+  back = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 0)                        # [dest, n, D]
+  ys = back[dest, row].reshape(t, K, D)
+  return _combine(ys, topk_weights * valid.reshape(t, K), dtype)
+
+
+def _routed(body, fallback, x, topk_idx, topk_weights, w_gate, w_up, w_down, *,
+            token_mask=None, capacity_factor=None, dtype=jnp.float32):
+  mesh, token_axes = _context()
+  kw = dict(token_mask=token_mask, capacity_factor=capacity_factor, dtype=dtype)
+  if mesh is None or mesh.shape[EXPERT_AXIS] == 1:
+    return fallback(x, topk_idx, topk_weights, w_gate, w_up, w_down,
+                    **{k: v for k, v in kw.items() if v is not None})
+  ep = mesh.shape[EXPERT_AXIS]
+  E = w_gate.shape[0]
+  if E % ep:
+    raise ValueError(f'{E} experts cannot be split over the expert axis of size {ep}; set '
+                     'parallel.expert to a divisor of n_routed_experts')
+  ways = math.prod(mesh.shape[a] for a in token_axes)
+  if x.shape[0] % ways:
+    raise ValueError(f'{x.shape[0]} tokens do not split evenly over mesh axes {token_axes} '
+                     f'({ways} ways)')
+  if token_mask is None:
+    token_mask = jnp.ones((x.shape[0],), jnp.bool_)
+  tok = P(token_axes if token_axes else None)
+  wspec = P(EXPERT_AXIS)
+  fn = jax.shard_map(
+      functools.partial(body, ep=ep, dtype=dtype,
+                        **({} if body is _dropless_shard else
+                           {'capacity_factor': capacity_factor or 1.25})),
+      mesh=mesh, in_specs=(tok, tok, tok, tok, wspec, wspec, wspec), out_specs=tok,
+      check_vma=False)
+  return fn(x, topk_idx, topk_weights, token_mask.astype(jnp.bool_), w_gate, w_up, w_down)
+
+
+routed_experts_ep_capacity = functools.partial(_routed, _capacity_shard,
+                                               moe.routed_experts_capacity)
+routed_experts_ep_dropless = functools.partial(_routed, _dropless_shard,
+                                               moe.routed_experts_dropless)
+
+moe.register_routed_experts('ep_capacity', routed_experts_ep_capacity)
+moe.register_routed_experts('ep_dropless', routed_experts_ep_dropless)

@@ -1,0 +1,107 @@
+"""Expert-parallel routed experts (shard_map + all_to_all over 'expert') on 8 CPU devices."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_vl_jax.model import moe
+from kimi_vl_jax.model.config import tiny
+from kimi_vl_jax.parallel import expert  # noqa: F401  (registers ep_capacity / ep_dropless)
+from kimi_vl_jax.parallel import mesh as mesh_lib
+from kimi_vl_jax.parallel import rules as rules_lib
+
+N, D, F, E, K = 64, 16, 12, 8, 2
+
+
+def _mesh(**kw):
+  c = mesh_lib.default_config()
+  c.update(kw)
+  return mesh_lib.make_mesh(c)
+
+
+def _inputs(seed=0, skew=False):
+  r = np.random.default_rng(seed)
+  x = r.normal(size=(N, D)).astype(np.float32)
+  logits = r.normal(size=(N, E)) + (np.arange(E) == 0) * 3.0 * skew   # skew: expert 0 popular
+  idx = np.argsort(-logits, axis=1)[:, :K].astype(np.int32)
+  w = r.uniform(0.1, 1.0, size=(N, K)).astype(np.float32)
+  mask = r.uniform(size=N) > 0.2
+  ws = [r.normal(size=s).astype(np.float32) * 0.3 for s in ((E, D, F), (E, D, F), (E, F, D))]
+  return x, idx, w, mask, ws
+
+
+def _ep(fn, mesh, rules, *args, **kw):
+  with rules_lib.sharding_context(mesh, rules):
+    return jax.jit(lambda *a: fn(*a, **kw))(*args)
+
+
+@pytest.mark.parametrize('preset, kw', [('dp_ep', dict(data=2, expert=4)),
+                                         ('fsdp_ep', dict(data=4, expert=2))])
+def test_ep_dropless_equals_single_device_dropless(preset, kw):
+  x, idx, w, mask, ws = _inputs(skew=True)
+  ref = moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)
+  got = _ep(expert.routed_experts_ep_dropless, _mesh(**kw), preset, x, idx, w, *ws,
+            token_mask=mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(got)[~mask]).max() == 0
+
+
+def test_ep_dropless_gradients_match():
+  x, idx, w, mask, ws = _inputs(1)
+  mesh = _mesh(data=2, expert=4)
+
+  def loss(fn, x, w, *ws):
+    return jnp.sum(jnp.sin(fn(x, idx, w, *ws, token_mask=mask)))
+
+  ref = jax.grad(lambda *a: loss(moe.routed_experts_dropless, *a), argnums=(0, 1, 2, 3, 4))(
+      x, w, *ws)
+  with rules_lib.sharding_context(mesh, 'dp_ep'):
+    got = jax.jit(jax.grad(lambda *a: loss(expert.routed_experts_ep_dropless, *a),
+                           argnums=(0, 1, 2, 3, 4)))(x, w, *ws)
+  for g, r in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_ep_capacity_is_dropless_with_room_and_drops_per_shard_in_token_order():
+  x, idx, w, mask, ws = _inputs(2, skew=True)
+  mesh = _mesh(data=2, expert=4)
+  ref = moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)
+  roomy = _ep(expert.routed_experts_ep_capacity, mesh, 'dp_ep', x, idx, w, *ws,
+              token_mask=mask, capacity_factor=float(E))
+  np.testing.assert_allclose(np.asarray(roomy), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # Tight capacity: each of the 8 token shards drops exactly what the single-device capacity
+  # rule drops on its own 8 tokens.
+  tight = _ep(expert.routed_experts_ep_capacity, mesh, 'dp_ep', x, idx, w, *ws,
+              token_mask=mask, capacity_factor=1.0)
+  per_shard = np.concatenate([
+      np.asarray(moe.routed_experts_capacity(x[s:s + 8], idx[s:s + 8], w[s:s + 8],
+                                             *ws, token_mask=mask[s:s + 8], capacity_factor=1.0))
+      for s in range(0, N, 8)])
+  np.testing.assert_allclose(np.asarray(tight), per_shard, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(tight), np.asarray(ref), atol=1e-3)   # something dropped
+
+
+def test_without_a_mesh_falls_back_and_bad_splits_are_refused():
+  x, idx, w, mask, ws = _inputs(3)
+  np.testing.assert_allclose(
+      np.asarray(expert.routed_experts_ep_dropless(x, idx, w, *ws, token_mask=mask)),
+      np.asarray(moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)), rtol=1e-6)
+  with pytest.raises(ValueError, match='6 experts cannot be split over the expert axis of size 4'):
+    _ep(expert.routed_experts_ep_dropless, _mesh(data=2, expert=4), 'dp_ep', x, idx % 6, w,
+        *[a[:6] for a in ws], token_mask=mask)
+
+
+def test_moe_layer_selects_the_expert_parallel_impl_by_config():
+  t = dataclasses.replace(tiny().text, moe_impl='ep_dropless')
+  layer = moe.MoE(t)
+  r = np.random.default_rng(4)
+  x = jnp.asarray(r.normal(size=(4, 8, t.hidden_size)).astype(np.float32))
+  seg = jnp.asarray(np.array([[1] * 6 + [0] * 2] * 4, np.int32))
+  params = layer.init(jax.random.key(0), x, seg)
+  ref, _ = moe.MoE(dataclasses.replace(t, moe_impl='dropless')).apply(params, x, seg)
+  mesh = _mesh(data=2, expert=4)
+  got, aux = _ep(layer.apply, mesh, 'dp_ep', params, x, seg)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
