@@ -63,7 +63,6 @@ def data_config(kind: str, seq_len: int, workers: int, longtail_path: str | None
     cfg.max_patches = max(4096, (seq_len // 16) * 4)
   cfg.packing = {'algorithm': 'first_fit', 'num_bins': 8, 'shuffle_bins': True}
   cfg.max_skip_rate = 1.0
-  cfg.read_threads = 2
   return cfg
 
 

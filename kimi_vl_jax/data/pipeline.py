@@ -24,6 +24,8 @@ Config fields read from `data` (ConfigDict or dict; defaults in `default_config(
     `demo:easy_vqa/train.jsonl` etc. (built on first use under `cache_dir`, see build_demo.py).
   seq_len (T), max_patches (P, per row; 0 for text-only), max_images (I, per row),
   batch_size (rows per host), num_workers (0 = in-process), worker_buffer_size,
+  read_threads / read_buffer_size (grain ReadOptions of each source: threads that turn records
+    into examples, and how many they run ahead),
   shuffle, num_epochs (None = forever), default_system_prompt, cache_dir,
   max_skip_rate (stop when skipped / seen exceeds it, checked once skip_check_min_examples records
     were seen), skip_check_min_examples,
@@ -66,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
       'batch_size': 8,
       'num_workers': 0,
       'worker_buffer_size': 2,
+      'read_threads': 2,
+      'read_buffer_size': 64,
       'shuffle': True,
       'num_epochs': None,
       'default_system_prompt': None,
@@ -133,7 +137,8 @@ def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, se
       tokenizer=tok, kind=kind, source_index=i, name=f'{name} ({path})', root=root, fmt=fmt,
       image_cfg=image_cfg, default_system_prompt=cfg['default_system_prompt'])
   ds = ds.random_map(maker, seed=s_seed ^ 0x5EED)
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg['read_threads']),
+                                            prefetch_buffer_size=int(cfg['read_buffer_size'])))
   if kind == 'text':
     it = packing.AccountIterDataset(it, layout)
     it = packing.TextChunkIterDataset(it, cfg['seq_len'])

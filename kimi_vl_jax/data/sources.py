@@ -122,12 +122,25 @@ def open_source(path: str, fmt: str | None = None):
   raise ValueError(f'unknown source format {fmt!r} for {path!r}')
 
 
-def resolve_under_root(root: str, ref: str) -> str:
-  """Absolute path of `ref` inside `root`; SkipExample('path_escape') if it resolves outside."""
+def resolve_under_root(root: str, ref: str, _dir_cache: dict | None = None) -> str:
+  """Absolute path of `ref` inside `root`; SkipExample('path_escape') if it resolves outside.
+
+  Symlinks are followed (a link pointing out of the root escapes it). `_dir_cache` memoises the
+  resolved directories (images share few of them; resolving costs an lstat per component).
+  """
   if not isinstance(ref, str) or not ref or '\x00' in ref:
     raise chat.SkipExample('bad_schema', f'bad image path {ref!r}')
-  real_root = os.path.realpath(root)
-  full = os.path.realpath(os.path.join(real_root, ref))
+  cache = {} if _dir_cache is None else _dir_cache
+  if root not in cache:
+    cache[root] = os.path.realpath(root)
+  real_root = cache[root]
+  joined = os.path.join(real_root, ref)
+  d, base = os.path.split(joined)
+  if d not in cache:
+    cache[d] = os.path.realpath(d)
+  full = os.path.join(cache[d], base)
+  if base in ('', '.', '..') or os.path.islink(full):
+    full = os.path.realpath(full)
   if os.path.commonpath([real_root, full]) != real_root:
     raise chat.SkipExample('path_escape', f'image path {ref!r} resolves outside the root {root!r}')
   return full
@@ -156,10 +169,12 @@ class ExampleMaker:
     self.default_system_prompt = default_system_prompt
     self.log_first = log_first
     self._logged = collections.Counter()
+    self._dir_cache: dict[str, str] = {}
 
   def __getstate__(self):
     d = dict(self.__dict__)
     d['_logged'] = collections.Counter()
+    d['_dir_cache'] = {}
     return d
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
@@ -195,7 +210,7 @@ class ExampleMaker:
     """Loads and preprocesses each image -> (patches, coords, grids, tokens per image)."""
     patches, coords, grids, tokens = [], [], [], []
     for ref in refs:
-      path = resolve_under_root(self.root, ref)
+      path = resolve_under_root(self.root, ref, self._dir_cache)
       img = images_lib.load_image(path, draft_limit=self.image_cfg.max_patches)
       p, c, hw = images_lib.preprocess(img, self.image_cfg, rng)
       patches.append(p)

@@ -61,6 +61,9 @@ def train(out_path: str, vocab_size: int = 1024) -> str:
     copies.append(c)
   del proto.pieces[:]
   proto.pieces.extend(copies)
+  # The trainer records its (temporary) input path: fix it so the file is reproducible.
+  del proto.trainer_spec.input[:]
+  proto.trainer_spec.input.append('build_demo.demo_corpus()')
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   with open(out_path, 'wb') as f:
     f.write(proto.SerializeToString())

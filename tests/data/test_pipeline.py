@@ -126,10 +126,12 @@ def bad_dataset(tmp_path):
       'truncated_image': vqa_record('truncated.png', 'q', 'a'),
   }
   abs_escape = vqa_record(str(tmp_path / 'outside.png'), 'q', 'a')
-  lines = [good] * 4 + list(bad.values()) + [abs_escape] + [good] * 4
+  os.symlink(str(tmp_path / 'outside.png'), str(root / 'link.png'))
+  link_escape = vqa_record('link.png', 'q', 'a')
+  lines = [good] * 4 + list(bad.values()) + [abs_escape, link_escape] + [good] * 4
   path = write_jsonl(str(root / 'data.jsonl'), lines)
   expected = {k: 1 for k in bad}
-  expected['path_escape'] = 2
+  expected['path_escape'] = 3
   return path, expected, len(lines)
 
 
@@ -142,13 +144,13 @@ def test_every_bad_input_kind_is_skipped_counted_and_logged(bad_dataset, tok, ca
   assert len(texts) == 8
   assert pipeline.skip_counts(it) == {'chat': expected}
   stats = pipeline.data_stats(it)
-  assert stats['skipped/chat'] == 9 and stats['skipped/chat/path_escape'] == 2
-  assert stats['skip_rate'] == pytest.approx(9 / 17)
+  assert stats['skipped/chat'] == 10 and stats['skipped/chat/path_escape'] == 3
+  assert stats['skip_rate'] == pytest.approx(10 / 18)
   # Logged with source and line: line 5 is the malformed JSON line, line 12 the truncated image.
   msgs = [r.getMessage() for r in caplog.records]
   assert any('data.jsonl' in m and 'line 5 (malformed_json)' in m for m in msgs), msgs
   assert any('line 12 (truncated_image)' in m for m in msgs), msgs
-  assert len(msgs) == 9
+  assert len(msgs) == 10
 
 
 def test_skip_rate_bound_stops_the_run(bad_dataset, tok):

@@ -1,0 +1,96 @@
+"""Bundled demo data (easy-vqa conversion, arithmetic problems) and the tiny SentencePiece model."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from kimi_vl_jax.data import build_demo
+from kimi_vl_jax.data import pipeline
+from kimi_vl_jax.data import tokenizer as tok_lib
+from kimi_vl_jax.data import train_spm
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('demo_cache'))
+  build_demo.ensure_demo('easy_vqa', d)
+  build_demo.ensure_demo('arithmetic', d)
+  return d
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_easy_vqa_conversion(cache):
+  d = os.path.join(cache, 'easy_vqa')
+  train, test = _lines(os.path.join(d, 'train.jsonl')), _lines(os.path.join(d, 'test.jsonl'))
+  assert (len(train), len(test)) == (38575, 9673)
+  assert len(os.listdir(os.path.join(d, 'images', 'train'))) == 4000
+  assert len(os.listdir(os.path.join(d, 'images', 'test'))) == 1000
+  r = train[0]
+  user, assistant = r['messages']
+  assert user['content'][0]['type'] == 'image' and user['content'][1]['text'].endswith('?')
+  assert assistant['content'] == r['answer'] and ' ' not in r['answer']
+  assert os.path.isfile(os.path.join(d, user['content'][0]['image']))
+  caps = _lines(os.path.join(d, 'captions_train.jsonl'))
+  assert len(caps) > 2000 and re.fullmatch(r'A \w+ \w+\.', caps[0]['caption'])
+  # Built once: a second call reuses it.
+  mtime = os.path.getmtime(os.path.join(d, 'train.jsonl'))
+  assert build_demo.ensure_demo('easy_vqa', cache) == d
+  assert os.path.getmtime(os.path.join(d, 'train.jsonl')) == mtime
+
+
+def test_arithmetic_is_deterministic_and_verifiable(cache, tmp_path):
+  recs = _lines(os.path.join(cache, 'arithmetic', 'train.jsonl'))
+  assert len(recs) == 20000
+  for r in recs[:500]:
+    answer = r['messages'][1]['content']
+    expr, result = re.fullmatch(r'(\d+ [-+*/] \d+) = (\d+)\. The answer is \2\.', answer).groups()
+    assert eval(expr) == int(result) == int(r['answer'])  # noqa: S307 - our own digits
+  again = build_demo.ensure_demo('arithmetic', str(tmp_path))
+  with open(os.path.join(again, 'train.jsonl')) as f1, \
+      open(os.path.join(cache, 'arithmetic', 'train.jsonl')) as f2:
+    assert f1.read() == f2.read()
+  test = _lines(os.path.join(cache, 'arithmetic', 'test.jsonl'))
+  assert {r['messages'][0]['content'] for r in test[:200]} != {
+      r['messages'][0]['content'] for r in recs[:200]}
+
+
+def test_demo_mixture_through_the_pipeline(cache):
+  tok = tok_lib.SentencePieceTokenizer()
+  cfg = build_demo.demo_sft_data_config(seq_len=256, batch_size=4)
+  cfg.cache_dir = cache
+  it = pipeline.make_iterator(cfg, tok, seed=0)
+  b = next(it)
+  assert b['input_ids'].shape == (4, 256)
+  # 64x64 images at image.max_patches=9: 56x56 after resize and padding -> 4x4 patches.
+  grids = b['image_grid_hws'].reshape(-1, 2)
+  assert {tuple(g) for g in grids if g[0]} == {(4, 4)}
+  assert (b['input_ids'] == tok.media_pad_id).sum() * 4 == (b['patch_image_ids'] > 0).sum()
+  assert (b['segment_ids'] > 0).mean() > 0.8
+  for _ in range(3):
+    next(it)
+  s = pipeline.data_stats(it)
+  assert s['skip_rate'] == 0 and s['examples/easy_vqa'] > s['examples/arithmetic'] > 0
+
+
+@pytest.mark.slow
+def test_committed_spm_model_is_reproduced_by_the_script(tmp_path):
+  out = train_spm.train(str(tmp_path / 'spm.model'))
+  with open(out, 'rb') as a, open(tok_lib.TINY_SPM_PATH, 'rb') as b:
+    assert a.read() == b.read()
+
+
+def test_resolve_path(cache):
+  p = build_demo.resolve_path('demo:arithmetic/test.jsonl', cache)
+  assert os.path.isfile(p) and p.startswith(cache)
+  assert build_demo.resolve_path('/x/y.jsonl', cache) == '/x/y.jsonl'
+  with pytest.raises(ValueError, match='unknown demo'):
+    build_demo.resolve_path('demo:imagenet/train.jsonl', cache)
+  with pytest.raises(FileNotFoundError):
+    build_demo.resolve_path('demo:arithmetic/nope.jsonl', cache)
