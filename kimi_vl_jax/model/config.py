@@ -72,6 +72,10 @@ class TextConfig:
   # Implementation choices (not in HF configs).
   moe_impl: str = 'dropless'  # 'dropless' (ragged_dot) | 'capacity' (fixed expert buffers)
   capacity_factor: float = 1.25
+  # Attention when the rules split the sequence over the 'context' mesh axis (parallel/context.py):
+  # 'all_gather' (each shard keeps its queries, gathers K/V) or 'none' (leave it to XLA's sharding
+  # propagation). Either is the plain single-device computation without a context axis.
+  context_parallel: str = 'all_gather'
 
   @property
   def qk_head_dim(self) -> int:
@@ -103,6 +107,36 @@ class KimiVLConfig:
   # Remat policy name: 'none' (no remat), 'full' (save nothing), or any name in
   # `jax.checkpoint_policies` (e.g. 'dots_with_no_batch_dims_saveable').
   remat_policy: str = 'none'
+  # Under context parallelism (text.context_parallel != 'none' and a 'context' mesh axis > 1), run
+  # the decoder on rows in the load-balanced "dual chunk swap" order (parallel/context.py).
+  context_load_balance: bool = True
+  # Pipeline parallelism over the MoE layer stack (parallel/pipeline.py): S stages (the stage
+  # axis maps to the 'pipeline' mesh axis), M microbatches (a split of the batch), R circular
+  # repeats (each stage holds R non-adjacent blocks of layers). S=1 is the plain nn.scan.
+  pipeline_stages: int = 1
+  pipeline_microbatches: int = 1
+  pipeline_repeats: int = 1
+
+  def __post_init__(self):
+    S, M, R = self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats
+    for name, v in (('pipeline_stages', S), ('pipeline_microbatches', M),
+                    ('pipeline_repeats', R)):
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f'{name} must be a positive int, got {v!r}')
+    if S > 1:
+      if not self.scan_layers:
+        raise ValueError('pipeline_stages > 1 needs scan_layers=True (the pipeline splits the '
+                         'stacked [L, ...] MoE layer parameters into stages)')
+      n = self.text.num_moe_layers
+      if n % (S * R):
+        raise ValueError(
+            f'the MoE stack has {n} layers, not divisible by pipeline_stages x pipeline_repeats '
+            f'= {S} x {R}; every stage must run the same number of layers per repeat')
+      if R > 1 and M < S:
+        raise ValueError(
+            f'circular pipelining (pipeline_repeats={R}) needs pipeline_microbatches >= '
+            f'pipeline_stages, got {M} < {S}: a microbatch must leave the last stage before '
+            'stage 0 needs it for its next repeat')
 
   @property
   def jnp_dtype(self):
@@ -260,3 +294,22 @@ def to_hf_dict(config: KimiVLConfig) -> dict:
       'text_config': text,
       'vision_config': vision,
   }
+
+
+def demo() -> KimiVLConfig:
+  """A ~1M-parameter model for the CPU joint-SFT demo (configs/joint_sft.py:tiny): `tiny` with
+  a wider vision tower and decoder, enough to answer easy-vqa questions from the image."""
+  return KimiVLConfig(
+      vision=VisionConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256,
+                          pos_emb_height=16, pos_emb_width=16),
+      text=TextConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
+                      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                      v_head_dim=32, intermediate_size=384, moe_intermediate_size=96,
+                      n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                      first_k_dense_replace=1, routed_scaling_factor=2.446,
+                      rope_theta=10000.0, max_position_embeddings=4096),
+      media_placeholder_token_id=1023,
+  )
+
+
+PRESETS['demo'] = demo

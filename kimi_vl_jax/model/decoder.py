@@ -7,6 +7,11 @@ dense layers and `moe.MoE` in the others (transformers' `DeepseekV3DecoderLayer`
 are `nn.scan`s over layers (param axis 0, logical name 'layers'), optionally rematerialised with the
 config's remat policy; `scan_layers=False` unrolls them into `dense_layers_{i}` / `moe_layers_{i}`
 (convert with `stack_layer_params` / `unstack_layer_params`).
+
+With `config.pipeline_stages > 1` the MoE stack runs as a GPipe pipeline (`parallel/pipeline.py`)
+over the same stacked parameters: S stages x M microbatches (x R circular repeats); the dense
+layers, the final norm and the head stay outside it. Aux statistics are recombined over the
+microbatches so they equal the unpipelined ones.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.layers import Einsum, RMSNorm, constrain, default_kernel_init, remat_policy
 from kimi_vl_jax.model.mla import MLA
 from kimi_vl_jax.model.moe import MLP, MoE
+from kimi_vl_jax.parallel import pipeline as pipeline_lib
 
 Array = jax.Array
 _ACT = ('act_batch', 'act_len', 'act_embed')
@@ -99,6 +105,18 @@ class LanguageModel(nn.Module):
       return x, None
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
+  def _run_pipelined(self, x: Array, positions: Array, segment_ids: Array):
+    """The MoE stack as a pipeline over its stacked params; aux as the scan would give it."""
+    c = self.config
+    params = nn.meta.unbox(self.variables['params']['moe_layers'])
+    layer = DecoderLayer(c, True, parent=None)
+    x, aux = pipeline_lib.pipeline(
+        lambda p, h, pos, seg: layer.apply({'params': p}, h, pos, seg), params, x, positions,
+        segment_ids, stages=c.pipeline_stages, microbatches=c.pipeline_microbatches,
+        repeats=c.pipeline_repeats, remat_policy=c.remat_policy)
+    return x, combine_microbatch_aux(aux, pipeline_lib.to_microbatches(
+        segment_ids, c.pipeline_microbatches))
+
   def __call__(self, inputs_embeds: Array, positions: Array | None = None,
                segment_ids: Array | None = None) -> tuple[Array, dict[str, Array]]:
     c, t = self.config, self.config.text
@@ -122,7 +140,10 @@ class LanguageModel(nn.Module):
     aux = {'expert_load': jnp.zeros((0, t.n_routed_experts), jnp.float32),
            'balance_loss': jnp.zeros((), jnp.float32)}
     if t.num_moe_layers:
-      x, moe_aux = self._run(self.moe_layers, x, positions, segment_ids)
+      if c.pipeline_stages > 1 and not self.is_initializing():
+        x, moe_aux = self._run_pipelined(x, positions, segment_ids)
+      else:
+        x, moe_aux = self._run(self.moe_layers, x, positions, segment_ids)
       aux = {'expert_load': moe_aux['expert_load'],
              'balance_loss': moe_aux['balance_loss'].mean()}
     h = self.norm(x)                                                           # [B, T, D] fp32
@@ -133,6 +154,25 @@ class LanguageModel(nn.Module):
     else:
       logits = self.lm_head('BTD,DV->BTV', h, preferred_element_type=jnp.float32)
     return constrain(logits, ('act_batch', 'act_len', 'act_vocab')), aux
+
+
+def combine_microbatch_aux(aux: dict[str, Array], segment_ids: Array) -> dict[str, Array]:
+  """Per-microbatch MoE aux (leaves [M, L, ...]) -> the whole batch's (leaves [L, ...]).
+
+  `moe.expert_load` is a fraction of the non-padding tokens' assignments, so the batch value is
+  the microbatch values weighted by their non-padding token counts; `moe.sequence_balance_loss`
+  is a mean over packed sequences (runs of equal non-zero segment ids in a row), so it is weighted
+  by each microbatch's number of sequences. segment_ids [M, b, T].
+  """
+  valid = segment_ids != 0
+  starts = jnp.concatenate([jnp.ones_like(valid[..., :1]),
+                            segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  tokens = valid.sum((1, 2)).astype(jnp.float32)                              # [M]
+  seqs = (starts & valid).sum((1, 2)).astype(jnp.float32)                     # [M]
+  # Elementwise products, not einsums: no reduced-precision matmul passes on TPU.
+  load = (aux['expert_load'] * tokens[:, None, None]).sum(0) / jnp.maximum(tokens.sum(), 1.0)
+  balance = (aux['balance_loss'] * seqs[:, None]).sum(0) / jnp.maximum(seqs.sum(), 1.0)
+  return {'expert_load': load, 'balance_loss': balance}
 
 
 # ---------------------------------------------------------------------------------------------
