@@ -1,7 +1,7 @@
 """Expert parallelism: routed experts split over the mesh's 'expert' axis, tokens moved by all-to-all.
 
 The MoE layer (`model/moe.py`) computes the router and calls a routed-experts function chosen by
-`TextConfig.moe_impl`; importing this module registers two mesh-aware ones:
+`TextConfig.moe_impl`; importing this module registers three mesh-aware ones:
 
 * `'ep_capacity'`: every device packs its (token, expert) assignments into fixed buffers
   `[E, C, D]` (C = ceil(capacity_factor * local_tokens * K / E) slots per expert, assignments past
@@ -12,8 +12,13 @@ The MoE layer (`model/moe.py`) computes the router and calls a routed-experts fu
   in a buffer `[ep, t*K, D]` sized for the worst case (all local assignments to one shard) with the
   expert id of each row (padding rows get a zero-weight dummy expert); the receiver sorts rows by
   expert and runs grouped matmuls (`ragged_dot`). This is the path that runs on XLA:CPU, which
-  lacks `ragged_all_to_all`; it moves ep times more bytes than needed, so on TPU the ragged
-  exchange (MaxText's `ragged_all_to_all` dispatch) is the efficient form of the same computation.
+  lacks `ragged_all_to_all`; it moves ep times more bytes than needed.
+* `'ep_ragged'`: dropless, for TPU. Assignments sorted by expert go out once each with
+  `jax.lax.ragged_all_to_all` (offsets from an all-gathered [ep, ep] table of send counts), into a
+  receive buffer sized for the worst case, then grouped matmuls and the reverse exchange. XLA:CPU
+  cannot run it ("ragged-all-to-all is not supported"); its bookkeeping is tested on CPU with an
+  all_gather-based stand-in (`routed_experts_ep_ragged_emulated`) and it compiles for TPU
+  topologies ahead of time (tests/parallel/test_expert.py).
 
 Both run under `shard_map` over the whole mesh: tokens stay split the way the activations are
 (the mesh axes of `act_batch` and `act_len` in the active rule preset), expert weights enter split
@@ -117,6 +122,75 @@ def _dropless_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down,
   return _combine(ys, topk_weights * valid.reshape(t, K), dtype)
 
 
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                recv_sizes, *, axis_name):
+  """`jax.lax.ragged_all_to_all` from all_gather + gathers, for backends without it (XLA:CPU).
+
+  Same contract: rows `operand[input_offsets[j] : + send_sizes[j]]` land in peer j's `output` at
+  `output_offsets[j]`; rows of `output` nobody writes keep their value. Moves ep times the data,
+  so it only serves to test the offset bookkeeping of the ragged path on CPU.
+  """
+  del recv_sizes
+  me = jax.lax.axis_index(axis_name)
+  ops = jax.lax.all_gather(operand, axis_name)                              # [ep, N, D]
+  ins = jax.lax.all_gather(input_offsets, axis_name)[:, me]                 # what source i sends me
+  sizes = jax.lax.all_gather(send_sizes, axis_name)[:, me]
+  outs = jax.lax.all_gather(output_offsets, axis_name)[:, me]
+  pos = jnp.arange(output.shape[0])
+  for i in range(ops.shape[0]):
+    rel = pos - outs[i]
+    hit = (rel >= 0) & (rel < sizes[i])
+    rows = ops[i][jnp.clip(ins[i] + rel, 0, ops.shape[1] - 1)]
+    output = jnp.where(hit.reshape((-1,) + (1,) * (output.ndim - 1)), rows, output)
+  return output
+
+
+def _ragged_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *, ep: int,
+                  dtype, exchange=jax.lax.ragged_all_to_all):
+  """Per-device body of 'ep_ragged': dropless, each row sent once (`ragged_all_to_all`).
+
+  Assignments are sorted by expert (hence by destination shard); a [ep, ep] table of send counts
+  (all-gathered) gives every offset: source i's rows land in shard j's buffer after the rows of
+  sources < i. The receive buffer holds the worst case (ep * t*K rows) so nothing is dropped.
+  """
+  t, K = topk_idx.shape
+  L, D = w_gate.shape[0], x.shape[-1]
+  n = t * K
+  me = jax.lax.axis_index(EXPERT_AXIS)
+  valid = jnp.repeat(token_mask, K)
+  # Masked tokens are sent nowhere: give them expert id E (sorted last, never counted).
+  flat_e = jnp.where(valid, topk_idx.reshape(-1), L * ep)
+  order = jnp.argsort(flat_e, stable=True)
+  rows = x.astype(dtype)[order // K]                                        # [n, D] by expert
+  ids = flat_e[order]
+  send_sizes = jnp.bincount(ids // L, length=ep + 1)[:ep].astype(jnp.int32)  # to each shard
+  input_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
+  table = jax.lax.all_gather(send_sizes, EXPERT_AXIS)                      # [src, dst]
+  before = jnp.cumsum(table, axis=0) - table                                # rows of earlier srcs
+  output_offsets = before[me].astype(jnp.int32)                             # in each dst buffer
+  recv_sizes = table[:, me].astype(jnp.int32)
+  recv_offsets = before[:, me].astype(jnp.int32)
+  m = ep * n
+  recv = exchange(rows, jnp.zeros((m, D), dtype), input_offsets, send_sizes, output_offsets,
+                  recv_sizes, axis_name=EXPERT_AXIS)
+  recv_ids = exchange(ids % L, jnp.full((m,), L, jnp.int32), input_offsets, send_sizes,
+                      output_offsets, recv_sizes, axis_name=EXPERT_AXIS)   # L = empty row
+  r_order = jnp.argsort(recv_ids, stable=True)
+  sizes = jnp.bincount(recv_ids, length=L + 1).astype(jnp.int32)
+  pad = lambda w: jnp.concatenate([w.astype(dtype), jnp.zeros((1,) + w.shape[1:], dtype)])  # noqa: E731
+  h = recv[r_order]
+  gate = jax.lax.ragged_dot(h, pad(w_gate), sizes)
+  up = jax.lax.ragged_dot(h, pad(w_up), sizes)
+  out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, pad(w_down), sizes)
+  out = jnp.zeros_like(out).at[r_order].set(out, unique_indices=True)      # receive order
+  # Back to the senders: my rows from source i return to i's buffer at its input offset for me.
+  back = exchange(out, jnp.zeros((n, D), dtype), recv_offsets, recv_sizes,
+                  jax.lax.all_gather(input_offsets, EXPERT_AXIS)[:, me], send_sizes,
+                  axis_name=EXPERT_AXIS)                                    # [n, D] by expert
+  ys = jnp.zeros_like(back).at[order].set(back, unique_indices=True).reshape(t, K, D)
+  return _combine(ys, topk_weights * valid.reshape(t, K), dtype)
+
+
 def _routed(body, fallback, x, topk_idx, topk_weights, w_gate, w_up, w_down, *,
             token_mask=None, capacity_factor=None, dtype=jnp.float32):
   mesh, token_axes = _context()
@@ -139,8 +213,8 @@ def _routed(body, fallback, x, topk_idx, topk_weights, w_gate, w_up, w_down, *,
   wspec = P(EXPERT_AXIS)
   fn = jax.shard_map(
       functools.partial(body, ep=ep, dtype=dtype,
-                        **({} if body is _dropless_shard else
-                           {'capacity_factor': capacity_factor or 1.25})),
+                        **({'capacity_factor': capacity_factor or 1.25}
+                           if body is _capacity_shard else {})),
       mesh=mesh, in_specs=(tok, tok, tok, tok, wspec, wspec, wspec), out_specs=tok,
       check_vma=False)
   return fn(x, topk_idx, topk_weights, token_mask.astype(jnp.bool_), w_gate, w_up, w_down)
@@ -151,5 +225,12 @@ routed_experts_ep_capacity = functools.partial(_routed, _capacity_shard,
 routed_experts_ep_dropless = functools.partial(_routed, _dropless_shard,
                                                moe.routed_experts_dropless)
 
+routed_experts_ep_ragged = functools.partial(_routed, _ragged_shard, moe.routed_experts_dropless)
+# The ragged bookkeeping with an all_gather-based exchange: runs anywhere, for testing on CPU.
+routed_experts_ep_ragged_emulated = functools.partial(
+    _routed, functools.partial(_ragged_shard, exchange=_emulated_ragged_all_to_all),
+    moe.routed_experts_dropless)
+
+moe.register_routed_experts('ep_ragged', routed_experts_ep_ragged)
 moe.register_routed_experts('ep_capacity', routed_experts_ep_capacity)
 moe.register_routed_experts('ep_dropless', routed_experts_ep_dropless)

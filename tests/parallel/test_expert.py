@@ -105,3 +105,29 @@ def test_moe_layer_selects_the_expert_parallel_impl_by_config():
   mesh = _mesh(data=2, expert=4)
   got, aux = _ep(layer.apply, mesh, 'dp_ep', params, x, seg)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_ep_ragged_bookkeeping_with_the_emulated_exchange():
+  x, idx, w, mask, ws = _inputs(5, skew=True)
+  ref = moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)
+  got = _ep(expert.routed_experts_ep_ragged_emulated, _mesh(data=2, expert=4), 'dp_ep', x, idx, w,
+            *ws, token_mask=mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_ep_ragged_compiles_for_tpu_with_ragged_all_to_all():
+  pytest.importorskip('libtpu')
+  import os
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from kimi_vl_jax import aot
+  devices = aot.topology_devices(aot.topology('v5e-8'))
+  c = mesh_lib.default_config()
+  c.expert = 4
+  mesh = mesh_lib.make_mesh(c, devices=devices)
+  x, idx, w, mask, ws = _inputs(6)
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, idx, w, *ws, mask)]
+  with rules_lib.sharding_context(mesh, 'dp_ep'):
+    lowered = jax.jit(lambda x, i, w, a, b, c, m: expert.routed_experts_ep_ragged(
+        x, i, w, a, b, c, token_mask=m)).lower(*args)
+    compiled = lowered.compile()
+  assert 'ragged-all-to-all' in compiled.as_text()
