@@ -6,7 +6,7 @@ Two inputs:
   demo:      the tiny SFT demo mixture (easy-vqa chats 0.7 + arithmetic chats 0.3; images at the
              reference 4096-patch limit, so each 64x64 image is 36 patches / 9 tokens);
   longtail:  synthetic text chats whose lengths follow a log-normal law (median ~300 tokens,
-             sigma 1.2, a few longer than a row: those are dropped and counted), 20% with an image.
+             sigma 1.2; any longer than a row would be dropped and counted), 20% with an image.
 For each (input, seq_len, workers): rows/s, non-padding tokens/s, packing efficiency = mean over
 rows of (tokens in a segment) / seq_len, patch-buffer use, and the dropped-example counts.
 The first batch (worker start-up, tokenizer load) is excluded from the timings.
