@@ -4,9 +4,17 @@ Masks are built from segment ids, never materialised by callers: query i may att
 `q_segment_ids[i] == kv_segment_ids[j]` (and `q_pos >= kv_pos` when causal). Padding tokens carry
 segment id 0 and attend only to other padding, so no softmax row is ever empty (no NaN).
 Softmax in fp32.
+
+`causal_attention` is the decoder's entry point: `impl='none'` is the single-device computation;
+other names select a registered implementation, e.g. context parallelism's `'all_gather'`
+(`parallel/context.py`, imported on first use), which falls back to the same computation when no
+context mesh axis is active.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,3 +46,29 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: floa
   logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('BNTS,BSNH->BTNH', probs, v)
+
+
+CausalAttentionFn = Callable[..., Array]
+CAUSAL_ATTENTION: dict[str, CausalAttentionFn] = {}
+# Modules whose import registers more implementations (they need the mesh, so live in parallel/).
+_PROVIDERS = {'all_gather': 'kimi_vl_jax.parallel.context'}
+
+
+def register_causal_attention(name: str, fn: CausalAttentionFn) -> None:
+  """Makes `fn(q, k, v, segment_ids, scale)` selectable as `TextConfig.context_parallel=name`."""
+  CAUSAL_ATTENTION[name] = fn
+
+
+def causal_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
+                     impl: str = 'none') -> Array:
+  """Causal attention within packed segments: q [B, T, N, H], k [B, T, N, H], v [B, T, N, Hv],
+  segment_ids [B, T] -> [B, T, N, Hv], computed by `impl` ('none' = single device)."""
+  if impl == 'none':
+    mask = segment_mask(segment_ids, segment_ids, causal=True)
+    return dot_product_attention(q, k, v, mask, scale)
+  if impl not in CAUSAL_ATTENTION and impl in _PROVIDERS:
+    importlib.import_module(_PROVIDERS[impl])
+  if impl not in CAUSAL_ATTENTION:
+    raise ValueError(f'unknown context_parallel {impl!r}; choose one of '
+                     f'{sorted({"none", *CAUSAL_ATTENTION, *_PROVIDERS})}')
+  return CAUSAL_ATTENTION[impl](q, k, v, segment_ids, scale)

@@ -25,6 +25,7 @@ from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.decoder import LanguageModel
 from kimi_vl_jax.model.projector import Projector
 from kimi_vl_jax.model.vision import MoonViT, pack_hf_images
+from kimi_vl_jax.parallel import context
 
 Array = jax.Array
 
@@ -103,7 +104,17 @@ class KimiVL(nn.Module):
       feats = self.encode_images(patches, patch_coords, patch_image_ids, image_grid_hws)
       embeds = scatter_image_features(embeds, input_ids, feats, c.media_placeholder_token_id)
 
-    logits, aux = self.language_model(embeds, positions, segment_ids)
+    balance = c.context_load_balance and c.text.context_parallel != 'none'
+    if balance and context.context_size() > 1:
+      # Load-balanced context parallelism: permute the rows after the image scatter (it fills
+      # placeholders in sequence order), run the decoder in that order, restore the logits' order.
+      embeds, positions, segment_ids = (context.to_load_balanced(a)
+                                        for a in (embeds, positions, segment_ids))
+      with context.sequence_layout('load_balanced'):
+        logits, aux = self.language_model(embeds, positions, segment_ids)
+      logits = context.from_load_balanced(logits)
+    else:
+      logits, aux = self.language_model(embeds, positions, segment_ids)
     return (logits, aux) if return_aux else logits
 
 

@@ -161,7 +161,8 @@ class MLA(nn.Module):
     q = jnp.concatenate([q_nope, q_rope], axis=-1)                  # [B, T, N, Hqk]
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + (Hr,))
     k = jnp.concatenate([k_nope, k_rope], axis=-1)                  # [B, S, N, Hqk]
-    mask = attention.segment_mask(segment_ids, segment_ids, causal=True)
-    out = attention.dot_product_attention(q, k, v, mask, scale)      # [B, T, N, Hv]
+    # Single device, or rows split over a 'context' mesh axis (parallel/context.py).
+    out = attention.causal_attention(q, k, v, segment_ids, scale,
+                                     impl=t.context_parallel)         # [B, T, N, Hv]
     out = constrain(out, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
     return self._proj('o_proj', (N, Hv, D), ('heads', 'kv', 'embed'))('BTNH,NHD->BTD', out)

@@ -1,0 +1,266 @@
+"""Context parallelism: the sequence axis split over the mesh's 'context' axis (project issue 5).
+
+When the active rule preset maps the logical `act_len` to 'context' (`dp_cp`, `fsdp_ep_cp`), every
+activation `[B, T, ...]` of the language model lives on the context devices as C slices of T / C
+tokens. Everything in a decoder layer is per token except attention, which is the only place a
+token needs the others:
+
+* `'all_gather'` (`all_gather_attention`): each context shard keeps its T / C queries and
+  all-gathers the keys, values and segment ids of the whole row, so its attention logits are
+  `[B, N, T/C, T]` instead of `[B, N, T, T]`. The backward pass of the all-gather is a
+  reduce-scatter of dK, dV. Causality uses each token's *original sequence index* (not its slot
+  in the local buffer), which the shard computes from its `axis_index` and the static layout
+  below; packed segment ids keep examples apart exactly as on one device.
+
+Load balancing ("dual chunk swap", zig-zag; Llama 3 context parallelism, Megatron-LM CP): with a
+causal mask, query i sees i + 1 keys, so contiguous slices give the last shard C times the work
+of the first one whenever the kernel skips fully masked blocks (flash / splash attention, ring
+attention). Cutting the row into 2C equal chunks and giving shard i chunks i and 2C - 1 - i
+equalises the count of unmasked (q, k) pairs (`load_balance_permutation`). `KimiVL` applies it
+once, after the image features are scattered into the token embeddings (the scatter fills
+`<|media_pad|>` slots in sequence order), to the embeddings, positions and segment ids, runs the
+decoder in that order, and restores sequence order on the logits (`to_load_balanced` /
+`from_load_balanced`: two `ppermute`s, each moving half of the local slice). RoPE reads the
+positions input, so it is unaffected; the MoE is per token. The decoder learns the layout from
+`sequence_layout` (a trace-time scope set by KimiVL), so `LanguageModel` called directly (no
+permutation) still masks correctly.
+
+Outside a mesh, or when the context axis is 1 or not used by the rules, everything here reduces to
+the single-device code path unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from kimi_vl_jax.model import attention
+from kimi_vl_jax.parallel import rules as rules_lib
+
+Array = jax.Array
+CONTEXT_AXIS = 'context'
+LAYOUTS = ('sequence', 'load_balanced')
+
+# --------------------------------------------------------------------------------------------
+# Layouts of the sequence over the context shards.
+
+
+def load_balance_permutation(seq_len: int, context: int) -> np.ndarray:
+  """`perm [T]`: slot s of the load-balanced row holds the token at sequence index `perm[s]`.
+
+  The row is cut into 2C chunks of T / 2C tokens; context shard i (slots [i T/C, (i+1) T/C))
+  holds chunk i followed by chunk 2C - 1 - i. `x_balanced = x[:, perm]`.
+  """
+  check_seq_len(seq_len, context, load_balance=True)
+  n = seq_len // (2 * context)
+  chunks = np.arange(seq_len).reshape(2 * context, n)
+  order = [c for i in range(context) for c in (i, 2 * context - 1 - i)]
+  return chunks[order].reshape(-1)
+
+
+def inverse_permutation(perm: np.ndarray) -> np.ndarray:
+  """`inv` with `inv[perm[s]] = s`, so `x_balanced[:, inv] = x`."""
+  perm = np.asarray(perm)
+  inv = np.empty_like(perm)
+  inv[perm] = np.arange(perm.size, dtype=perm.dtype)
+  return inv
+
+
+def layout_index(seq_len: int, context: int, layout: str) -> np.ndarray:
+  """Sequence index of each slot [T] of a row stored in `layout` over `context` shards."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'unknown sequence layout {layout!r}; choose one of {LAYOUTS}')
+  if layout == 'load_balanced' and context > 1:
+    return load_balance_permutation(seq_len, context)
+  return np.arange(seq_len)
+
+
+def check_seq_len(seq_len: int, context: int, *, load_balance: bool) -> None:
+  ways = 2 * context if load_balance else context
+  if seq_len % ways:
+    why = ('load-balanced causal context parallelism cuts each row into 2 x context chunks'
+           if load_balance else 'context parallelism gives each context shard T / context tokens')
+    raise ValueError(f'sequence length {seq_len} is not divisible by {ways} ({why}); use a '
+                     f'seq_len that is a multiple of {ways} (context axis = {context})')
+
+
+_LAYOUT = contextvars.ContextVar('kimi_vl_sequence_layout', default='sequence')
+
+
+@contextlib.contextmanager
+def sequence_layout(layout: str):
+  """Trace-time scope telling the attention in which order the rows it sees are stored."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'unknown sequence layout {layout!r}; choose one of {LAYOUTS}')
+  token = _LAYOUT.set(layout)
+  try:
+    yield
+  finally:
+    _LAYOUT.reset(token)
+
+
+def current_layout() -> str:
+  return _LAYOUT.get()
+
+
+# --------------------------------------------------------------------------------------------
+# The mesh seen from inside the model.
+
+
+def _mesh_and_rules():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or CONTEXT_AXIS not in mesh.axis_names:
+    return None, ()
+  return mesh, nn.get_logical_axis_rules()
+
+
+def context_size() -> int:
+  """Number of context shards of the activations: the 'context' mesh axis size when the active
+  rules map `act_len` to it, else 1 (no mesh, no such axis, or a preset without context
+  parallelism)."""
+  mesh, rules = _mesh_and_rules()
+  if mesh is None:
+    return 1
+  len_axes = rules_lib.mesh_axes_of(rules, 'act_len') if rules else ()
+  if CONTEXT_AXIS not in len_axes:
+    return 1
+  if len_axes != (CONTEXT_AXIS,):
+    raise ValueError(f'rules map act_len to {len_axes}; context parallelism supports the '
+                     f"sequence split over {CONTEXT_AXIS!r} alone")
+  return mesh.shape[CONTEXT_AXIS]
+
+
+def _row_spec(batch: int) -> tuple[P, object]:
+  """(spec of a [B, T, ...] activation inside shard_map, mesh): rows over the mesh axes of
+  `act_batch` that divide B (others replicated, as `rules.fit_spec` does), tokens over context."""
+  mesh, rules = _mesh_and_rules()
+  axes = tuple(a for a in rules_lib.mesh_axes_of(rules, 'act_batch')
+               if a in mesh.axis_names and a != CONTEXT_AXIS)
+  while axes and batch % math.prod(mesh.shape[a] for a in axes):
+    axes = axes[:-1]
+  row = None if not axes else axes[0] if len(axes) == 1 else axes
+  return P(row, CONTEXT_AXIS), mesh
+
+
+# --------------------------------------------------------------------------------------------
+# Permuting rows between the sequence and load-balanced layouts.
+
+
+def _chunk_owner(chunk: int, context: int) -> int:
+  """The context shard holding sequence chunk `chunk` (of 2C) in the load-balanced layout."""
+  return chunk if chunk < context else 2 * context - 1 - chunk
+
+
+def _to_balanced_shard(x: Array, *, context: int) -> Array:
+  """Per-shard body: shard j holds sequence chunks (2j, 2j+1); returns its balanced pair.
+
+  Every shard has exactly one even and one odd chunk in both layouts, so the even chunks move
+  with one `ppermute` and the odd ones with another (both are bijections between shards).
+  """
+  n = x.shape[1] // 2
+  even, odd = x[:, :n], x[:, n:]
+  to_even = [(j, _chunk_owner(2 * j, context)) for j in range(context)]
+  to_odd = [(j, _chunk_owner(2 * j + 1, context)) for j in range(context)]
+  r_even = jax.lax.ppermute(even, CONTEXT_AXIS, to_even)
+  r_odd = jax.lax.ppermute(odd, CONTEXT_AXIS, to_odd)
+  # Shard i holds (chunk i, chunk 2C-1-i): chunk i is its even chunk iff i is even.
+  i_even = jax.lax.axis_index(CONTEXT_AXIS) % 2 == 0
+  return jnp.concatenate([jnp.where(i_even, r_even, r_odd), jnp.where(i_even, r_odd, r_even)],
+                         axis=1)
+
+
+def _from_balanced_shard(x: Array, *, context: int) -> Array:
+  """Inverse of `_to_balanced_shard`: shard i holds (chunk i, chunk 2C-1-i) -> (2j, 2j+1)."""
+  n = x.shape[1] // 2
+  i_even = jax.lax.axis_index(CONTEXT_AXIS) % 2 == 0
+  first, second = x[:, :n], x[:, n:]
+  even, odd = jnp.where(i_even, first, second), jnp.where(i_even, second, first)
+  even_chunk = lambda i: i if i % 2 == 0 else 2 * context - 1 - i  # noqa: E731
+  odd_chunk = lambda i: 2 * context - 1 - i if i % 2 == 0 else i  # noqa: E731
+  r_even = jax.lax.ppermute(even, CONTEXT_AXIS,
+                            [(i, even_chunk(i) // 2) for i in range(context)])
+  r_odd = jax.lax.ppermute(odd, CONTEXT_AXIS, [(i, odd_chunk(i) // 2) for i in range(context)])
+  return jnp.concatenate([r_even, r_odd], axis=1)
+
+
+def _relayout(x: Array, to_balanced: bool, context: int | None) -> Array:
+  if x.ndim < 2:
+    raise ValueError(f'expected a [B, T, ...] array, got shape {x.shape}')
+  C = context_size() if context is None else context
+  if C == 1:
+    return x
+  check_seq_len(x.shape[1], C, load_balance=True)
+  mesh, _ = _mesh_and_rules()
+  if mesh is None or context_size() != C:
+    # No context mesh: the same permutation as a plain gather (reference / single device).
+    perm = load_balance_permutation(x.shape[1], C)
+    return jnp.take(x, perm if to_balanced else inverse_permutation(perm), axis=1)
+  spec, mesh = _row_spec(x.shape[0])
+  body = _to_balanced_shard if to_balanced else _from_balanced_shard
+  fn = jax.shard_map(lambda a: body(a, context=C), mesh=mesh, in_specs=(spec,), out_specs=spec)
+  return fn(x)
+
+
+def to_load_balanced(x: Array, context: int | None = None) -> Array:
+  """[B, T, ...] in sequence order -> load-balanced order (`x[:, perm]`).
+
+  Under a context mesh (context=None: the active mesh's size) the slices move by `ppermute`;
+  without one, `context` > 1 applies the same permutation with a gather.
+  """
+  return _relayout(x, True, context)
+
+
+def from_load_balanced(x: Array, context: int | None = None) -> Array:
+  """Inverse of `to_load_balanced`."""
+  return _relayout(x, False, context)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention over a context-sharded sequence.
+
+
+def _all_gather_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float):
+  """Per-shard body: local queries [b, t] against the gathered keys / values [b, T]."""
+  t = q.shape[1]
+  k = jax.lax.all_gather(k, CONTEXT_AXIS, axis=1, tiled=True)                # [b, T, N, H]
+  v = jax.lax.all_gather(v, CONTEXT_AXIS, axis=1, tiled=True)                # [b, T, N, Hv]
+  kv_segment_ids = jax.lax.all_gather(kv_segment_ids, CONTEXT_AXIS, axis=1, tiled=True)
+  index = jnp.asarray(index, jnp.int32)                                      # [T] sequence index
+  q_index = jax.lax.dynamic_slice_in_dim(index, jax.lax.axis_index(CONTEXT_AXIS) * t, t)
+  mask = attention.segment_mask(q_segment_ids, kv_segment_ids, causal=True,
+                                q_positions=q_index[None], kv_positions=index[None])
+  return attention.dot_product_attention(q, k, v, mask, scale)               # [b, t, N, Hv]
+
+
+def all_gather_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float) -> Array:
+  """Causal, segment-masked attention of rows split over the context axis (all-gather K/V).
+
+  q [B, T, N, H], k [B, T, N, H], v [B, T, N, Hv], segment_ids [B, T] (global shapes, in the
+  layout given by `sequence_layout`) -> [B, T, N, Hv]. Without context parallelism this is the
+  plain single-device computation.
+  """
+  C = context_size()
+  T = q.shape[1]
+  layout = current_layout()
+  if C == 1:
+    if layout != 'sequence':
+      raise ValueError(f'rows are in the {layout!r} layout but there is no context axis')
+    mask = attention.segment_mask(segment_ids, segment_ids, causal=True)
+    return attention.dot_product_attention(q, k, v, mask, scale)
+  check_seq_len(T, C, load_balance=layout == 'load_balanced')
+  spec, mesh = _row_spec(q.shape[0])
+  seq = P(*spec)
+  fn = jax.shard_map(
+      lambda *a: _all_gather_shard(*a, index=layout_index(T, C, layout), scale=scale),
+      mesh=mesh, in_specs=(seq, seq, seq, seq, seq), out_specs=seq)
+  return fn(q, k, v, segment_ids, segment_ids)
+
+
+attention.register_causal_attention('all_gather', all_gather_attention)

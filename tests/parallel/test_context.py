@@ -1,0 +1,257 @@
+"""Context parallelism (parallel/context.py) on 8 emulated CPU devices, fp32.
+
+The tiny KimiVL (images + two packed text segments per row) under data 2 x context 4 must give the
+single-device logits, loss and gradients, with and without the load-balanced layout; the compiled
+step must all-gather K/V over 'context' and keep per-device attention logits at T/C x T.
+"""
+
+import dataclasses
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kimi_vl_jax.model import KimiVL, attention
+from kimi_vl_jax.model import config as config_lib
+from kimi_vl_jax.model.decoder import LanguageModel
+from kimi_vl_jax.model.kimi_vl import init_params
+from kimi_vl_jax.model.vision import MoonViT, merge_order
+from kimi_vl_jax.parallel import context
+from kimi_vl_jax.parallel import mesh as mesh_lib
+from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.train.losses import cross_entropy_sums
+
+B, T = 2, 32                      # T / (2 x context 4) = 4-token chunks
+GRID = (4, 4)                     # one 4x4-patch image per row -> 4 merged tokens
+PAD_ID = 1023                     # tiny()'s media placeholder
+
+
+def _config(**kw):
+  c = config_lib.tiny()
+  # Fewer layers than tiny() to keep compile time down; still 1 dense + 1 MoE decoder layer.
+  return c.replace(vision=dataclasses.replace(c.vision, num_layers=1),
+                   text=dataclasses.replace(c.text, num_layers=2, **kw))
+
+
+def _mesh(**kw):
+  c = mesh_lib.default_config()
+  c.update(kw)
+  return mesh_lib.make_mesh(c)
+
+
+def _batch(seed=0):
+  """Two rows, each: segment 1 with an image (4 placeholders), segment 2 text; row 1 padded."""
+  r = np.random.default_rng(seed)
+  ids = r.integers(0, 1000, (B, T)).astype(np.int32)
+  seg = np.ones((B, T), np.int32)
+  seg[0, 13:] = 2
+  seg[1, 20:] = 2
+  seg[1, 29:] = 0
+  ids[0, 2:6] = PAD_ID
+  ids[1, 5:9] = PAD_ID
+  pos = np.zeros((B, T), np.int32)
+  for b in range(B):
+    for s in np.unique(seg[b]):
+      pos[b, seg[b] == s] = np.arange((seg[b] == s).sum())
+  h, w = GRID
+  order = merge_order(h, w)
+  coords = np.stack([order // w, order % w], -1).astype(np.int32)
+  return dict(
+      input_ids=ids, segment_ids=seg, positions=pos,
+      targets=r.integers(0, 1000, (B, T)).astype(np.int32),
+      loss_mask=((seg > 0) & (ids != PAD_ID)).astype(np.float32),
+      patches=r.normal(size=(B, h * w, 588)).astype(np.float32),
+      patch_coords=np.broadcast_to(coords, (B, h * w, 2)).copy(),
+      patch_image_ids=np.ones((B, h * w), np.int32),
+      image_grid_hws=np.array([[GRID]] * B, np.int32))
+
+
+def _step_fn(model):
+  """(params, batch) -> ((loss, logits), grads) in one compiled function."""
+  def loss(p, b):
+    logits = model.apply({'params': p}, b['input_ids'], positions=b['positions'],
+                         segment_ids=b['segment_ids'], patches=b['patches'],
+                         patch_coords=b['patch_coords'], patch_image_ids=b['patch_image_ids'],
+                         image_grid_hws=b['image_grid_hws'])
+    return cross_entropy_sums(logits, b['targets'], b['loss_mask'])['loss_sum'], logits
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def _rel_err(got, ref):
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = _config()
+  params = nn.meta.unbox(init_params(config, jax.random.key(0)))
+  batch = _batch()
+  (loss, logits), grads = _step_fn(KimiVL(config))(params, batch)
+  return config, params, batch, (loss, logits, grads)
+
+
+def _run_sharded(config, params, batch, mesh, rules):
+  with rules_lib.sharding_context(mesh, rules):
+    spec = rules_lib.batch_sharding(mesh, rules)
+    sharded = {k: jax.device_put(v, spec) for k, v in batch.items()}
+    fn = _step_fn(KimiVL(config))
+    (loss, logits), grads = fn(params, sharded)
+    hlo = fn.lower(params, sharded).compile().as_text()
+  return (loss, logits, grads), hlo
+
+
+def _assert_matches(got, ref):
+  (loss, logits, grads), (rloss, rlogits, rgrads) = got, ref
+  assert _rel_err(loss, rloss) <= 1e-5
+  assert _rel_err(logits, rlogits) <= 1e-5
+  errs = jax.tree.map(_rel_err, grads, rgrads)
+  worst = max(jax.tree.leaves(errs))
+  assert worst <= 1e-5, {jax.tree_util.keystr(k): e for k, e in
+                         jax.tree_util.tree_flatten_with_path(errs)[0] if e > 1e-5}
+
+
+def _attention_logit_shapes(hlo: str, n_heads: int) -> set[tuple[int, ...]]:
+  """Shapes [b, N, t, s] of f32 4-D buffers whose second dim is the head count."""
+  shapes = {tuple(int(d) for d in m.split(','))
+            for m in re.findall(r'f32\[(\d+,\d+,\d+,\d+)\]', hlo)}
+  return {s for s in shapes if s[1] == n_heads and s[2] in (T, T // 4) and s[3] in (T, T // 4)}
+
+
+# --------------------------------------------------------------------------------------------
+# The layout.
+
+@pytest.mark.parametrize('seq_len, C', [(8, 1), (16, 2), (32, 4), (64, 8), (48, 3)])
+def test_permutation_is_a_balanced_bijection(seq_len, C):
+  perm = context.load_balance_permutation(seq_len, C)
+  assert sorted(perm.tolist()) == list(range(seq_len))
+  inv = context.inverse_permutation(perm)
+  np.testing.assert_array_equal(perm[inv], np.arange(seq_len))
+  np.testing.assert_array_equal(inv[perm], np.arange(seq_len))
+  # Shard i holds chunks i and 2C-1-i; its causal (q, k) pair count is equal across shards.
+  n = seq_len // (2 * C)
+  for i, shard in enumerate(perm.reshape(C, 2 * n)):
+    assert shard[0] == i * n and shard[n] == (2 * C - 1 - i) * n
+  pairs = [int((shard + 1).sum()) for shard in perm.reshape(C, 2 * n)]
+  assert max(pairs) == min(pairs), pairs   # exactly equal (the brief asks: within one chunk)
+  if C > 1:
+    contiguous = [int((s + 1).sum()) for s in np.arange(seq_len).reshape(C, -1)]
+    assert max(contiguous) - min(contiguous) > n * n   # what the layout is for
+
+
+def test_indivisible_sequence_is_a_clear_error():
+  with pytest.raises(ValueError, match=r'sequence length 36 is not divisible by 8'):
+    context.load_balance_permutation(36, 4)
+  mesh = _mesh(data=2, context=4)
+  with rules_lib.sharding_context(mesh, 'dp_cp'):
+    with pytest.raises(ValueError, match=r'not divisible by 8 .*2 x context chunks'):
+      jax.eval_shape(context.to_load_balanced, jnp.zeros((2, 36, 3)))
+
+
+def test_unknown_implementation_is_a_clear_error():
+  q = jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match=r"unknown context_parallel 'ringg'.*all_gather"):
+    attention.causal_attention(q, q, q, jnp.ones((1, 4), jnp.int32), 1.0, impl='ringg')
+
+
+def test_relayout_by_ppermute_equals_gather_and_inverts():
+  x = np.arange(2 * T * 3, dtype=np.float32).reshape(2, T, 3)
+  perm = context.load_balance_permutation(T, 4)
+  mesh = _mesh(data=2, context=4)
+  with rules_lib.sharding_context(mesh, 'dp_cp'):
+    xs = jax.device_put(x, NamedSharding(mesh, P('data', 'context')))
+    to = jax.jit(context.to_load_balanced)
+    balanced = to(xs)
+    back = jax.jit(context.from_load_balanced)(balanced)
+    hlo = to.lower(xs).compile().as_text()
+  np.testing.assert_array_equal(np.asarray(balanced), x[:, perm])
+  np.testing.assert_array_equal(np.asarray(back), x)
+  assert 'collective-permute' in hlo and 'all-gather' not in hlo
+  # Without a mesh, an explicit context size applies the same permutation.
+  np.testing.assert_array_equal(np.asarray(context.to_load_balanced(x, context=4)), x[:, perm])
+
+
+# --------------------------------------------------------------------------------------------
+# Whole model: sharded == single device.
+
+@pytest.mark.parametrize('load_balance', [True, False])
+def test_kimi_vl_data2_context4_matches_single_device(setup, load_balance):
+  config, params, batch, ref = setup
+  mesh = _mesh(data=2, context=4)
+  got, hlo = _run_sharded(config.replace(context_load_balance=load_balance), params, batch,
+                          mesh, 'dp_cp')
+  _assert_matches(got, ref)
+
+  # K/V (and the segment ids) are all-gathered over 'context' inside attention ...
+  gathers = [l for l in hlo.splitlines() if 'all-gather(' in l and "{'context'}" in l]
+  t = config.text
+  k_shape = f'f32[{B // 2},{T},{t.num_heads},{t.qk_head_dim}]'
+  v_shape = f'f32[{B // 2},{T},{t.num_heads},{t.v_head_dim}]'
+  assert any(k_shape in l for l in gathers), gathers
+  assert any(v_shape in l for l in gathers), gathers
+  # ... and every per-device attention logits buffer is [B/data, N, T/C, T] (or its transpose),
+  # never T x T.
+  shapes = _attention_logit_shapes(hlo, t.num_heads)
+  assert (B // 2, t.num_heads, T // 4, T) in shapes, shapes
+  assert all(T // 4 in s[2:] for s in shapes), shapes
+  if load_balance:
+    assert 'collective-permute' in hlo
+
+
+def test_context_parallel_none_still_matches(setup):
+  """'none' leaves attention to XLA's propagation (and no load-balanced layout): same numbers."""
+  config, params, batch, ref = setup
+  cfg = config.replace(text=dataclasses.replace(config.text, context_parallel='none'))
+  got, _ = _run_sharded(cfg, params, batch, _mesh(data=2, context=4), 'dp_cp')
+  _assert_matches(got, ref)
+
+
+@pytest.mark.slow
+def test_kimi_vl_expert2_pipeline2_context2_matches_single_device(setup):
+  config, params, batch, ref = setup
+  mesh = _mesh(data=1, expert=2, pipeline=2, context=2)
+  got, hlo = _run_sharded(config, params, batch, mesh, 'fsdp_ep_cp')
+  _assert_matches(got, ref)
+  assert any('all-gather(' in l and "{'context'}" in l for l in hlo.splitlines())
+
+
+def test_language_model_alone_uses_the_sequence_layout(setup):
+  """LanguageModel called directly (no permutation) under CP masks by the sequence order."""
+  config, params, batch, _ = setup
+  lm = LanguageModel(config)
+  p = {'params': params['language_model']}
+  x = jax.random.normal(jax.random.key(1), (B, T, config.text.hidden_size))
+  seg, pos = batch['segment_ids'], batch['positions']
+  ref, _ = jax.jit(lm.apply)(p, x, pos, seg)
+  with rules_lib.sharding_context(_mesh(data=2, context=4), 'dp_cp'):
+    got, _ = jax.jit(lm.apply)(p, x, pos, seg)
+  assert _rel_err(got, ref) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Vision tower: patches split over 'data' (rows), not over 'context'.
+
+def test_vision_tower_patches_are_not_split_over_context(setup):
+  config, params, batch, _ = setup
+  vit = MoonViT(config.vision)
+  p = {'params': params['vision_tower']}
+  args = [batch[k] for k in ('patches', 'patch_coords', 'patch_image_ids', 'image_grid_hws')]
+  ref = vit.apply(p, *args)
+  mesh = _mesh(data=2, context=4)
+  with rules_lib.sharding_context(mesh, 'dp_cp'):
+    args = [jax.device_put(a, rules_lib.batch_sharding(mesh, 'dp_cp')) for a in args]
+    fn = jax.jit(vit.apply)
+    out = fn(p, *args)
+    hlo = fn.lower(p, *args).compile().as_text()
+  assert _rel_err(out, ref) <= 1e-5
+  spec = out.sharding.spec
+  assert 'context' not in jax.tree.leaves(tuple(spec)), spec
+  assert spec and spec[0] == 'data', spec
+  # Each device attends over all P patches of its row (no context split, no gathers).
+  n, npatch = config.vision.num_heads, GRID[0] * GRID[1]
+  assert f'f32[{B // 2},{n},{npatch},{npatch}]' in hlo
+  assert 'all-gather' not in hlo and 'collective-permute' not in hlo
