@@ -1,0 +1,70 @@
+"""Analytic FLOPs agree with the parameter count; greedy decoding equals step-by-step argmax."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_vl_jax.model import summary
+from kimi_vl_jax.model.config import get_preset
+from kimi_vl_jax.model.kimi_vl import KimiVL, init_params
+from kimi_vl_jax.train import evaluate, metrics
+
+
+def test_matmul_params_match_active_parameter_count():
+  for name in ('tiny', 'kimi_vl_a3b'):
+    mc = get_preset(name)
+    params = summary.abstract_params(mc)['language_model']
+    flat = {jax.tree_util.keystr(p): math.prod(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    t = mc.text
+    # Everything a token multiplies with: all kernels, minus the inactive routed experts; the
+    # embedding lookup, norm scales and router biases are not matmuls.
+    total = 0
+    for k, n in flat.items():
+      if 'embed_tokens' in k or 'layernorm' in k or "['norm']" in k or 'bias' in k:
+        continue
+      if "['experts']" in k:
+        n = n * t.num_experts_per_tok // t.n_routed_experts
+      total += n
+    assert metrics.lm_matmul_params_per_token(mc) == total, name
+  # Kimi-VL-A3B: ~2.92B active LLM parameters (REFERENCE.md 1) = matmul weights + the 0.34B
+  # token embedding (a lookup, no FLOPs).
+  a3b = metrics.lm_matmul_params_per_token(get_preset('kimi_vl_a3b'))
+  assert abs(a3b + 163840 * 2048 - 2.92e9) < 0.01e9
+  fl = metrics.lm_flops_per_token(get_preset('kimi_vl_a3b'), 8192)
+  # Attention: QK^T (192 per head) and AV (128 per head) over T/2 keys on average, 16 heads,
+  # 27 layers, 3x for training: +22% at 8K.
+  assert fl == 6 * a3b + 3 * 2 * 16 * (192 + 128) * 4096 * 27
+
+
+@pytest.mark.slow
+def test_greedy_decoder_matches_naive_loop():
+  mc = get_preset('tiny')
+  params = nn.meta.unbox(init_params(mc, jax.random.PRNGKey(0)))
+  model = KimiVL(mc)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 1000, size=n).astype(np.int32) for n in (5, 9)]
+  grid = np.array([[2, 2]], np.int32)
+  coords = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.int32)
+  exs = []
+  for p in prompts:
+    p = p.copy()
+    p[1] = mc.media_placeholder_token_id  # one image token (a 2x2-patch image)
+    exs.append({'ids': p, 'answer': '', 'grids': grid, 'coords': coords,
+                'patches': rng.normal(size=(4, mc.vision.patch_dim)).astype(np.float32)})
+  rows = evaluate._rows(exs, 16, 4, 1, mc.vision.patch_dim)
+  out = jax.jit(evaluate.make_greedy_decoder(model, 4))(params, rows)
+  for b, ex in enumerate(exs):
+    ids = list(ex['ids'])
+    for i in range(4):
+      x = jnp.asarray([ids])
+      logits = model.apply({'params': params}, x, patches=jnp.asarray(ex['patches'])[None],
+                           patch_coords=jnp.asarray(coords)[None],
+                           patch_image_ids=jnp.ones((1, 4), jnp.int32),
+                           image_grid_hws=jnp.asarray(grid)[None])
+      ids.append(int(jnp.argmax(logits[0, -1])))
+      assert int(out[b, i]) == ids[-1], (b, i)
