@@ -26,25 +26,26 @@ def get_config(arg: str = ''):
   if arg == 'tiny':
     c.model = 'demo'
     c.data.sources = [
-        sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.8),
-        sc.source('arithmetic', 'chat', 'demo:arithmetic/train.jsonl', 0.2),
+        sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.9),
+        sc.source('arithmetic', 'chat', 'demo:arithmetic/train.jsonl', 0.1),
     ]
     c.data.seq_len = 256
     c.data.batch_size = 8
-    c.data.max_patches = 192
-    c.data.max_images = 12
-    c.data.image = {'max_patches': 16}
+    # 64x64 easy-vqa images stay at full size: padded to 84x84 = 6x6 patches = 9 image tokens.
+    c.data.max_patches = 288
+    c.data.max_images = 8
+    c.data.image = {'max_patches': 36}
     c.phases = [
-        {'name': 'sft_short', 'steps': 500, 'data': {'seq_len': 256}},
-        {'name': 'sft_long', 'steps': 100, 'data': {'seq_len': 256}},
+        {'name': 'sft_short', 'steps': 340, 'data': {'seq_len': 256}},
+        {'name': 'sft_long', 'steps': 60, 'data': {'seq_len': 256}},
     ]
     c.optim.schedule = {'kind': 'multi_phase', 'phases': [
-        {'steps': 500, 'warmup_steps': 30, 'peak_lr': 3e-3, 'end_lr': 3e-4},
-        {'steps': 100, 'warmup_steps': 10, 'peak_lr': 1e-3, 'end_lr': 1e-4},
+        {'steps': 340, 'warmup_steps': 30, 'peak_lr': 3e-3, 'end_lr': 3e-4},
+        {'steps': 60, 'warmup_steps': 10, 'peak_lr': 1e-3, 'end_lr': 1e-4},
     ]}
     c.optim.weight_decay = 0.01
     c.checkpoint.interval = 100
-    c.eval.every = 200
+    c.eval.every = 0       # at the end of each phase
     c.eval.batches = 0
     c.eval.answer_file = 'demo:easy_vqa/test.jsonl'
     c.eval.answer_examples = 500
