@@ -143,6 +143,18 @@ def _stage_mesh(stage_axes, stages: int):
   return stage_axes[0] if len(stage_axes) == 1 else stage_axes
 
 
+def _check_microbatch_rows(rows: int, inner_rules) -> None:
+  """A microbatch's rows are split over the non-stage batch mesh axes: they must divide."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = [a for a in next((_as_tuple(v) for k, v in inner_rules if k == 'act_batch'), ())
+          if a in mesh.axis_names]
+  ways = int(np.prod([mesh.shape[a] for a in axes]))
+  if rows % ways:
+    raise ValueError(f'each pipeline microbatch has {rows} rows, not divisible by the {ways} '
+                     f'devices of mesh axes {tuple(axes)} that split it; use a batch size that is '
+                     f'a multiple of pipeline_microbatches x {ways}')
+
+
 # ---------------------------------------------------------------------------------------------
 # The schedule.
 
@@ -171,6 +183,8 @@ def pipeline(layer_fn: Callable, params: Any, x: Array, positions: Array, segmen
   rules = nn.get_logical_axis_rules()
   inner, stage_axes = stage_rules(rules)
   spmd = _stage_mesh(stage_axes, S) if rules else None
+  if spmd is not None:
+    _check_microbatch_rows(x.shape[0] // M, inner)
   ctx = nn.logical_axis_rules(inner) if rules else contextlib.nullcontext()
   with ctx:
     return _schedule(layer_fn, params, x, positions, segment_ids, S, M, R, J, remat_policy, spmd)
