@@ -1,0 +1,215 @@
+"""Blockwise (flash) attention in pure JAX: O(T x block) memory for the forward and the gradient.
+
+Same contract as `attention.segment_mask` + `attention.dot_product_attention`: query i attends key
+j iff their segment ids are equal (and, when causal, `q_index[i] >= kv_index[j]`), softmax in fp32,
+padding (segment 0) attends to padding only, so every real row has a non-empty softmax.
+
+Algorithm (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023, Alg. 1 and 2):
+
+* forward: queries in blocks of `block_q`; for each, a scan over key blocks of `block_kv` keeps a
+  running max m, running sum l and unnormalised output acc (all fp32, "online softmax", Milakov &
+  Gimelshein 2018). Only `out` and the log-sum-exp `lse = m + log l` [B, N, T] are kept.
+* backward (`jax.custom_vjp`): recomputes each block's probabilities `exp(s - lse)`; a scan over
+  key blocks carries dK_j, dV_j over an inner scan over query blocks, which adds its share to
+  dQ_i. With `D = rowsum(dO * O)`: dV += P^T dO, dS = P * (dO V^T - D), dQ += dS K, dK += dS^T Q.
+* block skipping: a [nq, nk] table says which (query block, key block) pairs can hold an
+  unmasked entry for any row of the batch (segment id ranges overlap, and for causal the last
+  query index reaches the first key index); the others are skipped with `lax.cond`, so a causal
+  row costs about half the blocks and a row of many small images only its diagonal band.
+  The table is a conservative test: a block it keeps may still be fully masked for some rows,
+  which the per-element mask handles exactly.
+
+Lengths that are not multiples of the block sizes are padded internally (padded queries get
+segment -1 and are sliced off, padded keys -2, so nothing real sees them).
+
+Einsum letters: B batch, T query, S key, N heads, H head dim (Hv for values), I/J block counts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_NEG = float(jnp.finfo(jnp.float32).min)
+_Q_PAD, _KV_PAD = -1, -2  # segment ids of internal padding: never equal to each other or real ids
+
+
+def flash_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, *,
+                    causal: bool, scale: float, q_positions: Array | None = None,
+                    kv_positions: Array | None = None, block_q: int = 512,
+                    block_kv: int = 512) -> Array:
+  """q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv], segment ids [B, T] / [B, S] -> [B, T, N, Hv].
+
+  `q_positions` / `kv_positions` ([B or 1, T] / [B or 1, S], default the sequence index) order the
+  tokens for the causal test, as in `attention.segment_mask` (context parallelism passes each
+  token's original sequence index). The result has v's dtype.
+  """
+  B, T, N, H = q.shape
+  S = k.shape[1]
+  if k.shape != (B, S, N, H) or v.shape[:3] != (B, S, N):
+    raise ValueError(f'flash_attention: q {q.shape}, k {k.shape}, v {v.shape} must be '
+                     '[B, T, N, H], [B, S, N, H], [B, S, N, Hv]')
+  if q_segment_ids.shape != (B, T) or kv_segment_ids.shape != (B, S):
+    raise ValueError(f'flash_attention: segment ids {q_segment_ids.shape} / '
+                     f'{kv_segment_ids.shape} must be [B, T]=({B}, {T}) / [B, S]=({B}, {S})')
+  if block_q < 1 or block_kv < 1:
+    raise ValueError(f'flash_attention: block sizes must be positive, got {block_q}, {block_kv}')
+  bq, bk = min(block_q, T), min(block_kv, S)
+  q_pos = _positions(q_positions, B, T, 'q_positions')
+  kv_pos = _positions(kv_positions, B, S, 'kv_positions')
+  # Pad to whole blocks; padded rows / keys get segment ids nothing else has.
+  Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
+  qs = _pad(q_segment_ids.astype(jnp.int32), Tp, _Q_PAD)
+  ks = _pad(kv_segment_ids.astype(jnp.int32), Sp, _KV_PAD)
+  q_pos, kv_pos = _pad(q_pos, Tp, 0), _pad(kv_pos, Sp, 0)
+  out = _flash(_pad(q, Tp, 0), _pad(k, Sp, 0), _pad(v, Sp, 0), qs, ks, q_pos, kv_pos,
+               causal, float(scale), bq, bk)
+  return out[:, :T]
+
+
+def _positions(pos: Array | None, B: int, T: int, name: str) -> Array:
+  if pos is None:
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  if pos.ndim != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
+    raise ValueError(f'flash_attention: {name} must be [B or 1, {T}], got {pos.shape}')
+  return jnp.broadcast_to(pos.astype(jnp.int32), (B, T))
+
+
+def _pad(x: Array, n: int, value) -> Array:
+  if x.shape[1] == n:
+    return x
+  widths = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x: Array, b: int) -> Array:
+  """[B, T, ...] -> [T/b, B, b, ...]: the block index leads, so scans iterate over it."""
+  return jnp.moveaxis(x.reshape((x.shape[0], x.shape[1] // b, b) + x.shape[2:]), 1, 0)
+
+
+def _unblocks(x: Array) -> Array:
+  """Inverse of `_blocks`."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+
+
+def live_blocks(qs: Array, ks: Array, q_pos: Array, kv_pos: Array, causal: bool, bq: int,
+                bk: int) -> Array:
+  """[T/bq, S/bk] bool: may the (query block, key block) pair hold an unmasked entry in any row?
+
+  Segment ids of a block span [min, max]; two blocks can share a segment only if the spans
+  overlap. Causal: the largest query index must reach the smallest key index.
+  """
+  def span(x, b, fn):
+    return fn(x.reshape(x.shape[0], -1, b), axis=-1)                          # [B, nblocks]
+  live = ((span(qs, bq, jnp.min)[:, :, None] <= span(ks, bk, jnp.max)[:, None, :])
+          & (span(ks, bk, jnp.min)[:, None, :] <= span(qs, bq, jnp.max)[:, :, None]))
+  if causal:
+    live &= span(q_pos, bq, jnp.max)[:, :, None] >= span(kv_pos, bk, jnp.min)[:, None, :]
+  return live.any(axis=0)
+
+
+def _block_logits(q, k, qs, ks, qp, kp, causal: bool, scale: float):
+  """Scores and mask of one block pair: q [B, bq, N, H], k [B, bk, N, H] -> s, mask
+  [B, N, bq, bk] (s fp32, masked entries set to the most negative float)."""
+  mask = qs[:, :, None] == ks[:, None, :]
+  if causal:
+    mask &= qp[:, :, None] >= kp[:, None, :]
+  mask = mask[:, None]
+  s = jnp.einsum('BTNH,BSNH->BNTS', q, k, preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask, s, _NEG), mask
+
+
+def _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
+  """Returns out [B, T, N, Hv] (v.dtype) and lse [B, N, T] fp32 (0 for rows that see nothing)."""
+  B, _, N, _ = q.shape
+  Hv = v.shape[-1]
+  live = live_blocks(qs, ks, qp, kp, causal, bq, bk)                            # [I, J]
+  kv_blocks = (_blocks(k, bk), _blocks(v, bk), _blocks(ks, bk), _blocks(kp, bk))
+
+  def q_block(args):
+    qi, qsi, qpi, live_i = args
+
+    def kv_step(carry, xs):
+      kj, vj, ksj, kpj, live_ij = xs
+
+      def fold(carry):
+        m, l, acc = carry
+        s, mask = _block_logits(qi, kj, qsi, ksj, qpi, kpj, causal, scale)
+        m_new = jnp.maximum(m, s.max(-1))                                       # [B, N, bq]
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum('BNTS,BSNH->BNTH', p.astype(vj.dtype), vj,
+                        preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+      return jax.lax.cond(live_ij, fold, lambda c: c, carry), None
+
+    init = (jnp.full((B, N, bq), _NEG, jnp.float32), jnp.zeros((B, N, bq), jnp.float32),
+            jnp.zeros((B, N, bq, Hv), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_blocks + (live_i,))
+    seen = l > 0                                           # False only for internal padding rows
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    return jnp.einsum('BNTH->BTNH', out).astype(v.dtype), lse
+
+  out, lse = jax.lax.map(q_block, (_blocks(q, bq), _blocks(qs, bq), _blocks(qp, bq), live))
+  return _unblocks(out), jnp.moveaxis(lse, 0, 2).reshape(B, N, -1)     # lse [I, B, N, bq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
+  return _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
+  out, lse = _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk)
+  return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+
+def _flash_bwd(causal, scale, bq, bk, res, dout):
+  """FlashAttention-2 backward (Dao 2023, Alg. 2): key blocks outside, query blocks inside."""
+  q, k, v, qs, ks, qp, kp, out, lse = res
+  B, _, N, H = q.shape
+  Hv = v.shape[-1]
+  live = live_blocks(qs, ks, qp, kp, causal, bq, bk)                            # [I, J]
+  # D_i = rowsum(dO_i * O_i) [B, N, T]: the softmax Jacobian's correction term.
+  delta = jnp.einsum('BTNH,BTNH->BNT', dout.astype(jnp.float32), out.astype(jnp.float32))
+  lse_b = jnp.moveaxis(lse.reshape(B, N, -1, bq), 2, 0)                         # [I, B, N, bq]
+  delta_b = jnp.moveaxis(delta.reshape(B, N, -1, bq), 2, 0)
+  q_blocks = (_blocks(q, bq), _blocks(dout, bq), _blocks(qs, bq), _blocks(qp, bq), lse_b, delta_b)
+
+  def kv_block(dq, xs):
+    kj, vj, ksj, kpj, live_j = xs
+
+    def q_step(carry, xs):
+      qi, doi, qsi, qpi, lsei, di, live_ij, dqi = xs
+
+      def grads(args):
+        (dk, dv), dqi = args
+        s, mask = _block_logits(qi, kj, qsi, ksj, qpi, kpj, causal, scale)
+        p = jnp.where(mask, jnp.exp(s - lsei[..., None]), 0.0)                  # [B, N, bq, bk]
+        dv = dv + jnp.einsum('BNTS,BTNH->BSNH', p.astype(doi.dtype), doi,
+                             preferred_element_type=jnp.float32)
+        dp = jnp.einsum('BTNH,BSNH->BNTS', doi, vj, preferred_element_type=jnp.float32)
+        ds = (p * (dp - di[..., None]) * scale).astype(q.dtype)
+        dqi = dqi + jnp.einsum('BNTS,BSNH->BTNH', ds, kj, preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum('BNTS,BTNH->BSNH', ds, qi, preferred_element_type=jnp.float32)
+        return (dk, dv), dqi
+
+      return jax.lax.cond(live_ij, grads, lambda a: a, (carry, dqi))
+
+    init = (jnp.zeros((B, bk, N, H), jnp.float32), jnp.zeros((B, bk, N, Hv), jnp.float32))
+    (dk, dv), dq = jax.lax.scan(q_step, init, q_blocks + (live_j, dq))
+    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+  dq0 = jnp.zeros((q.shape[1] // bq, B, bq, N, H), jnp.float32)
+  kv_xs = (_blocks(k, bk), _blocks(v, bk), _blocks(ks, bk), _blocks(kp, bk), live.T)
+  dq, (dk, dv) = jax.lax.scan(kv_block, dq0, kv_xs)
+  return (_unblocks(dq).astype(q.dtype), _unblocks(dk), _unblocks(dv), None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

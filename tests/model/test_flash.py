@@ -1,0 +1,112 @@
+"""Blockwise (flash) attention == dense masked attention, values and gradients, and its memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_vl_jax.model import attention, flash
+
+
+def _qkv(B, T, S, N, H, Hv, seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  return f(B, T, N, H), f(B, S, N, H), f(B, S, N, Hv)
+
+
+def _dense(q, k, v, qs, ks, causal, scale, q_pos=None, kv_pos=None):
+  mask = attention.segment_mask(qs, ks, causal=causal, q_positions=q_pos, kv_positions=kv_pos)
+  return attention.dot_product_attention(q, k, v, mask, scale)
+
+
+def _check(q, k, v, qs, ks, *, causal, q_pos=None, kv_pos=None, bq=8, bk=16, scale=0.3):
+  """Values and (q, k, v) gradients of a non-linear loss agree with the dense computation."""
+  fl = lambda q, k, v: flash.flash_attention(  # noqa: E731
+      q, k, v, qs, ks, causal=causal, scale=scale, q_positions=q_pos, kv_positions=kv_pos,
+      block_q=bq, block_kv=bk)
+  de = lambda q, k, v: _dense(q, k, v, qs, ks, causal, scale, q_pos, kv_pos)  # noqa: E731
+  np.testing.assert_allclose(fl(q, k, v), de(q, k, v), rtol=1e-5, atol=1e-5)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=v.shape[:1] + q.shape[1:3]
+                                                  + v.shape[3:]), jnp.float32)
+  loss = lambda fn: lambda *a: (jnp.sin(fn(*a)) * w).sum()  # noqa: E731
+  g_fl = jax.jit(jax.grad(loss(fl), argnums=(0, 1, 2)))(q, k, v)
+  g_de = jax.jit(jax.grad(loss(de), argnums=(0, 1, 2)))(q, k, v)
+  for name, a, b in zip('qkv', g_fl, g_de):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f'd{name}')
+  assert np.isfinite(np.asarray(fl(q, k, v))).all()
+
+
+def test_causal_packed_segments_with_padding_and_ragged_length():
+  # T=37 is no multiple of the blocks (padded internally); row 0: 2 examples + 7 padding tokens.
+  B, T, N, H, Hv = 2, 37, 3, 8, 5
+  q, k, v = _qkv(B, T, T, N, H, Hv)
+  seg = jnp.asarray([[1] * 10 + [2] * 20 + [0] * 7, [1] * 37], jnp.int32)
+  _check(q, k, v, seg, seg, causal=True)
+
+
+def test_non_causal_per_image_segments_mla_head_dims():
+  # Vision-like: bidirectional inside each image, padding at the end; H=24, Hv=16 (MLA ratio).
+  B, T, N, H, Hv = 2, 64, 2, 24, 16
+  q, k, v = _qkv(B, T, T, N, H, Hv, seed=2)
+  seg = jnp.asarray([[1] * 9 + [2] * 30 + [3] * 4 + [0] * 21, [1] * 16 + [2] * 48], jnp.int32)
+  _check(q, k, v, seg, seg, causal=False, bq=16, bk=16)
+
+
+def test_all_padding_row_is_finite_and_equal():
+  B, T, N, H = 2, 32, 2, 8
+  q, k, v = _qkv(B, T, T, N, H, H, seed=3)
+  seg = jnp.asarray([[0] * 32, [1] * 20 + [0] * 12], jnp.int32)
+  _check(q, k, v, seg, seg, causal=True, bq=8, bk=8)
+
+
+def test_custom_indices_local_queries_against_full_keys():
+  # Context-parallel shape: 16 local queries (load-balanced chunks 1 and 6 of 8) x 64 keys.
+  B, S, N, H, Hv = 2, 64, 2, 8, 4
+  index = np.arange(S)
+  q_index = np.concatenate([index[8:16], index[48:56]])
+  q, k, v = _qkv(B, 16, S, N, H, Hv, seed=4)
+  kv_seg = jnp.asarray([[1] * 20 + [2] * 40 + [0] * 4, [1] * 64], jnp.int32)
+  q_seg = kv_seg[:, q_index]
+  _check(q, k, v, q_seg, kv_seg, causal=True, q_pos=jnp.asarray(q_index)[None],
+         kv_pos=jnp.asarray(index)[None], bq=8, bk=16)
+
+
+def test_block_table_skips_masked_blocks():
+  # Causal, one segment: exactly the lower triangle (diagonal included) is live.
+  T = 64
+  seg = jnp.ones((1, T), jnp.int32)
+  pos = jnp.arange(T)[None]
+  live = flash.live_blocks(seg, seg, pos, pos, True, 16, 16)
+  np.testing.assert_array_equal(live, np.tril(np.ones((4, 4), bool)))
+  # Two images of 32 patches, non-causal: block-diagonal.
+  seg = jnp.asarray([[1] * 32 + [2] * 32], jnp.int32)
+  live = flash.live_blocks(seg, seg, pos, pos, False, 16, 16)
+  np.testing.assert_array_equal(live, np.kron(np.eye(2, dtype=bool), np.ones((2, 2), bool)))
+
+
+def test_bad_shapes_raise():
+  q, k, v = _qkv(1, 8, 8, 2, 4, 4)
+  seg = jnp.ones((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match='segment ids'):
+    flash.flash_attention(q, k, v, seg[:, :4], seg, causal=True, scale=1.0)
+  with pytest.raises(ValueError, match='q_positions'):
+    flash.flash_attention(q, k, v, seg, seg, causal=True, scale=1.0,
+                          q_positions=jnp.arange(4)[None])
+
+
+def test_gradient_memory_is_linear_in_length():
+  """Jitted grad at T=4096: flash temporaries far below the dense [B, N, T, T] fp32 scores."""
+  B, T, N, H = 1, 4096, 1, 16
+  spec = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+  seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+  def temp(fn):
+    g = jax.jit(jax.grad(lambda q, k, v, s: fn(q, k, v, s).sum(), argnums=(0, 1, 2)))
+    return g.lower(spec, spec, spec, seg).compile().memory_analysis().temp_size_in_bytes
+
+  dense = temp(lambda q, k, v, s: _dense(q, k, v, s, s, True, 0.25))
+  fl = temp(lambda q, k, v, s: flash.flash_attention(q, k, v, s, s, causal=True, scale=0.25,
+                                                      block_q=256, block_kv=256))
+  scores = B * N * T * T * 4
+  assert dense >= scores, (dense, scores)
+  assert fl < scores / 8, (fl, scores)
