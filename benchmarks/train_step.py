@@ -55,7 +55,8 @@ def synthetic_batch(mc, B: int, T: int, grid: int = 8, seed: int = 0) -> dict:
 
 def time_step(mc, tx, boxed, batch, steps: int) -> tuple[float, float]:
   """(compile seconds, median step seconds) of the jitted, donated train step."""
-  params = nn.meta.unbox(boxed)
+  # A private copy: the step donates its state, which must not delete the caller's arrays.
+  params = jax.tree.map(jnp.copy, nn.meta.unbox(boxed))
   trainable = trainable_tree(params)
   step = jax.jit(make_train_step(KimiVL(mc), tx, StepOptions(), trainable), donate_argnums=0)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -18,6 +18,7 @@ def get_config(arg: str = ''):
   c.data.batch_size = 4
   c.data.max_patches = 64
   c.data.max_images = 4
+  c.data.image = {'max_patches': 16}
   c.phases = [{'name': 'a', 'steps': steps // 2, 'data': {'seq_len': 128}},
               {'name': 'b', 'steps': steps - steps // 2, 'data': {'seq_len': 128}}]
   c.optim.schedule = {'kind': 'multi_phase', 'phases': [
