@@ -6,9 +6,9 @@ segment id 0 and attend only to other padding, so no softmax row is ever empty (
 Softmax in fp32.
 
 `causal_attention` is the decoder's entry point: `impl='none'` is the single-device computation;
-other names select a registered implementation, e.g. context parallelism's `'all_gather'`
-(`parallel/context.py`, imported on first use), which falls back to the same computation when no
-context mesh axis is active.
+other names select a registered implementation, e.g. context parallelism's `'all_gather'` and
+`'ring'` (`parallel/context.py`, imported on first use), which fall back to the same computation
+when no context mesh axis is active.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: floa
 CausalAttentionFn = Callable[..., Array]
 CAUSAL_ATTENTION: dict[str, CausalAttentionFn] = {}
 # Modules whose import registers more implementations (they need the mesh, so live in parallel/).
-_PROVIDERS = {'all_gather': 'kimi_vl_jax.parallel.context'}
+_PROVIDERS = {name: 'kimi_vl_jax.parallel.context' for name in ('all_gather', 'ring')}
 
 
 def register_causal_attention(name: str, fn: CausalAttentionFn) -> None:

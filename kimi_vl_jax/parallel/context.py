@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import flax.linen as nn
@@ -246,6 +247,10 @@ def all_gather_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale
   layout given by `sequence_layout`) -> [B, T, N, Hv]. Without context parallelism this is the
   plain single-device computation.
   """
+  return _sharded_attention(q, k, v, segment_ids, scale, ring=False)
+
+
+def _sharded_attention(q, k, v, segment_ids, scale: float, *, ring: bool) -> Array:
   C = context_size()
   T = q.shape[1]
   layout = current_layout()
@@ -257,10 +262,111 @@ def all_gather_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale
   check_seq_len(T, C, load_balance=layout == 'load_balanced')
   spec, mesh = _row_spec(q.shape[0])
   seq = P(*spec)
-  fn = jax.shard_map(
-      lambda *a: _all_gather_shard(*a, index=layout_index(T, C, layout), scale=scale),
-      mesh=mesh, in_specs=(seq, seq, seq, seq, seq), out_specs=seq)
+  index = layout_index(T, C, layout)
+  if ring:
+    body = lambda *a: _ring_shard(*a, index=index, scale=scale, context=C,  # noqa: E731
+                                   layout=layout)
+  else:
+    body = lambda *a: _all_gather_shard(*a, index=index, scale=scale)  # noqa: E731
+  # check_vma=False for the ring: under the pipeline's vmap(spmd_axis_name='pipeline') the
+  # vma check rejects mixing the (pipeline-varying) blocks with the index constants inside the
+  # scan / cond (jax 0.12 asks for this workaround); values and gradients are tested to match.
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, seq, seq), out_specs=seq,
+                     check_vma=not ring)
   return fn(q, k, v, segment_ids, segment_ids)
 
 
+def _online_softmax_fold(carry, q, q_index, q_seg, k, v, kv_index, kv_seg, scale: float):
+  """Folds one key block into the running (m, l, acc) of the queries (all fp32).
+
+  carry: m, l [b, N, tq], acc [b, N, tq, Hv]; q [b, tq, N, H], k/v [b, tk, N, .], indices
+  [1, tq] / [1, tk], segment ids [b, tq] / [b, tk]. Masked scores contribute exactly 0, so a
+  block that is entirely masked for a row leaves the row unchanged. The running max is only a
+  numerical shift (the result does not depend on it), hence `stop_gradient` (as flash attention).
+  """
+  m, l, acc = carry
+  mask = attention.segment_mask(q_seg, kv_seg, causal=True, q_positions=q_index,
+                                kv_positions=kv_index)[:, None]                 # [b, 1, tq, tk]
+  logits = jnp.einsum('BTNH,BSNH->BNTS', q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  m_new = jax.lax.stop_gradient(jnp.maximum(m, logits.max(-1)))                # [b, N, tq]
+  p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
+  corr = jnp.exp(m - m_new)
+  pv = jnp.einsum('BNTS,BSNH->BNTH', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+
+def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float,
+                context: int, layout: str):
+  """Per-shard body of ring attention: K/V blocks travel around the context ring.
+
+  Step 0 folds the shard's own block (the causal diagonal); step s = 1 .. C-1 receives the block
+  of shard j = (i - s) mod C by one `ppermute` and folds only the part the causal mask can reach
+  (online softmax, Milakov & Gimelshein 2018):
+
+  * sequence layout: j < i is entirely visible, j > i entirely masked (skipped), so shard C-1 does
+    C full blocks and shard 0 one: the ring runs at the pace of the slowest shard;
+  * load-balanced layout (shard i = chunks i and 2C-1-i): for j < i only key chunk j is visible
+    (to both query chunks), for j > i only query chunk 2C-1-i sees anything (both key chunks), so
+    every step is exactly half a block on every shard: 2C + 2 chunk-pairs per shard instead of 4C.
+
+  Every row sees its own token in step 0 (same segment, equal index), so l > 0 at the end.
+  """
+  C, t = context, q.shape[1]
+  n = t // 2
+  i = jax.lax.axis_index(CONTEXT_AXIS)
+  index = jnp.asarray(index, jnp.int32)
+  q_index = jax.lax.dynamic_slice_in_dim(index, i * t, t)[None]                # [1, t]
+  ring = [(j, (j + 1) % C) for j in range(C)]
+  fold = functools.partial(_online_softmax_fold, scale=scale)
+
+  def full(carry, blk):
+    k, v, kv_seg, kv_index = blk
+    return fold(carry, q, q_index, q_segment_ids, k, v, kv_index, kv_seg)
+
+  def skip(carry, blk):
+    del blk
+    return carry
+
+  def first_key_chunk(carry, blk):                      # balanced, j < i
+    k, v, kv_seg, kv_index = blk
+    return fold(carry, q, q_index, q_segment_ids, k[:, :n], v[:, :n], kv_index[:, :n],
+                kv_seg[:, :n])
+
+  def second_query_chunk(carry, blk):                   # balanced, j > i
+    k, v, kv_seg, kv_index = blk
+    late = fold(tuple(c[:, :, n:] for c in carry), q[:, n:], q_index[:, n:],
+                q_segment_ids[:, n:], k, v, kv_index, kv_seg)
+    return tuple(jnp.concatenate([c[:, :, :n], u], axis=2) for c, u in zip(carry, late))
+
+  before, after = ((first_key_chunk, second_query_chunk) if layout == 'load_balanced'
+                   else (full, skip))
+  b, _, N, _ = q.shape
+  carry = (jnp.full((b, N, t), jnp.finfo(jnp.float32).min, jnp.float32),
+           jnp.zeros((b, N, t), jnp.float32), jnp.zeros((b, N, t, v.shape[-1]), jnp.float32))
+  carry = full(carry, (k, v, kv_segment_ids, q_index))
+
+  def step(state, s):
+    carry, blk = state
+    blk = tuple(jax.lax.ppermute(a, CONTEXT_AXIS, ring) for a in blk)
+    j = (i - s) % C
+    kv_index = jax.lax.dynamic_slice_in_dim(index, j * t, t)[None]
+    carry = jax.lax.cond(j < i, before, after, carry, blk + (kv_index,))
+    return (carry, blk), None
+
+  if C > 1:
+    (carry, _), _ = jax.lax.scan(step, (carry, (k, v, kv_segment_ids)), jnp.arange(1, C))
+  _, l, acc = carry
+  out = acc / l[..., None]                                                     # [b, N, t, Hv]
+  return jnp.einsum('BNTH->BTNH', out).astype(v.dtype)
+
+
+def ring_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float) -> Array:
+  """As `all_gather_attention`, but K/V move around the context ring one block per step
+  (C - 1 `ppermute`s), so no device ever holds more than T / C keys and the per-step scores are
+  `[B, N, T/C, T/C]`."""
+  return _sharded_attention(q, k, v, segment_ids, scale, ring=True)
+
+
 attention.register_causal_attention('all_gather', all_gather_attention)
+attention.register_causal_attention('ring', ring_attention)

@@ -115,6 +115,12 @@ def _assert_matches(got, ref):
                          jax.tree_util.tree_flatten_with_path(errs)[0] if e > 1e-5}
 
 
+def _kv_gathers(hlo: str, n_heads: int) -> list[str]:
+  """HLO lines all-gathering a [b, T, N, .] array (keys / values) over 'context'."""
+  pat = re.compile(rf'= f32\[\d+,{T},{n_heads},\d+\]\S* all-gather\(')
+  return [l for l in hlo.splitlines() if pat.search(l) and "{'context'}" in l]
+
+
 def _attention_logit_shapes(hlo: str, n_heads: int) -> set[tuple[int, ...]]:
   """Shapes [b, N, t, s] of f32 4-D buffers whose second dim is the head count."""
   shapes = {tuple(int(d) for d in m.split(','))
@@ -176,6 +182,51 @@ def test_relayout_by_ppermute_equals_gather_and_inverts():
 
 
 # --------------------------------------------------------------------------------------------
+# Attention alone: sharded == single device (values and gradients), both layouts.
+
+@pytest.mark.parametrize('impl', ['all_gather', 'ring'])
+@pytest.mark.parametrize('layout', ['sequence', 'load_balanced'])
+def test_attention_matches_single_device(impl, layout):
+  r = np.random.default_rng(3)
+  N, H = 2, 8
+  q, k, v = (r.normal(size=(B, T, N, H)).astype(np.float32) for _ in range(3))
+  seg = _batch()['segment_ids']
+  scale = H ** -0.5
+
+  def loss(fn, q, k, v, seg):
+    out = fn(q, k, v, seg)
+    return jnp.sum(jnp.sin(out) * jnp.arange(out.size).reshape(out.shape) / out.size), out
+
+  single = lambda q, k, v, seg: attention.causal_attention(q, k, v, seg, scale)  # noqa: E731
+  (_, ref), ref_g = jax.value_and_grad(lambda *a: loss(single, *a), (0, 1, 2), has_aux=True)(
+      q, k, v, seg)
+  perm = context.layout_index(T, 4, layout)
+  inv = context.inverse_permutation(perm)
+
+  def sharded(q, k, v, seg):  # inputs / outputs in sequence order, attention in `layout`
+    q, k, v, seg = (a[:, perm] for a in (q, k, v, seg))
+    with context.sequence_layout(layout):
+      out = attention.causal_attention(q, k, v, seg, scale, impl=impl)
+    return out[:, inv]
+
+  mesh = _mesh(data=2, context=4)
+  with rules_lib.sharding_context(mesh, 'dp_cp'):
+    fn = jax.jit(jax.value_and_grad(lambda *a: loss(sharded, *a), (0, 1, 2), has_aux=True))
+    (_, got), got_g = fn(q, k, v, seg)
+    hlo = fn.lower(q, k, v, seg).compile().as_text()
+  assert _rel_err(got, ref) <= 1e-5
+  for g, rg in zip(got_g, ref_g):
+    assert _rel_err(g, rg) <= 1e-5
+  shapes = _attention_logit_shapes(hlo, N)
+  gathers = _kv_gathers(hlo, N)
+  if impl == 'all_gather':
+    assert (B // 2, N, T // 4, T) in shapes and len(gathers) == 2, (shapes, gathers)
+  else:  # blocks travel by collective-permute; scores are T/C x T/C per step
+    assert not gathers and 'collective-permute' in hlo
+    assert shapes and all(s[2:] == (T // 4, T // 4) for s in shapes), shapes
+
+
+# --------------------------------------------------------------------------------------------
 # Whole model: sharded == single device.
 
 @pytest.mark.parametrize('load_balance', [True, False])
@@ -185,6 +236,7 @@ def test_kimi_vl_data2_context4_matches_single_device(setup, load_balance):
   got, hlo = _run_sharded(config.replace(context_load_balance=load_balance), params, batch,
                           mesh, 'dp_cp')
   _assert_matches(got, ref)
+  assert config.text.context_parallel == 'all_gather'   # the default
 
   # K/V (and the segment ids) are all-gathered over 'context' inside attention ...
   gathers = [l for l in hlo.splitlines() if 'all-gather(' in l and "{'context'}" in l]
@@ -202,21 +254,34 @@ def test_kimi_vl_data2_context4_matches_single_device(setup, load_balance):
     assert 'collective-permute' in hlo
 
 
-def test_context_parallel_none_still_matches(setup):
-  """'none' leaves attention to XLA's propagation (and no load-balanced layout): same numbers."""
+@pytest.mark.slow
+@pytest.mark.parametrize('impl', ['ring', 'none'])
+def test_kimi_vl_other_attention_impls_match(setup, impl):
+  """'ring' (load-balanced), and 'none' (XLA's propagation, sequence layout): same numbers."""
   config, params, batch, ref = setup
-  cfg = config.replace(text=dataclasses.replace(config.text, context_parallel='none'))
-  got, _ = _run_sharded(cfg, params, batch, _mesh(data=2, context=4), 'dp_cp')
+  cfg = config.replace(text=dataclasses.replace(config.text, context_parallel=impl))
+  got, hlo = _run_sharded(cfg, params, batch, _mesh(data=2, context=4), 'dp_cp')
   _assert_matches(got, ref)
+  if impl == 'ring':
+    assert not _kv_gathers(hlo, cfg.text.num_heads)
 
 
 @pytest.mark.slow
-def test_kimi_vl_expert2_pipeline2_context2_matches_single_device(setup):
-  config, params, batch, ref = setup
+@pytest.mark.parametrize('impl', ['all_gather', 'ring'])
+def test_kimi_vl_expert2_pipeline2_context2_matches_single_device(impl):
+  """The pipelined MoE stack (2 stages x 2 microbatches) with experts and context split."""
+  config = config_lib.tiny()
+  config = config.replace(vision=dataclasses.replace(config.vision, num_layers=1))
+  params = nn.meta.unbox(init_params(config, jax.random.key(0)))
+  # 4 rows: 2 microbatches of 2 rows, each split over expert=2.
+  batch = {k: np.concatenate([a, _batch(1)[k]]) for k, a in _batch(0).items()}
+  (loss, logits), grads = _step_fn(KimiVL(config))(params, batch)
+  cfg = config.replace(pipeline_stages=2, pipeline_microbatches=2,
+                       text=dataclasses.replace(config.text, context_parallel=impl))
   mesh = _mesh(data=1, expert=2, pipeline=2, context=2)
-  got, hlo = _run_sharded(config, params, batch, mesh, 'fsdp_ep_cp')
-  _assert_matches(got, ref)
-  assert any('all-gather(' in l and "{'context'}" in l for l in hlo.splitlines())
+  got, hlo = _run_sharded(cfg, params, batch, mesh, 'fsdp_ep_cp')
+  _assert_matches(got, (loss, logits, grads))
+  assert bool(_kv_gathers(hlo, cfg.text.num_heads)) == (impl == 'all_gather')
 
 
 def test_language_model_alone_uses_the_sequence_layout(setup):
