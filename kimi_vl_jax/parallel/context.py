@@ -11,19 +11,33 @@ token needs the others:
   reduce-scatter of dK, dV. Causality uses each token's *original sequence index* (not its slot
   in the local buffer), which the shard computes from its `axis_index` and the static layout
   below; packed segment ids keep examples apart exactly as on one device.
+* `'ring'` (`ring_attention`): K/V blocks of T / C tokens travel around the context ring
+  (C - 1 `ppermute`s) and are folded into an fp32 online softmax; blocks the causal mask cannot
+  reach are skipped (`lax.cond`), so per-step scores are `[B, N, T/C, T/C]` and, in the
+  load-balanced layout, every shard computes half a block per step.
+
+Select with `TextConfig.context_parallel` ('all_gather' default, 'ring', or 'none' = leave the
+sharded attention to XLA's propagation); the layout with `KimiVLConfig.context_load_balance`.
 
 Load balancing ("dual chunk swap", zig-zag; Llama 3 context parallelism, Megatron-LM CP): with a
 causal mask, query i sees i + 1 keys, so contiguous slices give the last shard C times the work
 of the first one whenever the kernel skips fully masked blocks (flash / splash attention, ring
 attention). Cutting the row into 2C equal chunks and giving shard i chunks i and 2C - 1 - i
-equalises the count of unmasked (q, k) pairs (`load_balance_permutation`). `KimiVL` applies it
-once, after the image features are scattered into the token embeddings (the scatter fills
-`<|media_pad|>` slots in sequence order), to the embeddings, positions and segment ids, runs the
-decoder in that order, and restores sequence order on the logits (`to_load_balanced` /
-`from_load_balanced`: two `ppermute`s, each moving half of the local slice). RoPE reads the
-positions input, so it is unaffected; the MoE is per token. The decoder learns the layout from
-`sequence_layout` (a trace-time scope set by KimiVL), so `LanguageModel` called directly (no
-permutation) still masks correctly.
+equalises the count of unmasked (q, k) pairs (`load_balance_permutation`). The dense all-gather
+form computes every [T/C, T] score block whatever the mask, so there the layout only matters
+for a block-skipping kernel; the ring skips masked blocks and is balanced only in this layout.
+`KimiVL` applies the permutation once, after the image features are scattered into the token
+embeddings (the scatter fills `<|media_pad|>` slots in sequence order), to the embeddings,
+positions and segment ids, runs the decoder in that order, and restores sequence order on the
+logits (`to_load_balanced` / `from_load_balanced`: two `ppermute`s, each moving half of the local
+slice), so callers and the loss see sequence order. RoPE reads the positions input, so it is
+unaffected; the MoE is per token. The decoder learns the layout from `sequence_layout` (a
+trace-time scope set by KimiVL), so `LanguageModel` called directly (no permutation) still masks
+correctly. Caveat: `moe.sequence_balance_loss` finds packed sequences as *runs* of equal segment
+ids, which this layout cuts at chunk boundaries, so under load balancing that auxiliary statistic
+(loss weight 0 by default) differs from one device's, as does which tokens overflow with
+`moe_impl='capacity'` (dropped in token order); logits, the CE loss, gradients and expert loads
+of the default dropless MoE do not.
 
 Outside a mesh, or when the context axis is 1 or not used by the rules, everything here reduces to
 the single-device code path unchanged.
