@@ -5,6 +5,10 @@ Masks are built from segment ids, never materialised by callers: query i may att
 segment id 0 and attend only to other padding, so no softmax row is ever empty (no NaN).
 Softmax in fp32.
 
+`AttentionKernel` picks how the masked attention is computed: 'dense' (the functions above:
+`[B, N, T, S]` fp32 scores) or 'flash' (`flash.py`: blockwise, online softmax, recomputing
+backward), chosen by `KimiVLConfig.attention_impl` for MLA and MoonViT alike.
+
 `causal_attention` is the decoder's entry point: `impl='none'` is the single-device computation;
 other names select a registered implementation, e.g. context parallelism's `'all_gather'` and
 `'ring'` (`parallel/context.py`, imported on first use), which fall back to the same computation
@@ -13,11 +17,14 @@ when no context mesh axis is active.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from kimi_vl_jax.model import flash
 
 Array = jax.Array
 
@@ -46,6 +53,38 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: floa
   logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('BNTS,BSNH->BTNH', probs, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernel:
+  """The attention computation selected by `KimiVLConfig.attention_impl` (hashable, so modules
+  can hold it as a field): 'dense' (`attention.segment_mask` + `dot_product_attention`) or
+  'flash' (`flash.flash_attention`, blocks of block_q x block_kv, O(T x block) memory). Same arguments and result either way."""
+  impl: str = 'dense'
+  block_q: int = 512
+  block_kv: int = 512
+
+  def __post_init__(self):
+    if self.impl not in ('dense', 'flash'):
+      raise ValueError(f"attention impl {self.impl!r}: choose 'dense' or 'flash'")
+
+  def __call__(self, q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array,
+               *, causal: bool, scale: float, q_positions: Array | None = None,
+               kv_positions: Array | None = None) -> Array:
+    """q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv] -> [B, T, N, Hv] (v's dtype)."""
+    if self.impl == 'flash':
+      return flash.flash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
+                                   scale=scale, q_positions=q_positions, kv_positions=kv_positions,
+                                   block_q=self.block_q, block_kv=self.block_kv)
+    mask = segment_mask(q_segment_ids, kv_segment_ids, causal=causal,
+                        q_positions=q_positions, kv_positions=kv_positions)
+    return dot_product_attention(q, k, v, mask, scale)
+
+
+def attention_kernel(config) -> AttentionKernel:
+  """The kernel a `KimiVLConfig` selects (attention_impl, attention_block_q / _kv)."""
+  return AttentionKernel(config.attention_impl, config.attention_block_q,
+                         config.attention_block_kv)
 
 
 CausalAttentionFn = Callable[..., Array]

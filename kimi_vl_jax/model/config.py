@@ -94,6 +94,9 @@ class TextConfig:
     return None if self.rope_scaling is None else dict(self.rope_scaling)
 
 
+ATTENTION_IMPLS = ('dense', 'flash')
+
+
 @dataclasses.dataclass(frozen=True)
 class KimiVLConfig:
   """The whole model plus the numerics / memory knobs that are not part of the checkpoint."""
@@ -116,8 +119,19 @@ class KimiVLConfig:
   pipeline_stages: int = 1
   pipeline_microbatches: int = 1
   pipeline_repeats: int = 1
+  # Attention kernel of MLA and MoonViT: 'dense' materialises [B, N, T, S] fp32 scores; 'flash'
+  # (model/flash.py) runs blocks of attention_block_q queries x attention_block_kv keys with an
+  # online softmax and a recomputing backward, so memory is O(T x block) (long-context training).
+  attention_impl: str = 'dense'
+  attention_block_q: int = 512
+  attention_block_kv: int = 512
 
   def __post_init__(self):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}')
+    for name in ('attention_block_q', 'attention_block_kv'):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f'{name} must be a positive int, got {getattr(self, name)!r}')
     S, M, R = self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats
     for name, v in (('pipeline_stages', S), ('pipeline_microbatches', M),
                     ('pipeline_repeats', R)):

@@ -22,6 +22,9 @@ Algorithm (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023, Alg. 1 a
 Lengths that are not multiples of the block sizes are padded internally (padded queries get
 segment -1 and are sliced off, padded keys -2, so nothing real sees them).
 
+`attention.AttentionKernel` (what MLA and MoonViT hold) selects this or the dense computation by
+`KimiVLConfig.attention_impl`.
+
 Einsum letters: B batch, T query, S key, N heads, H head dim (Hv for values), I/J block counts.
 """
 
@@ -112,6 +115,22 @@ def live_blocks(qs: Array, ks: Array, q_pos: Array, kv_pos: Array, causal: bool,
   return live.any(axis=0)
 
 
+def _vma(x) -> frozenset:
+  aval = jax.typeof(x)
+  mat = getattr(aval, 'mat', None)  # jax >= 0.9: ManualAxisType; older: aval.vma
+  return frozenset(mat.varying if mat is not None else getattr(aval, 'vma', ()))
+
+
+def _varying_like(xs, *refs):
+  """Marks the loop carries `xs` as varying over the manual mesh axes the inputs `refs` vary
+  over (inside `shard_map`, where `cond` / `scan` need equal types; a no-op outside)."""
+  vma = frozenset().union(*(_vma(r) for r in refs))
+  def cast(x):
+    missing = tuple(sorted(vma - _vma(x)))
+    return jax.lax.pcast(x, missing, to='varying') if missing else x
+  return jax.tree.map(cast, xs)
+
+
 def _block_logits(q, k, qs, ks, qp, kp, causal: bool, scale: float):
   """Scores and mask of one block pair: q [B, bq, N, H], k [B, bk, N, H] -> s, mask
   [B, N, bq, bk] (s fp32, masked entries set to the most negative float)."""
@@ -150,6 +169,7 @@ def _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
 
     init = (jnp.full((B, N, bq), _NEG, jnp.float32), jnp.zeros((B, N, bq), jnp.float32),
             jnp.zeros((B, N, bq, Hv), jnp.float32))
+    init = _varying_like(init, q, k, v, qs, ks, qp, kp)
     (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_blocks + (live_i,))
     seen = l > 0                                           # False only for internal padding rows
     out = acc / jnp.where(seen, l, 1.0)[..., None]
@@ -203,13 +223,15 @@ def _flash_bwd(causal, scale, bq, bk, res, dout):
       return jax.lax.cond(live_ij, grads, lambda a: a, (carry, dqi))
 
     init = (jnp.zeros((B, bk, N, H), jnp.float32), jnp.zeros((B, bk, N, Hv), jnp.float32))
+    init = _varying_like(init, *res, dout)
     (dk, dv), dq = jax.lax.scan(q_step, init, q_blocks + (live_j, dq))
     return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-  dq0 = jnp.zeros((q.shape[1] // bq, B, bq, N, H), jnp.float32)
+  dq0 = _varying_like(jnp.zeros((q.shape[1] // bq, B, bq, N, H), jnp.float32), *res, dout)
   kv_xs = (_blocks(k, bk), _blocks(v, bk), _blocks(ks, bk), _blocks(kp, bk), live.T)
   dq, (dk, dv) = jax.lax.scan(kv_block, dq0, kv_xs)
   return (_unblocks(dq).astype(q.dtype), _unblocks(dk), _unblocks(dv), None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+

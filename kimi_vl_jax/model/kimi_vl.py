@@ -23,6 +23,7 @@ import numpy as np
 
 from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.decoder import LanguageModel
+from kimi_vl_jax.model.attention import attention_kernel
 from kimi_vl_jax.model.projector import Projector
 from kimi_vl_jax.model.vision import MoonViT, pack_hf_images
 from kimi_vl_jax.parallel import context
@@ -54,7 +55,8 @@ class KimiVL(nn.Module):
   def setup(self):
     c = self.config
     self.vision_tower = MoonViT(c.vision, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
-                                scan_layers=c.scan_layers, remat_policy=c.remat_policy)
+                                scan_layers=c.scan_layers, remat_policy=c.remat_policy,
+                                kernel=attention_kernel(c))
     self.projector = Projector(c)
     self.language_model = LanguageModel(c)
 

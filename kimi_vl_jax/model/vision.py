@@ -145,15 +145,16 @@ class MoonViTMlp(nn.Module):
 class MoonViTBlock(nn.Module):
   """Pre-norm block: x += wo(attn(rope(q), rope(k), v)); x += fc1(act(fc0(LN(x)))).
 
-  Call signature fits `nn.scan`: (x, (mask, rope_angles)) -> (x, None).
+  Call signature fits `nn.scan`: (x, (patch_image_ids, rope_angles)) -> (x, None).
   """
   config: VisionConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  kernel: attention.AttentionKernel = attention.AttentionKernel()
 
   @nn.compact
   def __call__(self, x: Array, side: tuple[Array, Array]) -> tuple[Array, None]:
-    mask, angles = side
+    image_ids, angles = side
     cfg = self.config
     d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     dense = functools.partial(DenseGeneral, use_bias=True, dtype=self.dtype,
@@ -169,7 +170,8 @@ class MoonViTBlock(nn.Module):
     q = apply_rope_interleaved(q, angles)
     k = apply_rope_interleaved(k, angles)
     q = constrain(q, ('act_batch', 'act_patches', 'act_heads', 'act_kv'))
-    o = attention.dot_product_attention(q, k, v, mask, scale=h ** -0.5)  # [B, P, N, H]
+    # Bidirectional attention inside each image; padding attends to padding only.
+    o = self.kernel(q, k, v, image_ids, image_ids, causal=False, scale=h ** -0.5)  # [B, P, N, H]
     x = x + dense((n, h), (d,), ('vit_heads', 'vit_kv', 'vit_embed'), name='wo')(o)
     x = constrain(x, _ACT_AXES)
 
@@ -204,6 +206,7 @@ class MoonViT(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   scan_layers: bool = True
   remat_policy: str = 'none'
+  kernel: attention.AttentionKernel = attention.AttentionKernel()  # dense or flash (KimiVLConfig)
 
   @nn.compact
   def __call__(self, patches: Array, patch_coords: Array, patch_image_ids: Array,
@@ -230,8 +233,6 @@ class MoonViT(nn.Module):
     x = x + interpolate_pos_emb(pos_emb, patch_coords, hw).astype(self.dtype)
     x = constrain(x, _ACT_AXES)
 
-    # Bidirectional attention inside each image; padding attends to padding only.
-    mask = attention.segment_mask(patch_image_ids, patch_image_ids, causal=False)
     angles = rope_2d_angles(patch_coords, cfg.head_dim, cfg.rope_theta)
 
     block = MoonViTBlock
@@ -242,10 +243,12 @@ class MoonViT(nn.Module):
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast,), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, self.dtype, self.param_dtype, name='blocks')(x, (mask, angles))
+      x, _ = stack(cfg, self.dtype, self.param_dtype, self.kernel, name='blocks')(
+          x, (patch_image_ids, angles))
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, self.dtype, self.param_dtype, name=f'blocks_{i}')(x, (mask, angles))
+        x, _ = block(cfg, self.dtype, self.param_dtype, self.kernel, name=f'blocks_{i}')(
+            x, (patch_image_ids, angles))
 
     return LayerNorm(d, eps=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='final_layernorm')(x)

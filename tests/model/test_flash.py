@@ -1,5 +1,6 @@
 """Blockwise (flash) attention == dense masked attention, values and gradients, and its memory."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +111,62 @@ def test_gradient_memory_is_linear_in_length():
   scores = B * N * T * T * 4
   assert dense >= scores, (dense, scores)
   assert fl < scores / 8, (fl, scores)
+
+
+def _tiny_inputs(config, B=2, T=40, P=32):
+  """Packed rows: 2 images per row (4x4 and 2x2 patches -> 4 + 1 image tokens), 2 examples and
+  padding in row 0."""
+  from kimi_vl_jax.model.vision import merge_order
+  rng = np.random.default_rng(0)
+  pad_id = config.media_placeholder_token_id
+  ids = rng.integers(1, 1000, size=(B, T))
+  ids[:, 3:7] = pad_id
+  ids[:, 25] = pad_id
+  seg = np.array([[1] * 20 + [2] * 15 + [0] * 5, [1] * 40])
+  pos = np.concatenate([np.arange(20), np.arange(15), np.zeros(5, int)])
+  coords = []
+  for h, w in ((4, 4), (2, 2)):
+    order = merge_order(h, w, config.vision.merge_kernel)
+    coords.append(np.stack([order // w, order % w], -1))
+  coords = np.concatenate(coords + [np.zeros((P - 20, 2), int)])
+  return dict(
+      input_ids=jnp.asarray(ids, jnp.int32), segment_ids=jnp.asarray(seg, jnp.int32),
+      positions=jnp.asarray(np.stack([pos, np.arange(40)]), jnp.int32),
+      patches=jnp.asarray(rng.normal(size=(B, P, config.vision.patch_dim)), jnp.float32),
+      patch_coords=jnp.asarray(np.stack([coords] * B), jnp.int32),
+      patch_image_ids=jnp.asarray(np.stack([[1] * 16 + [2] * 4 + [0] * 12] * B), jnp.int32),
+      image_grid_hws=jnp.asarray([[[4, 4], [2, 2]]] * B, jnp.int32))
+
+
+def test_tiny_kimi_vl_flash_equals_dense():
+  """The whole tiny model (MoonViT + MLA decoder): logits and parameter gradients."""
+  from kimi_vl_jax.model import KimiVL, get_preset
+  dense_cfg = get_preset('tiny')
+  flash_cfg = dense_cfg.replace(attention_impl='flash', attention_block_q=8, attention_block_kv=8)
+  inputs = _tiny_inputs(dense_cfg)
+  params = KimiVL(dense_cfg).init(jax.random.key(0), **inputs)['params']
+
+  def run(cfg):
+    model = KimiVL(cfg)
+    def loss(p):
+      logits = model.apply({'params': p}, **inputs)
+      return (jax.nn.log_softmax(logits) * (inputs['segment_ids'] > 0)[..., None]).mean(), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (l_d, logits_d), g_d = run(dense_cfg)
+  (l_f, logits_f), g_f = run(flash_cfg)
+  np.testing.assert_allclose(logits_f, logits_d, rtol=1e-5, atol=1e-5)
+  g_f, g_d = nn.unbox(g_f), nn.unbox(g_d)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_f), jax.tree.leaves(g_d)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  # The vision tower's gradients are not trivially zero (the images reach the loss).
+  assert float(jnp.abs(g_f['vision_tower']['patch_embed']['kernel']).max()) > 0
+
+
+def test_config_rejects_unknown_impl():
+  from kimi_vl_jax.model import get_preset
+  with pytest.raises(ValueError, match='attention_impl'):
+    get_preset('tiny', attention_impl='splash')
+  with pytest.raises(ValueError, match='attention_block_q'):
+    get_preset('tiny', attention_block_q=0)
+
