@@ -27,6 +27,15 @@ are used only by 'stage' (e.g. `act_batch -> (data, expert, pipeline)` becomes `
 for the microbatch rows), and the per-stage computation is `jax.vmap(..., spmd_axis_name=<stage
 mesh axes>)` so activation constraints inside the layers keep the stage axis split.
 
+Costs and limits. Stage 0 reads and the last stage writes one microbatch of the `[M, b, T, D]`
+buffer per iteration; the buffer is not split over the stage axis (each pipeline rank holds all M
+microbatches of its data shard). With R > 1 the stored order of the `[L, ...]` stack (contiguous
+blocks per 'pipeline' rank under the `layers -> pipeline` rule) is not the circular order, so XLA
+re-lays the stack out once per step (an all-gather over 'pipeline'); R = 1 moves no weights.
+Routing with fixed per-expert capacity ('capacity', 'ep_capacity') sizes buffers from the tokens
+of one call, i.e. of one microbatch, so it drops differently than unpipelined unless nothing
+overflows; dropless routing is exact.
+
 Shape letters: L layers, R repeats, S stages, J layers per stage, M microbatches, b rows per
 microbatch (B = M*b), T tokens, D model, I iterations.
 """

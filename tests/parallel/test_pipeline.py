@@ -255,18 +255,20 @@ def sharded_step(config, mesh, rules):
 
 
 def stage_gathered_expert_shapes(hlo: str, config, mesh) -> list[str]:
-  """Per-device f32 arrays holding routed-expert weights of more than one stage's worth of layers
-  (local experts x local layers): their D and Fe dims plus leading dims of larger product."""
+  """Collectives (per-device HLO) whose result holds routed-expert weights of more than one
+  stage's worth of layers (local experts x local layers): D and Fe trailing dims and leading dims
+  of a larger product, e.g. the layer stack all-gathered over 'pipeline'."""
   t = config.text
   local = (t.n_routed_experts // mesh.shape['expert']
            * t.num_moe_layers // mesh.shape['pipeline'])
   bad = set()
-  for dims in re.findall(r'f32\[([0-9,]+)\]', hlo):
+  for dims, op in re.findall(r'= f32\[([0-9,]+)\]\S* (all-gather|all-reduce|collective-permute|'
+                             r'all-to-all)', hlo):
     d = [int(v) for v in dims.split(',')]
     if len(d) >= 3 and tuple(d[-2:]) in ((t.hidden_size, t.moe_intermediate_size),
                                          (t.moe_intermediate_size, t.hidden_size)):
       if int(np.prod(d[:-2])) > local:
-        bad.add(f'f32[{dims}]')
+        bad.add(f'{op} f32[{dims}]')
   return sorted(bad)
 
 
@@ -327,3 +329,19 @@ def test_expert_pipeline_context_mesh_matches_one_device(layers, R):
     # Known cost of circular repeats: the stored layer order (contiguous blocks of the [L] stack
     # per 'pipeline' device) is not the circular order, and XLA re-lays it out by gathering.
     assert stage_gathered_expert_shapes(hlo, config, mesh) != []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('impl', ['ep_dropless', 'ep_capacity'])
+def test_expert_parallel_dispatch_inside_the_pipeline(impl):
+  """parallel/expert.py's shard_map all-to-all dispatch runs inside the stage vmap (its batch dim
+  split over 'pipeline' by spmd_axis_name) and matches one device. capacity_factor = E/K: nothing
+  is dropped, so microbatching does not change which assignments 'ep_capacity' keeps."""
+  pytest.importorskip('kimi_vl_jax.parallel.expert')
+  base = with_layers(3)
+  base = base.replace(text=dataclasses.replace(base.text, capacity_factor=4.0))
+  config = base.replace(pipeline_stages=2, pipeline_microbatches=2,
+                        text=dataclasses.replace(base.text, moe_impl=impl))
+  got, hlo = sharded_step(config, dp_ep_pp_mesh(), 'dp_ep_pp')
+  check_same(got, unpipelined(base))
+  assert 'all-to-all' in hlo
