@@ -18,9 +18,10 @@ axis is used at most once per array). Presets, selected by `config.parallel.rule
 In the expert-parallel presets the expert axis also splits the batch (as MaxText does): outside
 the MoE layers the expert devices are ordinary data-parallel replicas, and the dispatch
 (`parallel/expert.py`) moves tokens to their experts with all-to-all. In `dp_ep_pp` the layer
-stacks are stored split by layer over 'pipeline'; the GPipe schedule that makes this a pipeline is
-not written yet (project issue 5, item 3), so today XLA gathers each layer stack inside the scan and
-the batch is split over 'pipeline' too (layer-wise ZeRO-3, no duplicated compute).
+stacks are stored split by layer over 'pipeline' and the pipeline's stage axis (`stage`) maps to
+it. With `model.pipeline_stages > 1` the MoE stack runs as a GPipe schedule (`parallel/pipeline.py`)
+and each pipeline rank holds and runs only its stage's layers; with `pipeline_stages == 1` XLA
+gathers each layer inside the scan and the batch is split over 'pipeline' too (layer-wise ZeRO-3).
 
 ZeRO-1 (`opt_state_shardings`): whatever the parameters do, each optimizer-state buffer is further
 split over 'data' on its largest dimension that divides evenly, so Adam moments and Muon momentum
@@ -60,7 +61,8 @@ PRESETS: dict[str, Rules] = {
     'fsdp': (('act_batch', 'data'),) + _fsdp('data'),
     'dp_ep': (('act_batch', ('data', 'expert')),) + _EP,
     'fsdp_ep': (('act_batch', ('data', 'expert')),) + _EP + _fsdp('data'),
-    'dp_ep_pp': (('act_batch', ('data', 'expert', 'pipeline')), ('layers', 'pipeline')) + _EP,
+    'dp_ep_pp': ((('act_batch', ('data', 'expert', 'pipeline')), ('layers', 'pipeline'),
+                  ('stage', 'pipeline')) + _EP),
     'dp_cp': (('act_batch', 'data'), ('act_len', 'context')),
     'fsdp_ep_cp': ((('act_batch', ('data', 'expert')), ('act_len', 'context')) + _EP
                    + _fsdp(('data', 'context'))),
