@@ -94,20 +94,22 @@ _PROVIDERS = {name: 'kimi_vl_jax.parallel.context' for name in ('all_gather', 'r
 
 
 def register_causal_attention(name: str, fn: CausalAttentionFn) -> None:
-  """Makes `fn(q, k, v, segment_ids, scale)` selectable as `TextConfig.context_parallel=name`."""
+  """Makes `fn(q, k, v, segment_ids, scale, *, kernel)` selectable as
+  `TextConfig.context_parallel=name`."""
   CAUSAL_ATTENTION[name] = fn
 
 
 def causal_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
-                     impl: str = 'none') -> Array:
+                     impl: str = 'none', kernel: AttentionKernel | None = None) -> Array:
   """Causal attention within packed segments: q [B, T, N, H], k [B, T, N, H], v [B, T, N, Hv],
-  segment_ids [B, T] -> [B, T, N, Hv], computed by `impl` ('none' = single device)."""
+  segment_ids [B, T] -> [B, T, N, Hv], computed by `impl` ('none' = single device) with
+  `kernel` (default dense) for the local scores."""
+  kernel = AttentionKernel() if kernel is None else kernel
   if impl == 'none':
-    mask = segment_mask(segment_ids, segment_ids, causal=True)
-    return dot_product_attention(q, k, v, mask, scale)
+    return kernel(q, k, v, segment_ids, segment_ids, causal=True, scale=scale)
   if impl not in CAUSAL_ATTENTION and impl in _PROVIDERS:
     importlib.import_module(_PROVIDERS[impl])
   if impl not in CAUSAL_ATTENTION:
     raise ValueError(f'unknown context_parallel {impl!r}; choose one of '
                      f'{sorted({"none", *CAUSAL_ATTENTION, *_PROVIDERS})}')
-  return CAUSAL_ATTENTION[impl](q, k, v, segment_ids, scale)
+  return CAUSAL_ATTENTION[impl](q, k, v, segment_ids, scale, kernel=kernel)

@@ -241,7 +241,8 @@ def from_load_balanced(x: Array, context: int | None = None) -> Array:
 # Attention over a context-sharded sequence.
 
 
-def _all_gather_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float):
+def _all_gather_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float,
+                      kernel: attention.AttentionKernel):
   """Per-shard body: local queries [b, t] against the gathered keys / values [b, T]."""
   t = q.shape[1]
   k = jax.lax.all_gather(k, CONTEXT_AXIS, axis=1, tiled=True)                # [b, T, N, H]
@@ -249,30 +250,31 @@ def _all_gather_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarr
   kv_segment_ids = jax.lax.all_gather(kv_segment_ids, CONTEXT_AXIS, axis=1, tiled=True)
   index = jnp.asarray(index, jnp.int32)                                      # [T] sequence index
   q_index = jax.lax.dynamic_slice_in_dim(index, jax.lax.axis_index(CONTEXT_AXIS) * t, t)
-  mask = attention.segment_mask(q_segment_ids, kv_segment_ids, causal=True,
-                                q_positions=q_index[None], kv_positions=index[None])
-  return attention.dot_product_attention(q, k, v, mask, scale)               # [b, t, N, Hv]
+  return kernel(q, k, v, q_segment_ids, kv_segment_ids, causal=True, scale=scale,
+                q_positions=q_index[None], kv_positions=index[None])        # [b, t, N, Hv]
 
 
-def all_gather_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float) -> Array:
+def all_gather_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
+                         kernel: attention.AttentionKernel | None = None) -> Array:
   """Causal, segment-masked attention of rows split over the context axis (all-gather K/V).
 
   q [B, T, N, H], k [B, T, N, H], v [B, T, N, Hv], segment_ids [B, T] (global shapes, in the
-  layout given by `sequence_layout`) -> [B, T, N, Hv]. Without context parallelism this is the
-  plain single-device computation.
+  layout given by `sequence_layout`) -> [B, T, N, Hv]; each shard's [T/C, T] problem runs on
+  `kernel` (dense by default; 'flash' keeps it O(T/C x block)). Without context parallelism this
+  is the plain single-device computation.
   """
-  return _sharded_attention(q, k, v, segment_ids, scale, ring=False)
+  return _sharded_attention(q, k, v, segment_ids, scale, kernel, ring=False)
 
 
-def _sharded_attention(q, k, v, segment_ids, scale: float, *, ring: bool) -> Array:
+def _sharded_attention(q, k, v, segment_ids, scale: float, kernel, *, ring: bool) -> Array:
+  kernel = attention.AttentionKernel() if kernel is None else kernel
   C = context_size()
   T = q.shape[1]
   layout = current_layout()
   if C == 1:
     if layout != 'sequence':
       raise ValueError(f'rows are in the {layout!r} layout but there is no context axis')
-    mask = attention.segment_mask(segment_ids, segment_ids, causal=True)
-    return attention.dot_product_attention(q, k, v, mask, scale)
+    return kernel(q, k, v, segment_ids, segment_ids, causal=True, scale=scale)
   check_seq_len(T, C, load_balance=layout == 'load_balanced')
   spec, mesh = _row_spec(q.shape[0])
   seq = P(*spec)
@@ -281,7 +283,8 @@ def _sharded_attention(q, k, v, segment_ids, scale: float, *, ring: bool) -> Arr
     body = lambda *a: _ring_shard(*a, index=index, scale=scale, context=C,  # noqa: E731
                                    layout=layout)
   else:
-    body = lambda *a: _all_gather_shard(*a, index=index, scale=scale)  # noqa: E731
+    body = lambda *a: _all_gather_shard(*a, index=index, scale=scale,  # noqa: E731
+                                        kernel=kernel)
   # check_vma=False for the ring: under the pipeline's vmap(spmd_axis_name='pipeline') the
   # vma check rejects mixing the (pipeline-varying) blocks with the index constants inside the
   # scan / cond (jax 0.12 asks for this workaround); values and gradients are tested to match.
@@ -375,11 +378,12 @@ def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, sc
   return jnp.einsum('BNTH->BTNH', out).astype(v.dtype)
 
 
-def ring_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float) -> Array:
+def ring_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
+                   kernel: attention.AttentionKernel | None = None) -> Array:
   """As `all_gather_attention`, but K/V move around the context ring one block per step
   (C - 1 `ppermute`s), so no device ever holds more than T / C keys and the per-step scores are
-  `[B, N, T/C, T/C]`."""
-  return _sharded_attention(q, k, v, segment_ids, scale, ring=True)
+  `[B, N, T/C, T/C]` (its own online softmax: `kernel` only serves the no-context fallback)."""
+  return _sharded_attention(q, k, v, segment_ids, scale, kernel, ring=True)
 
 
 attention.register_causal_attention('all_gather', all_gather_attention)

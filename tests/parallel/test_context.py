@@ -197,7 +197,7 @@ def test_relayout_by_ppermute_equals_gather_and_inverts():
 # --------------------------------------------------------------------------------------------
 # Attention alone: sharded == single device (values and gradients), both layouts.
 
-@pytest.mark.parametrize('impl', ['all_gather', 'ring'])
+@pytest.mark.parametrize('impl', ['all_gather', 'ring', 'all_gather+flash'])
 @pytest.mark.parametrize('layout', ['sequence', 'load_balanced'])
 def test_attention_matches_single_device(impl, layout):
   r = np.random.default_rng(3)
@@ -216,10 +216,13 @@ def test_attention_matches_single_device(impl, layout):
   perm = context.layout_index(T, 4, layout)
   inv = context.inverse_permutation(perm)
 
+  impl, _, kernel = impl.partition('+')
+  kernel = attention.AttentionKernel(kernel, block_q=4, block_kv=8) if kernel else None
+
   def sharded(q, k, v, seg):  # inputs / outputs in sequence order, attention in `layout`
     q, k, v, seg = (a[:, perm] for a in (q, k, v, seg))
     with context.sequence_layout(layout):
-      out = attention.causal_attention(q, k, v, seg, scale, impl=impl)
+      out = attention.causal_attention(q, k, v, seg, scale, impl=impl, kernel=kernel)
     return out[:, inv]
 
   mesh = _mesh(data=2, context=4)
@@ -232,7 +235,9 @@ def test_attention_matches_single_device(impl, layout):
     assert _rel_err(g, rg) <= 1e-5
   shapes = _attention_logit_shapes(hlo, N)
   gathers = _kv_gathers(hlo, N)
-  if impl == 'all_gather':
+  if kernel is not None:   # flash: scores only in [4 x 8] blocks, K/V still gathered
+    assert len(gathers) == 2 and (B // 2, N, T // 4, T) not in shapes, (shapes, gathers)
+  elif impl == 'all_gather':
     assert (B // 2, N, T // 4, T) in shapes and len(gathers) == 2, (shapes, gathers)
   else:  # blocks travel by collective-permute; scores are T/C x T/C per step
     assert not gathers and 'collective-permute' in hlo
