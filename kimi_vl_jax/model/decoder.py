@@ -161,14 +161,14 @@ def combine_microbatch_aux(aux: dict[str, Array], segment_ids: Array) -> dict[st
 
   `moe.expert_load` is a fraction of the non-padding tokens' assignments, so the batch value is
   the microbatch values weighted by their non-padding token counts; `moe.sequence_balance_loss`
-  is a mean over packed sequences (runs of equal non-zero segment ids in a row), so it is weighted
+  is a mean over packed sequences (distinct non-zero segment ids of a row), so it is weighted
   by each microbatch's number of sequences. segment_ids [M, b, T].
   """
   valid = segment_ids != 0
-  starts = jnp.concatenate([jnp.ones_like(valid[..., :1]),
-                            segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  ids = jnp.sort(segment_ids, axis=-1)              # distinct ids = starts of runs once sorted
+  starts = jnp.concatenate([ids[..., :1] != 0, ids[..., 1:] != ids[..., :-1]], axis=-1)
   tokens = valid.sum((1, 2)).astype(jnp.float32)                              # [M]
-  seqs = (starts & valid).sum((1, 2)).astype(jnp.float32)                     # [M]
+  seqs = starts.sum((1, 2)).astype(jnp.float32)                               # [M]
   # Elementwise products, not einsums: no reduced-precision matmul passes on TPU.
   load = (aux['expert_load'] * tokens[:, None, None]).sum(0) / jnp.maximum(tokens.sum(), 1.0)
   balance = (aux['balance_loss'] * seqs[:, None]).sum(0) / jnp.maximum(seqs.sum(), 1.0)

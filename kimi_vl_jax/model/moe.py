@@ -191,7 +191,8 @@ def expert_load(topk_idx: Array, num_experts: int, token_mask: Array) -> Array:
 def sequence_balance_loss(scores: Array, topk_idx: Array, segment_ids: Array) -> Array:
   """DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), mean over sequences.
 
-  Per packed sequence (a run of equal non-zero segment ids in a row) of T tokens:
+  Per packed sequence (the tokens of one row sharing a non-zero segment id; they need not be
+  contiguous, so the load-balanced context-parallel layout gives the same value) of T tokens:
   `f_i = E / (K T) * #{t: i chosen for t}`, `P_i = mean_t s_it / sum_j s_jt`, loss = `sum_i f_i P_i`
   (1 when perfectly balanced). Multiply by the balance factor alpha in the trainer. f_i counts the
   experts actually chosen (with the bias), as the trainer's routing does.
@@ -199,17 +200,16 @@ def sequence_balance_loss(scores: Array, topk_idx: Array, segment_ids: Array) ->
   """
   B, T, E = scores.shape
   K = topk_idx.shape[-1]
-  valid = segment_ids != 0
-  # Index runs of equal segment ids within each row: robust to any id values.
-  starts = jnp.concatenate([jnp.ones((B, 1), jnp.bool_),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  run = jnp.cumsum(starts, axis=1) - 1 + jnp.arange(B)[:, None] * T         # [B, T] in [0, B*T)
-  run = jnp.where(valid, run, B * T).reshape(-1)                              # padding -> dropped
+  n = B * (T + 1)
+  # One bucket per (row, segment id); padding (id 0) goes to an extra bucket that is dropped.
+  segment_ids = segment_ids.astype(jnp.int32)
+  key = jnp.arange(B)[:, None] * (T + 1) + segment_ids
+  run = jnp.where(segment_ids != 0, key, n).reshape(-1)
   chosen = jax.nn.one_hot(topk_idx, E, dtype=jnp.float32).sum(-2)            # [B, T, E]
   probs = scores / scores.sum(-1, keepdims=True)
-  count = jax.ops.segment_sum(chosen.reshape(B * T, E), run, B * T)          # [B*T, E]
-  prob_sum = jax.ops.segment_sum(probs.reshape(B * T, E), run, B * T)
-  length = jax.ops.segment_sum(jnp.ones((B * T,), jnp.float32), run, B * T)  # [B*T]
+  count = jax.ops.segment_sum(chosen.reshape(B * T, E), run, n)             # [n, E]
+  prob_sum = jax.ops.segment_sum(probs.reshape(B * T, E), run, n)
+  length = jax.ops.segment_sum(jnp.ones((B * T,), jnp.float32), run, n)     # [n]
   inv_len = 1.0 / jnp.maximum(length, 1.0)
   f = count * (E / K) * inv_len[:, None]
   p = prob_sum * inv_len[:, None]

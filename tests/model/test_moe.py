@@ -224,3 +224,22 @@ def test_moe_module_aux_and_bias_gradient():
   assert np.all(np.asarray(grads['gate']['e_score_correction_bias']) == 0)
   assert np.abs(np.asarray(grads['gate']['kernel'])).max() > 0
   assert np.abs(np.asarray(grads['shared_experts']['down_proj']['kernel'])).max() > 0
+
+
+def test_balance_loss_is_invariant_to_token_order_within_a_row():
+  """Sequences are (row, segment id) groups, not contiguous runs: the load-balanced
+  context-parallel layout (a permutation of each row) must not change the statistic."""
+  from kimi_vl_jax.model.moe import sequence_balance_loss
+  rng = np.random.default_rng(0)
+  B, T, E, K = 2, 12, 8, 2
+  scores = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((B, T, E)), jnp.float32))
+  topk = jnp.asarray(np.argsort(-np.asarray(scores), -1)[..., :K], jnp.int32)
+  seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], jnp.int32)
+  perm = jnp.asarray(rng.permutation(T))
+  a = sequence_balance_loss(scores, topk, seg)
+  b = sequence_balance_loss(scores[:, perm], topk[:, perm], seg[:, perm])
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+  # 3 sequences: each alone gives the same mean.
+  per = [sequence_balance_loss(scores[r:r + 1], topk[r:r + 1], jnp.where(seg[r:r + 1] == s, 1, 0))
+         for r, s in ((0, 1), (0, 2), (1, 1))]
+  np.testing.assert_allclose(float(a), float(np.mean(per)), rtol=1e-6)
