@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kimi_vl_jax.model.attention import attention_kernel
 from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.layers import Einsum, RMSNorm, constrain, default_kernel_init, remat_policy
 from kimi_vl_jax.model.mla import MLA
@@ -41,7 +42,8 @@ class DecoderLayer(nn.Module):
     dt, pdt = c.jnp_dtype, c.jnp_param_dtype
     norm = lambda name: RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=dt, param_dtype=pdt,
                                 name=name)
-    h = MLA(t, dt, pdt, name='self_attn')(norm('input_layernorm')(x), positions, segment_ids)
+    h = MLA(t, dt, pdt, attention_kernel(c), name='self_attn')(norm('input_layernorm')(x),
+                                                                positions, segment_ids)
     x = constrain(x + h, _ACT)
     h = norm('post_attention_layernorm')(x)
     if self.moe:

@@ -146,6 +146,7 @@ def _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
   """Returns out [B, T, N, Hv] (v.dtype) and lse [B, N, T] fp32 (0 for rows that see nothing)."""
   B, _, N, _ = q.shape
   Hv = v.shape[-1]
+  qs, ks, qp, kp, q = jax.lax.optimization_barrier((qs, ks, qp, kp, q))  # as in `_flash_bwd`
   live = live_blocks(qs, ks, qp, kp, causal, bq, bk)                            # [I, J]
   kv_blocks = (_blocks(k, bk), _blocks(v, bk), _blocks(ks, bk), _blocks(kp, bk))
 
@@ -193,6 +194,10 @@ def _flash_fwd(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
 def _flash_bwd(causal, scale, bq, bk, res, dout):
   """FlashAttention-2 backward (Dao 2023, Alg. 2): key blocks outside, query blocks inside."""
   q, k, v, qs, ks, qp, kp, out, lse = res
+  # Tie the integer inputs to the cotangent: under a `lax.scan` over layers (nn.scan) the segment
+  # ids are loop invariants, and JAX would hoist every block mask that depends on them alone out
+  # of the layer loop, materialising all [T/bq, S/bk, B, N, bq, bk] of them (T^2 memory).
+  qs, ks, qp, kp, dout = jax.lax.optimization_barrier((qs, ks, qp, kp, dout))
   B, _, N, H = q.shape
   Hv = v.shape[-1]
   live = live_blocks(qs, ks, qp, kp, causal, bq, bk)                            # [I, J]

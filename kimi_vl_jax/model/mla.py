@@ -117,6 +117,7 @@ class MLA(nn.Module):
   config: TextConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  kernel: attention.AttentionKernel = attention.AttentionKernel()  # dense or flash (KimiVLConfig)
 
   def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Einsum:
     return Einsum(shape, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -163,6 +164,6 @@ class MLA(nn.Module):
     k = jnp.concatenate([k_nope, k_rope], axis=-1)                  # [B, S, N, Hqk]
     # Single device, or rows split over a 'context' mesh axis (parallel/context.py).
     out = attention.causal_attention(q, k, v, segment_ids, scale,
-                                     impl=t.context_parallel)         # [B, T, N, Hv]
+                                     impl=t.context_parallel, kernel=self.kernel)  # [B,T,N,Hv]
     out = constrain(out, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
     return self._proj('o_proj', (N, Hv, D), ('heads', 'kv', 'embed'))('BTNH,NHD->BTD', out)

@@ -113,6 +113,25 @@ def test_gradient_memory_is_linear_in_length():
   assert fl < scores / 8, (fl, scores)
 
 
+def test_gradient_memory_inside_a_layer_scan():
+  """Under `lax.scan` over layers (nn.scan) the segment ids are loop invariants: JAX must not hoist
+  the per-block masks out of the loop (that would store all [T/bq, S/bk, ...] blocks, T^2)."""
+  T, N, H = 4096, 1, 16
+  seg = jnp.asarray(np.repeat([1, 2, 0], [2000, 2000, 96])[None], jnp.int32)   # a constant
+  kern = attention.AttentionKernel('flash', 256, 256)
+
+  def layers(w, x):
+    def body(x, wi):
+      y = jnp.einsum('BTNH,HK->BTNK', x, wi)
+      return x + kern(y, y, y, seg, seg, causal=True, scale=0.25), None
+    return jax.lax.scan(body, x, w)[0].sum()
+
+  w = jax.ShapeDtypeStruct((2, H, H), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32)
+  temp = jax.jit(jax.grad(layers)).lower(w, x).compile().memory_analysis().temp_size_in_bytes
+  assert temp < T * T * N * 4 / 8, temp
+
+
 def _tiny_inputs(config, B=2, T=40, P=32):
   """Packed rows: 2 images per row (4x4 and 2x2 patches -> 4 + 1 image tokens), 2 examples and
   padding in row 0."""
