@@ -74,8 +74,6 @@ def get_config(arg: str = ''):
   c.parallel.context = 4
   c.parallel.rules = 'fsdp_ep_cp'
   c.model_overrides.text = {'rope_theta': 800000.0}
-  # Blockwise attention (model/flash.py): dense [heads, T, S] scores do not fit at 32K / 128K.
-  c.model_overrides.attention_impl = 'flash'
   c.eval.every = 500
   c.eval.data = {'sources': [sc.source('heldout', 'chat', '{data_dir}/sft/heldout.jsonl')]}
   return c

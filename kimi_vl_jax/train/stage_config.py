@@ -52,7 +52,9 @@ def base(stage: str, arg: str) -> ml_collections.ConfigDict:
   c.stage = stage
   c.model = 'tiny' if tiny else 'kimi_vl_a3b'
   c.model_overrides = ml_collections.ConfigDict() if tiny else ml_collections.ConfigDict(
-      {'dtype': 'bfloat16', 'param_dtype': 'float32', 'remat_policy': 'full'})
+      {'dtype': 'bfloat16', 'param_dtype': 'float32', 'remat_policy': 'full',
+       # Blockwise attention (model/flash.py): dense [heads, T, S] scores do not fit at 32K+.
+       'attention_impl': 'flash'})
   c.tokenizer = ml_collections.ConfigDict(
       {'kind': 'sentencepiece', 'path': None} if tiny else
       {'kind': 'kimi', 'path': ml_collections.config_dict.placeholder(str)})
