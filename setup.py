@@ -32,7 +32,8 @@ setuptools.setup(
         'easy-vqa',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-xdist'],
+        # libtpu lets the test suite compile for TPU topologies ahead of time (tests/parallel/test_aot.py).
+        'test': ['pytest', 'pytest-xdist', 'libtpu'],
         'tpu': ['jax[tpu]>=0.12,<0.13'],
     },
 )
