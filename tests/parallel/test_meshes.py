@@ -1,7 +1,7 @@
 """The tiny KimiVL's loss and gradients on the issue's remaining meshes (data 8; data 2 x expert 4)
 equal one device's, and ZeRO-1 shrinks the per-device Muon/AdamW state with the data axis.
 (data 2 x context 4 and expert 2 x pipeline 2 x context 2 are in test_context.py, data 2 x
-pipeline 2 x expert 2 in test_pipeline.py; they share the helpers imported here.)"""
+pipeline 2 x expert 2 in test_pipeline_parallel.py; they share the helpers imported here.)"""
 
 import dataclasses
 import math
