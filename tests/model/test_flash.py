@@ -159,8 +159,12 @@ def _tiny_inputs(config, B=2, T=40, P=32):
 
 def test_tiny_kimi_vl_flash_equals_dense():
   """The whole tiny model (MoonViT + MLA decoder): logits and parameter gradients."""
+  import dataclasses
   from kimi_vl_jax.model import KimiVL, get_preset
   dense_cfg = get_preset('tiny')
+  # One vision block, one dense + one MoE decoder layer: every code path, less compile time.
+  dense_cfg = dense_cfg.replace(vision=dataclasses.replace(dense_cfg.vision, num_layers=1),
+                                text=dataclasses.replace(dense_cfg.text, num_layers=2))
   flash_cfg = dense_cfg.replace(attention_impl='flash', attention_block_q=8, attention_block_kv=8)
   inputs = _tiny_inputs(dense_cfg)
   params = KimiVL(dense_cfg).init(jax.random.key(0), **inputs)['params']
