@@ -42,6 +42,7 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kimi_vl_jax.optim.muon import path_str as _path_str
 from kimi_vl_jax.parallel.mesh import AXES
 
 Rules = tuple[tuple[str, Any], ...]
@@ -145,16 +146,6 @@ def _mesh_spec(logical: P, shape, mesh: Mesh, rules: Rules, where: str, dropped:
 
 def _leaves_with_path(tree):
   return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)[0]
-
-
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '/'.join(parts)
 
 
 def param_specs(abstract_params, mesh: Mesh, rules: Rules | str) -> Any:
