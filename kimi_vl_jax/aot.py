@@ -152,11 +152,7 @@ def lower_train_step(cfg, mesh, *, phase: str | None = None, global_batch: int |
       num_processes=num_hosts)
   rules = rules_lib.get_rules(cfg.parallel.rules)
   factory = StateFactory(cfg, mc, mesh)
-  t = cfg.train
-  opts = StepOptions(grad_accum=int(t.get('grad_accum', 1)),
-                     z_loss_weight=float(t.get('z_loss_weight', 0.0)),
-                     balance_loss_weight=float(t.get('balance_loss_weight', 0.0)),
-                     router_bias_rate=float(t.get('router_bias_rate', 1e-3)))
+  opts = StepOptions.from_config(cfg.train)
   step_fn = make_train_step(KimiVL(mc), factory.tx, opts, trainable=factory.trainable,
                             lr_fn=factory.lr_fn)
   bsh = rules_lib.batch_sharding(mesh, rules)

@@ -110,11 +110,7 @@ class Trainer:
 
   # ------------------------------------------------------------------------------------------
   def _jit_step(self, factory: StateFactory, mc, batch_example: dict):
-    t = self.cfg.train
-    opts = StepOptions(grad_accum=int(t.get('grad_accum', 1)),
-                       z_loss_weight=float(t.get('z_loss_weight', 0.0)),
-                       balance_loss_weight=float(t.get('balance_loss_weight', 0.0)),
-                       router_bias_rate=float(t.get('router_bias_rate', 1e-3)))
+    opts = StepOptions.from_config(self.cfg.train)
     step_fn = make_train_step(KimiVL(mc), factory.tx, opts, trainable=factory.trainable,
                               lr_fn=factory.lr_fn)
     bsh = rules_lib.batch_sharding(self.mesh, self.rules)

@@ -66,6 +66,16 @@ class StepOptions:
   balance_loss_weight: float = 0.0
   router_bias_rate: float = 1e-3      # 0 disables the aux-loss-free bias update
 
+  @classmethod
+  def from_config(cls, train_cfg) -> 'StepOptions':
+    """Reads the step options of a stage config's `train` section (missing ones default)."""
+    d = cls()
+    return cls(grad_accum=int(train_cfg.get('grad_accum', d.grad_accum)),
+               z_loss_weight=float(train_cfg.get('z_loss_weight', d.z_loss_weight)),
+               balance_loss_weight=float(train_cfg.get('balance_loss_weight',
+                                                       d.balance_loss_weight)),
+               router_bias_rate=float(train_cfg.get('router_bias_rate', d.router_bias_rate)))
+
 
 def _get_path(tree, path):
   for k in path:
