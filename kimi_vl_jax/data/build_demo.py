@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 
-DEMO_VERSION = '1'
+DEMO_VERSION = '2'
 ARITH_SIZES = {'train': 20000, 'test': 1000}
 ARITH_SEEDS = {'train': 1234, 'test': 98765}
 
@@ -71,21 +71,52 @@ def _atomic_build(final_dir: str, build_fn) -> str:
 
 # ----------------------------------------------------------------------------------------- easy-vqa
 
-_SHAPE_Q = re.compile(r'^what is the (\w+) shape\??$')
-_COLOR_Q = re.compile(r'^what color is the (\w+)\??$')
+_COLORS = ('red', 'green', 'blue', 'black', 'gray', 'teal', 'brown', 'yellow')
+_SHAPES = ('circle', 'rectangle', 'triangle')
+_WORD = re.compile(r'[a-z]+')
+
+
+def _easy_vqa_facts(question: str, answer: str) -> dict[str, str]:
+  """What one easy-vqa question and its answer reveal: {'color': c} and / or {'shape': s}.
+
+  Open questions name the shape or color they ask about ("what is the red shape?" -> red +
+  answer; "what color is the triangle?" -> triangle + answer). Yes/no questions reveal the
+  attribute they name when it is present: a "yes" to a positive question ("is there a blue
+  shape?") or a "no" to a negated one ("is there not a circle?", "is no circle present?").
+  """
+  words = _WORD.findall(question.lower())
+  answer = answer.strip().lower()
+  named_color = next((w for w in words if w in _COLORS), None)
+  named_shape = next((w for w in words if w in _SHAPES), None)
+  facts = {}
+  if answer in ('yes', 'no'):
+    negated = 'not' in words or 'no' in words
+    if (answer == 'yes') != negated:
+      if named_color:
+        facts['color'] = named_color
+      if named_shape:
+        facts['shape'] = named_shape
+    return facts
+  if named_color:
+    facts['color'] = named_color
+  if named_shape:
+    facts['shape'] = named_shape
+  if answer in _COLORS:
+    facts['color'] = answer
+  elif answer in _SHAPES:
+    facts['shape'] = answer
+  return facts
 
 
 def _easy_vqa_captions(questions, answers, image_ids) -> dict[int, str]:
-  """Image id -> 'A <color> <shape>.' from the questions that reveal both."""
+  """Image id -> 'A <color> <shape>.' for every image whose questions reveal both."""
   color, shape = {}, {}
   for q, a, i in zip(questions, answers, image_ids):
-    q = q.strip().lower()
-    if m := _SHAPE_Q.match(q):
-      color.setdefault(i, m.group(1))
-      shape.setdefault(i, a)
-    elif m := _COLOR_Q.match(q):
-      shape.setdefault(i, m.group(1))
-      color.setdefault(i, a)
+    facts = _easy_vqa_facts(q, a)
+    if 'color' in facts:
+      color.setdefault(i, facts['color'])
+    if 'shape' in facts:
+      shape.setdefault(i, facts['shape'])
   return {i: f'A {color[i]} {shape[i]}.' for i in sorted(color) if i in shape}
 
 
@@ -211,8 +242,7 @@ def demo_corpus() -> list[str]:
   import easy_vqa
   lines = []
   for qs, ans, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
-    lines.extend(qs)
-    lines.extend(sorted(set(ans)))
+    lines.extend(f'{q} {a}' for q, a in zip(qs, ans))  # answers as often as they occur
     lines.extend(_easy_vqa_captions(qs, ans, _).values())
   for split in ('train', 'test'):
     rng = random.Random(ARITH_SEEDS[split])

@@ -38,11 +38,26 @@ def test_easy_vqa_conversion(cache):
   assert assistant['content'] == r['answer'] and ' ' not in r['answer']
   assert os.path.isfile(os.path.join(d, user['content'][0]['image']))
   caps = _lines(os.path.join(d, 'captions_train.jsonl'))
-  assert len(caps) > 2000 and re.fullmatch(r'A \w+ \w+\.', caps[0]['caption'])
+  assert len(caps) == 3542
+  assert all(re.fullmatch(r'A (red|green|blue|black|gray|teal|brown|yellow) '
+                          r'(circle|rectangle|triangle)\.', c['caption']) for c in caps)
   # Built once: a second call reuses it.
   mtime = os.path.getmtime(os.path.join(d, 'train.jsonl'))
   assert build_demo.ensure_demo('easy_vqa', cache) == d
   assert os.path.getmtime(os.path.join(d, 'train.jsonl')) == mtime
+
+
+def test_easy_vqa_facts_never_contradict_each_other():
+  import easy_vqa
+  assert build_demo._easy_vqa_facts('is there not a circle?', 'no') == {'shape': 'circle'}
+  assert build_demo._easy_vqa_facts('is no blue shape present?', 'yes') == {}
+  assert build_demo._easy_vqa_facts('what is the color of the shape?', 'teal') == {'color': 'teal'}
+  assert build_demo._easy_vqa_facts('what is the red shape?', 'circle') == {
+      'color': 'red', 'shape': 'circle'}
+  seen = {}
+  for q, a, i in zip(*easy_vqa.get_train_questions()):
+    for attr, value in build_demo._easy_vqa_facts(q, a).items():
+      assert seen.setdefault((i, attr), value) == value, (i, q, a)
 
 
 def test_arithmetic_is_deterministic_and_verifiable(cache, tmp_path):
