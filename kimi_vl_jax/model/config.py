@@ -70,7 +70,7 @@ class TextConfig:
   max_position_embeddings: int = 131072
   tie_word_embeddings: bool = False
   # Implementation choices (not in HF configs).
-  moe_impl: str = 'dropless'  # 'dropless' (ragged_dot) | 'capacity' (fixed expert buffers)
+  moe_impl: str = 'dropless'  # 'dropless' (ragged_dot) | 'dropless_blocked' | 'capacity'
   capacity_factor: float = 1.25
   # Attention when the rules split the sequence over the 'context' mesh axis (parallel/context.py):
   # 'all_gather' (each shard keeps its queries, gathers K/V) or 'none' (leave it to XLA's sharding
@@ -321,7 +321,8 @@ def demo() -> KimiVLConfig:
                       v_head_dim=32, intermediate_size=384, moe_intermediate_size=96,
                       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                       first_k_dense_replace=1, routed_scaling_factor=2.446,
-                      rope_theta=10000.0, max_position_embeddings=4096),
+                      rope_theta=10000.0, max_position_embeddings=4096,
+                      moe_impl='dropless_blocked'),  # exact dropless, fast on CPU
       media_placeholder_token_id=1023,
   )
 

@@ -10,7 +10,9 @@ the chosen experts, renormalised (`norm_topk_prob`, + 1e-20) and multiplied by
 `routed_scaling_factor`. This matches transformers' `DeepseekV3TopkRouter` / `DeepseekV3MoE`.
 
 Routed experts are a plain function of (tokens, choices, weights, stacked expert weights) chosen by
-`TextConfig.moe_impl` from `ROUTED_EXPERTS`: 'dropless' (sort by expert + `jax.lax.ragged_dot`) or
+`TextConfig.moe_impl` from `ROUTED_EXPERTS`: 'dropless' (sort by expert + `jax.lax.ragged_dot`),
+'dropless_blocked' (the same, with block-padded batched matmuls: XLA:CPU runs `ragged_dot` as a
+dense product with every expert, so the CPU configs use this one) or
 'capacity' (fixed per-expert buffers, overflow dropped in token order). `parallel/` registers its
 expert-parallel version with `register_routed_experts`.
 
@@ -19,6 +21,7 @@ Einsum letters: B batch, T tokens, D model, E experts, K top-k, F ffn width, C c
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -103,11 +106,46 @@ def _swiglu_grouped(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [M, D]
 
 
+def block_rows(num_rows: int, num_experts: int) -> int:
+  """Rows per block of `_swiglu_blocked`: about num_rows / (8 E), a power of two in [8, 256],
+  so per-expert padding costs at most ~1/8 extra compute."""
+  target = max(1, num_rows // (8 * num_experts))
+  return int(min(256, max(8, 2 ** int(math.log2(target)))))
+
+
+def _swiglu_blocked(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array
+                    ) -> Array:
+  """The same function as `_swiglu_grouped`, as batched matmuls over fixed-size row blocks.
+
+  Each expert's rows are padded to a multiple of the block size, so every block belongs to one
+  expert; a block multiplies by its expert's gathered weights. Static shapes: at most
+  ceil(M / block) + E blocks. XLA:CPU lowers `ragged_dot` to a dense product with every expert
+  (E times the work); this costs M + about E * block rows instead. The gathered weights are
+  [blocks, D, F], so this suits small models (the CPU configs), not the full model on TPU.
+  """
+  M, D = xs.shape
+  E = w_gate.shape[0]
+  b = block_rows(M, E)
+  nb = -(-M // b) + E
+  padded = (group_sizes + b - 1) // b * b                                 # [E]
+  pad_end = jnp.cumsum(padded)
+  start = jnp.cumsum(group_sizes) - group_sizes
+  row_e = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=M)  # expert of sorted row
+  dest = (pad_end - padded)[row_e] + jnp.arange(M) - start[row_e]        # row -> padded slot
+  buf = jnp.zeros((nb * b, D), xs.dtype).at[dest].set(xs, unique_indices=True).reshape(nb, b, D)
+  block_e = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(nb) * b, side='right'), E - 1)
+  gate = jnp.einsum('NBD,NDF->NBF', buf, w_gate[block_e])
+  up = jnp.einsum('NBD,NDF->NBF', buf, w_up[block_e])
+  out = jnp.einsum('NBF,NFD->NBD', jax.nn.silu(gate) * up, w_down[block_e])
+  return out.reshape(nb * b, D)[dest]
+
+
 def routed_experts_dropless(x: Array, topk_idx: Array, topk_weights: Array, w_gate: Array,
                             w_up: Array, w_down: Array, *, token_mask: Array | None = None,
-                            capacity_factor: float | None = None, dtype=jnp.float32) -> Array:
+                            capacity_factor: float | None = None, dtype=jnp.float32,
+                            grouped: Callable = _swiglu_grouped) -> Array:
   """Every assignment is computed: sort the T*K (token, expert) pairs by expert, run grouped
-  matmuls (`ragged_dot`), unsort and combine with the router weights (in fp32)."""
+  matmuls (`ragged_dot`, or `grouped`), unsort and combine with the router weights (in fp32)."""
   del capacity_factor
   T, K = topk_idx.shape
   E = w_gate.shape[0]
@@ -115,8 +153,7 @@ def routed_experts_dropless(x: Array, topk_idx: Array, topk_weights: Array, w_ga
   order = jnp.argsort(flat_e, stable=True)                         # assignments grouped by expert
   xs = jnp.asarray(x, dtype)[order // K]                              # [T*K, D]
   group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
-  ys = _swiglu_grouped(xs, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype),
-                       group_sizes)
+  ys = grouped(xs, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype), group_sizes)
   ys = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(T, K, -1)
   weights = topk_weights.astype(jnp.float32)
   if token_mask is not None:
@@ -158,6 +195,8 @@ def routed_experts_capacity(x: Array, topk_idx: Array, topk_weights: Array, w_ga
 RoutedExpertsFn = Callable[..., Array]
 ROUTED_EXPERTS: dict[str, RoutedExpertsFn] = {
     'dropless': routed_experts_dropless,
+    # Exactly 'dropless', with block-padded batched matmuls instead of `ragged_dot` (fast on CPU).
+    'dropless_blocked': functools.partial(routed_experts_dropless, grouped=_swiglu_blocked),
     'capacity': routed_experts_capacity,
 }
 

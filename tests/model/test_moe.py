@@ -34,7 +34,7 @@ def test_matches_transformers_moe_block(name):
                                 probes['router_idx'])
   np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, -1).reshape(B * T, -1),
                              probes['router_weights'], atol=1e-6)
-  for impl in ('dropless', 'capacity'):
+  for impl in ('dropless', 'dropless_blocked', 'capacity'):
     text = dataclasses.replace(t, moe_impl=impl, capacity_factor=4.0)
     out, aux = jax.jit(MoE(text).apply)({'params': params}, x, jnp.ones((B, T), jnp.int32))
     np.testing.assert_allclose(np.asarray(out), probes['moe_out'], atol=1e-5, rtol=0)
@@ -123,6 +123,34 @@ def test_capacity_equals_dropless_when_nothing_overflows():
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, ws)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                grads('capacity', capacity_factor=4.0), grads('dropless'))
+
+
+@pytest.mark.parametrize('T, seed', [(48, 0), (300, 1), (5, 2)])
+def test_blocked_dropless_equals_ragged_dot(T, seed):
+  """Same values and gradients, with skewed and empty expert groups (T=5: most are empty)."""
+  x, idx, w, ws = random_routing(seed, T=T)
+  assert len(set(np.asarray(idx).ravel().tolist())) < 8 or T > 5
+  np.testing.assert_allclose(run('dropless_blocked', x, idx, w, ws), run('dropless', x, idx, w, ws),
+                             atol=1e-5, rtol=0)
+  def grads(impl):
+    def loss(x, w, ws):
+      return jnp.sum(jnp.sin(moe_lib.routed_experts(x, idx, w, *ws, impl=impl)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, ws)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               grads('dropless_blocked'), grads('dropless'))
+
+
+def test_blocked_dropless_runs_block_padded_matmuls_not_dense_ones():
+  """The compiled HLO has no [M, E * D] operand (how XLA:CPU lowers ragged_dot)."""
+  x, idx, w, ws = random_routing(0, T=256, D=16)
+  M, E, D = 512, 8, 16
+  hlo = jax.jit(lambda x, w, ws: moe_lib.routed_experts(x, idx, w, *ws, impl='dropless_blocked')
+                ).lower(x, w, ws).compile().as_text()
+  assert f'f32[{M},{E * D}]' not in hlo
+  dense = jax.jit(lambda x, w, ws: moe_lib.routed_experts(x, idx, w, *ws, impl='dropless')
+                  ).lower(x, w, ws).compile().as_text()
+  if jax.default_backend() == 'cpu':
+    assert f'f32[{M},{E * D}]' in dense  # the reason 'dropless_blocked' exists
 
 
 def test_small_capacity_drops_overflow_in_token_order():
