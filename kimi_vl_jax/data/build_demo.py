@@ -5,8 +5,8 @@
 
   easy_vqa/{train,test}.jsonl          one question per conversation: user = image + question,
                                        assistant = the one-word answer (38,575 / 9,673 records)
-  easy_vqa/train_balanced.jsonl        the training questions with yes / no balanced per question
-                                       text (`_balanced_yes_no`), for training on the image
+  easy_vqa/train_open.jsonl            the training questions answered by a shape or a color
+                                       (10,168), a mixture source that upweights them
   easy_vqa/captions_{train,test}.jsonl image-caption pairs ("A blue circle.") derived from the QA
   easy_vqa/images/{train,test}/N.png   the 64x64 images, copied from the package (not committed)
   arithmetic/{train,test}.jsonl        text-only chats: a word problem and a worked answer ending in
@@ -122,29 +122,6 @@ def _easy_vqa_captions(questions, answers, image_ids) -> dict[int, str]:
   return {i: f'A {color[i]} {shape[i]}.' for i in sorted(color) if i in shape}
 
 
-def _balanced_yes_no(questions, answers, seed: int = 0) -> list[int]:
-  """Indices of a subset in which every yes/no question text has as many "yes" as "no" answers.
-
-  easy-vqa's yes/no questions are skewed per wording ("is there a red shape?" is "no" 87% of the
-  time), so a model can answer 83% of them from the question alone. As in VQA v2's balancing,
-  the majority answer of each question text is subsampled to the minority count; open questions
-  are all kept. The order of the kept records is the original order.
-  """
-  by_q: dict[str, dict[str, list[int]]] = {}
-  keep = []
-  for k, (q, a) in enumerate(zip(questions, answers)):
-    if a in ('yes', 'no'):
-      by_q.setdefault(q, {'yes': [], 'no': []})[a].append(k)
-    else:
-      keep.append(k)
-  rng = random.Random(seed)
-  for q in sorted(by_q):
-    yes, no = by_q[q]['yes'], by_q[q]['no']
-    n = min(len(yes), len(no))
-    keep.extend(rng.sample(yes, n) + rng.sample(no, n))
-  return sorted(keep)
-
-
 def _build_easy_vqa(out: str) -> None:
   import easy_vqa
   splits = {
@@ -161,20 +138,14 @@ def _build_easy_vqa(out: str) -> None:
       except OSError:
         shutil.copyfile(src, dst)
     rel = lambda i: f'images/{split}/{i}.png'  # noqa: E731
-    _write_jsonl(os.path.join(out, f'{split}.jsonl'), (
-        {'messages': [
-            {'role': 'user', 'content': [{'type': 'image', 'image': rel(i)},
-                                         {'type': 'text', 'text': q}]},
-            {'role': 'assistant', 'content': a}], 'answer': a}
-        for q, a, i in zip(qs, ans, ids)))
-    if split == 'train':
-      keep = _balanced_yes_no(qs, ans)
-      _write_jsonl(os.path.join(out, 'train_balanced.jsonl'), (
-          {'messages': [
-              {'role': 'user', 'content': [{'type': 'image', 'image': rel(ids[k])},
-                                           {'type': 'text', 'text': qs[k]}]},
-              {'role': 'assistant', 'content': ans[k]}], 'answer': ans[k]}
-          for k in keep))
+    records = [{'messages': [
+        {'role': 'user', 'content': [{'type': 'image', 'image': rel(i)},
+                                     {'type': 'text', 'text': q}]},
+        {'role': 'assistant', 'content': a}], 'answer': a} for q, a, i in zip(qs, ans, ids)]
+    _write_jsonl(os.path.join(out, f'{split}.jsonl'), records)
+    if split == 'train':  # the questions whose answer names a shape or a color
+      _write_jsonl(os.path.join(out, 'train_open.jsonl'),
+                   (r for r in records if r['answer'] not in ('yes', 'no')))
     caps = _easy_vqa_captions(qs, ans, ids)
     _write_jsonl(os.path.join(out, f'captions_{split}.jsonl'),
                  ({'image': rel(i), 'caption': c} for i, c in caps.items()))
