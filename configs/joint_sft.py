@@ -9,8 +9,8 @@ parameters train. Two phases: one epoch at 32K tokens with LR 2e-5 -> 2e-6, then
   python -m kimi_vl_jax.main --config=configs/joint_sft.py:tiny --workdir=/tmp/kimi_vl_tiny
 
 The tiny variant trains a small model from scratch on the bundled demo data (easy-vqa image
-questions + arithmetic word problems) and reports the easy-vqa answer accuracy of greedy decoding
-(`--config.train.blank_images=True` is the ablation with every image blanked out).
+questions and captions + arithmetic word problems) and reports the easy-vqa answer accuracy of
+greedy decoding (`--config.train.blank_images=True` is the ablation with every image blanked out).
 """
 
 from kimi_vl_jax.train import stage_config as sc
@@ -25,8 +25,10 @@ def get_config(arg: str = ''):
   c = sc.base('joint_sft', arg)
   if arg == 'tiny':
     c.model = 'demo'
+    # Captions ("A blue circle.") name what the image shows; most easy-vqa questions are yes/no.
     c.data.sources = [
-        sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.9),
+        sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.6),
+        sc.source('captions', 'caption', 'demo:easy_vqa/captions_train.jsonl', 0.3),
         sc.source('arithmetic', 'chat', 'demo:arithmetic/train.jsonl', 0.1),
     ]
     c.data.seq_len = 256
@@ -35,13 +37,14 @@ def get_config(arg: str = ''):
     c.data.max_patches = 288
     c.data.max_images = 8
     c.data.image = {'max_patches': 36}
+    # Two phases as in the full recipe (there 32K then 128K); here the same row length.
     c.phases = [
-        {'name': 'sft_short', 'steps': 340, 'data': {'seq_len': 256}},
-        {'name': 'sft_long', 'steps': 60, 'data': {'seq_len': 256}},
+        {'name': 'sft_short', 'steps': 900, 'data': {'seq_len': 256}},
+        {'name': 'sft_long', 'steps': 100, 'data': {'seq_len': 256}},
     ]
     c.optim.schedule = {'kind': 'multi_phase', 'phases': [
-        {'steps': 340, 'warmup_steps': 30, 'peak_lr': 3e-3, 'end_lr': 3e-4},
-        {'steps': 60, 'warmup_steps': 10, 'peak_lr': 1e-3, 'end_lr': 1e-4},
+        {'steps': 900, 'warmup_steps': 30, 'peak_lr': 6e-3, 'end_lr': 6e-4},
+        {'steps': 100, 'warmup_steps': 10, 'peak_lr': 2e-3, 'end_lr': 2e-4},
     ]}
     c.optim.weight_decay = 0.01
     c.checkpoint.interval = 100

@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 
-DEMO_VERSION = '3'
+DEMO_VERSION = '4'
 ARITH_SIZES = {'train': 20000, 'test': 1000}
 ARITH_SEEDS = {'train': 1234, 'test': 98765}
 

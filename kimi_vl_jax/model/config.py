@@ -311,14 +311,14 @@ def to_hf_dict(config: KimiVLConfig) -> dict:
 
 
 def demo() -> KimiVLConfig:
-  """A ~1M-parameter model for the CPU joint-SFT demo (configs/joint_sft.py:tiny): `tiny` with
-  a wider vision tower and decoder, enough to answer easy-vqa questions from the image."""
+  """A 2.3M-parameter model (1.6M active) for the CPU joint-SFT demo (configs/joint_sft.py:tiny):
+  `tiny` with a wider vision tower and decoder, 8 narrow attention heads."""
   return KimiVLConfig(
       vision=VisionConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256,
                           pos_emb_height=16, pos_emb_width=16),
-      text=TextConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
-                      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                      v_head_dim=32, intermediate_size=384, moe_intermediate_size=96,
+      text=TextConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=8,
+                      kv_lora_rank=96, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                      v_head_dim=16, intermediate_size=384, moe_intermediate_size=96,
                       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                       first_k_dense_replace=1, routed_scaling_factor=2.446,
                       rope_theta=10000.0, max_position_embeddings=4096,
