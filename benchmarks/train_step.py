@@ -1,6 +1,7 @@
 """Train-step benchmark: tokens/s and MFU of the shared train step, Muon vs AdamW step time.
 
     python benchmarks/train_step.py [--model=small] [--batch=2] [--seq_len=512] [--steps=5]
+                                    [--moe_impl=auto]
 
 MFU is against the fp32 matmul throughput measured on the same machine in the same run (a jitted
 square matmul, best of several), with the analytic FLOPs of `train.metrics` (active experts
@@ -12,6 +13,7 @@ parameter (router biases frozen in both), and reports the ratio of the step time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -82,11 +84,18 @@ def main():
   ap.add_argument('--batch', type=int, default=2)
   ap.add_argument('--seq_len', type=int, default=512)
   ap.add_argument('--steps', type=int, default=5)
+  ap.add_argument('--moe_impl', default='auto',
+                  help="routed experts; 'auto' = 'dropless_blocked' on CPU (XLA:CPU runs ragged_dot "
+                       "densely over every expert), the preset's otherwise")
   ap.add_argument('--out', default=None, help='write the results as JSON here')
   args = ap.parse_args()
   jax.config.update('jax_default_matmul_precision', 'highest')
 
   mc = get_preset(args.model)
+  impl = args.moe_impl
+  if impl == 'auto':
+    impl = 'dropless_blocked' if jax.default_backend() == 'cpu' else mc.text.moe_impl
+  mc = dataclasses.replace(mc, text=dataclasses.replace(mc.text, moe_impl=impl))
   batch = synthetic_batch(mc, args.batch, args.seq_len)
   peak = metrics_lib.measure_matmul_flops(2048)
   boxed = init_params(mc, jax.random.PRNGKey(0))
@@ -98,7 +107,7 @@ def main():
   adamw_tx = optax.partition({'adamw': optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1),
                               'frozen': optax.set_to_zero()}, labels)
 
-  results = {'model': args.model, 'batch': args.batch, 'seq_len': args.seq_len,
+  results = {'model': args.model, 'moe_impl': impl, 'batch': args.batch, 'seq_len': args.seq_len,
              'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
              'matmul_flops_per_s': peak}
   flops = metrics_lib.batch_flops(mc, batch)
