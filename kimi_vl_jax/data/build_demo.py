@@ -4,7 +4,8 @@
 (default `$KIMI_VL_JAX_CACHE` or `~/.cache/kimi_vl_jax`):
 
   easy_vqa/{train,test}.jsonl          one question per conversation: user = image + question,
-                                       assistant = the one-word answer (38,575 / 9,673 records)
+                                       assistant = the one-word answer (38,575 / 9,673 records),
+                                       `kind` = 'yes/no' | 'shape' | 'color'
   easy_vqa/train_open.jsonl            the training questions answered by a shape or a color
                                        (10,168), a mixture source that upweights them
   easy_vqa/captions_{train,test}.jsonl image-caption pairs ("A blue circle.") derived from the QA
@@ -27,7 +28,7 @@ import re
 import shutil
 import tempfile
 
-DEMO_VERSION = '4'
+DEMO_VERSION = '5'
 ARITH_SIZES = {'train': 20000, 'test': 1000}
 ARITH_SEEDS = {'train': 1234, 'test': 98765}
 
@@ -110,6 +111,10 @@ def _easy_vqa_facts(question: str, answer: str) -> dict[str, str]:
   return facts
 
 
+def _answer_kind(answer: str) -> str:
+  return 'yes/no' if answer in ('yes', 'no') else 'shape' if answer in _SHAPES else 'color'
+
+
 def _easy_vqa_captions(questions, answers, image_ids) -> dict[int, str]:
   """Image id -> 'A <color> <shape>.' for every image whose questions reveal both."""
   color, shape = {}, {}
@@ -141,11 +146,12 @@ def _build_easy_vqa(out: str) -> None:
     records = [{'messages': [
         {'role': 'user', 'content': [{'type': 'image', 'image': rel(i)},
                                      {'type': 'text', 'text': q}]},
-        {'role': 'assistant', 'content': a}], 'answer': a} for q, a, i in zip(qs, ans, ids)]
+        {'role': 'assistant', 'content': a}], 'answer': a, 'kind': _answer_kind(a)}
+        for q, a, i in zip(qs, ans, ids)]
     _write_jsonl(os.path.join(out, f'{split}.jsonl'), records)
     if split == 'train':  # the questions whose answer names a shape or a color
       _write_jsonl(os.path.join(out, 'train_open.jsonl'),
-                   (r for r in records if r['answer'] not in ('yes', 'no')))
+                   (r for r in records if r['kind'] != 'yes/no'))
     caps = _easy_vqa_captions(qs, ans, ids)
     _write_jsonl(os.path.join(out, f'captions_{split}.jsonl'),
                  ({'image': rel(i), 'caption': c} for i, c in caps.items()))

@@ -14,7 +14,9 @@ Config (`config.eval`):
 Answer accuracy renders each conversation without its last turn plus the generation prompt
 (`<|im_assistant|>assistant<|im_middle|>`), exactly as training renders it, decodes greedily with
 the full-sequence forward (no KV cache: answers are a few tokens), and counts an exact match of
-the decoded text (whitespace-stripped, case-insensitive).
+the decoded text (whitespace-stripped, case-insensitive). Records with a `kind` string (the demo
+data marks easy-vqa questions 'yes/no', 'shape' or 'color') are also scored per kind, as
+`answer_accuracy/<kind>`.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def load_answer_examples(path: str, tok, data_cfg, limit: int) -> list[dict]:
     for line in f:
       if not line.strip():
         continue
-      turns = chat.parse_conversation(json.loads(line))
+      record = json.loads(line)
+      turns = chat.parse_conversation(record)
       if turns[-1].role != 'assistant':
         raise ValueError(f'{path}: the last turn of an answer record must be the assistant')
       answer = ''.join(v for kind, v in turns[-1].parts if kind == 'text')
@@ -67,7 +70,7 @@ def load_answer_examples(path: str, tok, data_cfg, limit: int) -> list[dict]:
         ntok.append(images_lib.num_image_tokens(hw))
       ids, _ = chat.render_chat(prompt_turns, tok, ntok, default_system_prompt=system,
                                 add_generation_prompt=True)
-      out.append({'ids': ids, 'answer': answer,
+      out.append({'ids': ids, 'answer': answer, 'kind': record.get('kind'),
                   'patches': np.concatenate(patches) if patches else None,
                   'coords': np.concatenate(coords) if coords else None,
                   'grids': np.asarray(grids, np.int32).reshape(-1, 2)})
@@ -102,6 +105,19 @@ def _rows(examples: list[dict], seq_len: int, max_patches: int, max_images: int,
       grids[b, :len(sizes)] = ex['grids']
   return {'input_ids': ids, 'lens': lens, 'patches': patches, 'patch_coords': coords,
           'patch_image_ids': pids, 'image_grid_hws': grids}
+
+
+def score_answers(examples: list[dict], texts: list[str]) -> dict[str, float]:
+  """Exact-match accuracy (stripped, case-insensitive), overall and per example `kind`."""
+  hits, by_kind = [], {}
+  for ex, text in zip(examples, texts, strict=True):
+    hit = int(text.strip().lower() == ex['answer'].strip().lower())
+    hits.append(hit)
+    if isinstance(ex.get('kind'), str):
+      by_kind.setdefault(ex['kind'], []).append(hit)
+  res = {'answer_accuracy': sum(hits) / len(hits), 'answer_examples': len(hits)}
+  res.update({f'answer_accuracy/{k}': sum(v) / len(v) for k, v in sorted(by_kind.items())})
+  return res
 
 
 def make_greedy_decoder(model: KimiVL, max_new_tokens: int):
@@ -195,7 +211,7 @@ class Evaluator:
 
   def answers(self, params) -> dict[str, float]:
     end_id = self.tok.special['<|im_end|>']
-    hits = 0
+    texts = []
     for i in range(0, len(self.examples), self.answer_batch):
       chunk = self.examples[i:i + self.answer_batch]
       pad = self.answer_batch - len(chunk)
@@ -204,13 +220,10 @@ class Evaluator:
       if self.blank:
         rows['patches'] = np.zeros_like(rows['patches'])
       out = np.asarray(self._decode(params, {k: jnp.asarray(v) for k, v in rows.items()}))
-      for ex, gen in zip(chunk, out[:len(chunk)]):
+      for gen in out[:len(chunk)]:
         gen = list(gen)
-        if end_id in gen:
-          gen = gen[:gen.index(end_id)]
-        text = self.tok.decode(gen)
-        hits += int(text.strip().lower() == ex['answer'].strip().lower())
-    return {'answer_accuracy': hits / len(self.examples), 'answer_examples': len(self.examples)}
+        texts.append(self.tok.decode(gen[:gen.index(end_id)] if end_id in gen else gen))
+    return score_answers(self.examples, texts)
 
   def run(self, params) -> dict[str, float]:
     res = {}

@@ -36,6 +36,8 @@ def test_easy_vqa_conversion(cache):
   user, assistant = r['messages']
   assert user['content'][0]['type'] == 'image' and user['content'][1]['text'].endswith('?')
   assert assistant['content'] == r['answer'] and ' ' not in r['answer']
+  assert {r['kind'] for r in test} == {'yes/no', 'shape', 'color'}
+  assert all((r['kind'] == 'yes/no') == (r['answer'] in ('yes', 'no')) for r in train)
   assert os.path.isfile(os.path.join(d, user['content'][0]['image']))
   caps = _lines(os.path.join(d, 'captions_train.jsonl'))
   assert len(caps) == 3542
@@ -64,7 +66,7 @@ def test_open_easy_vqa_questions(cache):
   d = os.path.join(cache, 'easy_vqa')
   full = _lines(os.path.join(d, 'train.jsonl'))
   assert _lines(os.path.join(d, 'train_open.jsonl')) == [
-      r for r in full if r['answer'] not in ('yes', 'no')]
+      r for r in full if r['kind'] != 'yes/no']
 
 
 def test_arithmetic_is_deterministic_and_verifiable(cache, tmp_path):

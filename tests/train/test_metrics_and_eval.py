@@ -68,3 +68,13 @@ def test_greedy_decoder_matches_naive_loop():
                            image_grid_hws=jnp.asarray(grid)[None])
       ids.append(int(jnp.argmax(logits[0, -1])))
       assert int(out[b, i]) == ids[-1], (b, i)
+
+
+def test_answer_scoring_overall_and_per_kind():
+  exs = [{'answer': 'yes', 'kind': 'yes/no'}, {'answer': 'no', 'kind': 'yes/no'},
+         {'answer': 'Circle', 'kind': 'shape'}, {'answer': 'red'}]
+  res = evaluate.score_answers(exs, [' yes', 'yes', 'circle ', 'blue'])
+  assert res == {'answer_accuracy': 0.5, 'answer_examples': 4,
+                 'answer_accuracy/shape': 1.0, 'answer_accuracy/yes/no': 0.5}
+  with pytest.raises(ValueError):
+    evaluate.score_answers(exs, ['yes'])
