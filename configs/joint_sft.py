@@ -25,9 +25,12 @@ def get_config(arg: str = ''):
   c = sc.base('joint_sft', arg)
   if arg == 'tiny':
     c.model = 'demo'
-    # Captions ("A blue circle.") name what the image shows; most easy-vqa questions are yes/no.
+    # 74% of easy-vqa questions are yes/no, most of which the question text alone answers; the
+    # shape / color questions and the captions ("A blue circle.") are upweighted: they name what
+    # the image shows.
     c.data.sources = [
-        sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.6),
+        sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.35),
+        sc.source('easy_vqa_open', 'chat', 'demo:easy_vqa/train_open.jsonl', 0.25),
         sc.source('captions', 'caption', 'demo:easy_vqa/captions_train.jsonl', 0.3),
         sc.source('arithmetic', 'chat', 'demo:arithmetic/train.jsonl', 0.1),
     ]
