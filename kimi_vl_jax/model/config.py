@@ -181,6 +181,7 @@ def small() -> KimiVLConfig:
                       v_head_dim=64, intermediate_size=3072, moe_intermediate_size=512,
                       n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
                       rope_theta=50000.0, max_position_embeddings=32768),
+      media_placeholder_token_id=32767,  # inside the 32K vocab (the default is the A3B's id)
   )
 
 
