@@ -12,7 +12,7 @@ the chosen experts, renormalised (`norm_topk_prob`, + 1e-20) and multiplied by
 Routed experts are a plain function of (tokens, choices, weights, stacked expert weights) chosen by
 `TextConfig.moe_impl` from `ROUTED_EXPERTS`: 'dropless' (sort by expert + `jax.lax.ragged_dot`),
 'dropless_blocked' (the same, with block-padded batched matmuls: XLA:CPU runs `ragged_dot` as a
-dense product with every expert, so the CPU configs use this one) or
+dense product with every expert, so the CPU `demo` preset uses this one) or
 'capacity' (fixed per-expert buffers, overflow dropped in token order). `parallel/` registers its
 expert-parallel version with `register_routed_experts`.
 
