@@ -89,26 +89,14 @@ def _easy_vqa_facts(question: str, answer: str) -> dict[str, str]:
   """
   words = _WORD.findall(question.lower())
   answer = answer.strip().lower()
-  named_color = next((w for w in words if w in _COLORS), None)
-  named_shape = next((w for w in words if w in _SHAPES), None)
-  facts = {}
+  named = {attr: w for attr, vocab in (('color', _COLORS), ('shape', _SHAPES))
+           for w in words[::-1] if w in vocab}  # the first one named wins
   if answer in ('yes', 'no'):
     negated = 'not' in words or 'no' in words
-    if (answer == 'yes') != negated:
-      if named_color:
-        facts['color'] = named_color
-      if named_shape:
-        facts['shape'] = named_shape
-    return facts
-  if named_color:
-    facts['color'] = named_color
-  if named_shape:
-    facts['shape'] = named_shape
-  if answer in _COLORS:
-    facts['color'] = answer
-  elif answer in _SHAPES:
-    facts['shape'] = answer
-  return facts
+    return named if (answer == 'yes') != negated else {}
+  if answer in _COLORS or answer in _SHAPES:
+    named[_answer_kind(answer)] = answer
+  return named
 
 
 def _answer_kind(answer: str) -> str:

@@ -129,7 +129,8 @@ def test_capacity_equals_dropless_when_nothing_overflows():
 def test_blocked_dropless_equals_ragged_dot(T, seed):
   """Same values and gradients, with skewed and empty expert groups (T=5: most are empty)."""
   x, idx, w, ws = random_routing(seed, T=T)
-  assert len(set(np.asarray(idx).ravel().tolist())) < 8 or T > 5
+  if T == 5:
+    assert len(set(np.asarray(idx).ravel().tolist())) < 8  # some experts get no rows
   np.testing.assert_allclose(run('dropless_blocked', x, idx, w, ws), run('dropless', x, idx, w, ws),
                              atol=1e-5, rtol=0)
   def grads(impl):
