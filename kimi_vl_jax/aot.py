@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from kimi_vl_jax.parallel import mesh as mesh_lib  # noqa: E402
 from kimi_vl_jax.parallel import rules as rules_lib  # noqa: E402
+from kimi_vl_jax.parallel.kernels import build_kernels  # noqa: E402
 
 GiB = 1024 ** 3
 
@@ -153,7 +154,8 @@ def lower_train_step(cfg, mesh, *, phase: str | None = None, global_batch: int |
   rules = rules_lib.get_rules(cfg.parallel.rules)
   factory = StateFactory(cfg, mc, mesh)
   opts = StepOptions.from_config(cfg.train)
-  step_fn = make_train_step(KimiVL(mc), factory.tx, opts, trainable=factory.trainable,
+  model = KimiVL(mc, kernels=build_kernels(mc, mesh, rules))
+  step_fn = make_train_step(model, factory.tx, opts, trainable=factory.trainable,
                             lr_fn=factory.lr_fn)
   bsh = rules_lib.batch_sharding(mesh, rules)
   batch = abstract_batch(data, global_batch, bsh)

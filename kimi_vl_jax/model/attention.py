@@ -5,21 +5,18 @@ Masks are built from segment ids, never materialised by callers: query i may att
 segment id 0 and attend only to other padding, so no softmax row is ever empty (no NaN).
 Softmax in fp32.
 
-`AttentionKernel` picks how the masked attention is computed: 'dense' (the functions above:
-`[B, N, T, S]` fp32 scores) or 'flash' (`flash.py`: blockwise, online softmax, recomputing
+`AttentionKernel` picks how the masked attention is computed on one device: 'dense' (the functions
+above: `[B, N, T, S]` fp32 scores) or 'flash' (`flash.py`: blockwise, online softmax, recomputing
 backward), chosen by `KimiVLConfig.attention_impl` for MLA and MoonViT alike.
 
-`causal_attention` is the decoder's entry point: `impl='none'` is the single-device computation;
-other names select a registered implementation, e.g. context parallelism's `'all_gather'` and
-`'ring'` (`parallel/context.py`, imported on first use), which fall back to the same computation
-when no context mesh axis is active.
+`causal_attention` is the decoder's single-device causal attention; it is the default
+`Kernels.causal_attention` (`model/kernels.py`), which a context-parallel run replaces by a
+function with the same signature over the sharded sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,29 +84,16 @@ def attention_kernel(config) -> AttentionKernel:
                          config.attention_block_kv)
 
 
-CausalAttentionFn = Callable[..., Array]
-CAUSAL_ATTENTION: dict[str, CausalAttentionFn] = {}
-# Modules whose import registers more implementations (they need the mesh, so live in parallel/).
-_PROVIDERS = {name: 'kimi_vl_jax.parallel.context' for name in ('all_gather', 'ring')}
-
-
-def register_causal_attention(name: str, fn: CausalAttentionFn) -> None:
-  """Makes `fn(q, k, v, segment_ids, scale, *, kernel)` selectable as
-  `TextConfig.context_parallel=name`."""
-  CAUSAL_ATTENTION[name] = fn
-
-
 def causal_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
-                     impl: str = 'none', kernel: AttentionKernel | None = None) -> Array:
-  """Causal attention within packed segments: q [B, T, N, H], k [B, T, N, H], v [B, T, N, Hv],
-  segment_ids [B, T] -> [B, T, N, Hv], computed by `impl` ('none' = single device) with
-  `kernel` (default dense) for the local scores."""
+                     kernel: AttentionKernel | None = None, layout: str = 'sequence') -> Array:
+  """Causal attention within packed segments on one device: q [B, T, N, H], k [B, T, N, H],
+  v [B, T, N, Hv], segment_ids [B, T] -> [B, T, N, Hv], scores by `kernel` (default dense).
+
+  `layout` is the order the rows are stored in; one device only has sequence order (the
+  load-balanced order of context parallelism needs the context-parallel attention).
+  """
+  if layout != 'sequence':
+    raise ValueError(f'rows are in the {layout!r} layout but the causal attention is the '
+                     'single-device one; build the kernels with parallel.kernels.build_kernels')
   kernel = AttentionKernel() if kernel is None else kernel
-  if impl == 'none':
-    return kernel(q, k, v, segment_ids, segment_ids, causal=True, scale=scale)
-  if impl not in CAUSAL_ATTENTION and impl in _PROVIDERS:
-    importlib.import_module(_PROVIDERS[impl])
-  if impl not in CAUSAL_ATTENTION:
-    raise ValueError(f'unknown context_parallel {impl!r}; choose one of '
-                     f'{sorted({"none", *CAUSAL_ATTENTION, *_PROVIDERS})}')
-  return CAUSAL_ATTENTION[impl](q, k, v, segment_ids, scale, kernel=kernel)
+  return kernel(q, k, v, segment_ids, segment_ids, causal=True, scale=scale)

@@ -2,7 +2,8 @@
 
 Built from a preset (`tiny`, `small`, `kimi_vl_a3b`) or from an HF `config.json` (the
 `moonshotai/Kimi-VL-A3B-*` layout: `vision_config`, `text_config` with DeepSeek-V3 field names,
-`media_placeholder_token_id`). Values follow REFERENCE.md section 1.
+`media_placeholder_token_id`). The A3B values are the released checkpoint's `config.json`
+(Kimi-VL report, arXiv 2504.07491, sec. 2.1: MoonViT 400M, 2.8B activated of 16B MoE parameters).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """MoonViT (REFERENCE.md section 2)."""
+  """MoonViT (Kimi-VL report sec. 2.1)."""
   patch_size: int = 14
   hidden_size: int = 1152
   num_layers: int = 27
@@ -41,7 +42,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """DeepSeek-V3-style MLA + MoE decoder ("Moonlight"), HF field names."""
+  """DeepSeek-V3-style MLA + MoE decoder ("Moonlight", Kimi-VL report sec. 2.1); the fields up to
+  `tie_word_embeddings` are the HF `text_config` ones."""
   vocab_size: int = 163840
   hidden_size: int = 2048
   num_layers: int = 27
@@ -97,6 +99,35 @@ class TextConfig:
 ATTENTION_IMPLS = ('dense', 'flash')
 
 
+def check_pipeline(num_layers: int, stages: int, microbatches: int, repeats: int = 1,
+                   batch: int | None = None) -> int:
+  """Validates a pipeline schedule (the `pipeline_*` fields) for `num_layers` pipelined layers
+  and, if given, a batch of `batch` rows; returns the layers per stage and repeat.
+
+  S stages x R circular repeats must divide the layers, M microbatches the batch, and a circular
+  schedule (R > 1) needs M >= S: a microbatch must leave the last stage before stage 0 needs it
+  for its next repeat.
+  """
+  S, M, R = stages, microbatches, repeats
+  for name, v in (('pipeline_stages', S), ('pipeline_microbatches', M),
+                  ('pipeline_repeats', R)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f'{name} must be a positive int, got {v!r}')
+  if num_layers % (S * R):
+    raise ValueError(
+        f'the MoE stack has {num_layers} layers, not divisible by pipeline_stages x '
+        f'pipeline_repeats = {S} x {R}; every stage must run the same number of layers per repeat')
+  if batch is not None and batch % M:
+    raise ValueError(f'the batch has {batch} rows, not divisible by pipeline_microbatches={M}; '
+                     f'use a batch size that is a multiple of {M}')
+  if R > 1 and M < S:
+    raise ValueError(
+        f'circular pipelining (pipeline_repeats={R}) needs pipeline_microbatches >= '
+        f'pipeline_stages, got {M} < {S}: a microbatch must leave the last stage before '
+        'stage 0 needs it for its next repeat')
+  return num_layers // (S * R)
+
+
 @dataclasses.dataclass(frozen=True)
 class KimiVLConfig:
   """The whole model plus the numerics / memory knobs that are not part of the checkpoint."""
@@ -132,25 +163,11 @@ class KimiVLConfig:
     for name in ('attention_block_q', 'attention_block_kv'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f'{name} must be a positive int, got {getattr(self, name)!r}')
-    S, M, R = self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats
-    for name, v in (('pipeline_stages', S), ('pipeline_microbatches', M),
-                    ('pipeline_repeats', R)):
-      if not isinstance(v, int) or v < 1:
-        raise ValueError(f'{name} must be a positive int, got {v!r}')
-    if S > 1:
-      if not self.scan_layers:
-        raise ValueError('pipeline_stages > 1 needs scan_layers=True (the pipeline splits the '
-                         'stacked [L, ...] MoE layer parameters into stages)')
-      n = self.text.num_moe_layers
-      if n % (S * R):
-        raise ValueError(
-            f'the MoE stack has {n} layers, not divisible by pipeline_stages x pipeline_repeats '
-            f'= {S} x {R}; every stage must run the same number of layers per repeat')
-      if R > 1 and M < S:
-        raise ValueError(
-            f'circular pipelining (pipeline_repeats={R}) needs pipeline_microbatches >= '
-            f'pipeline_stages, got {M} < {S}: a microbatch must leave the last stage before '
-            'stage 0 needs it for its next repeat')
+    if self.pipeline_stages > 1 and not self.scan_layers:
+      raise ValueError('pipeline_stages > 1 needs scan_layers=True (the pipeline splits the '
+                       'stacked [L, ...] MoE layer parameters into stages)')
+    check_pipeline(self.text.num_moe_layers if self.pipeline_stages > 1 else 0,
+                   self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats)
 
   @property
   def jnp_dtype(self):
@@ -168,7 +185,7 @@ class KimiVLConfig:
 # Presets.
 
 def kimi_vl_a3b() -> KimiVLConfig:
-  """The released Kimi-VL-A3B (REFERENCE.md section 1)."""
+  """The released Kimi-VL-A3B (`moonshotai/Kimi-VL-A3B-Instruct` config.json)."""
   return KimiVLConfig()
 
 
@@ -314,18 +331,13 @@ def to_hf_dict(config: KimiVLConfig) -> dict:
 def demo() -> KimiVLConfig:
   """A 2.3M-parameter model (1.6M active) for the CPU joint-SFT demo (configs/joint_sft.py:tiny):
   `tiny` with a wider vision tower and decoder, 8 narrow attention heads."""
-  return KimiVLConfig(
-      vision=VisionConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256,
-                          pos_emb_height=16, pos_emb_width=16),
-      text=TextConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=8,
-                      kv_lora_rank=96, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                      v_head_dim=16, intermediate_size=384, moe_intermediate_size=96,
-                      n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                      first_k_dense_replace=1, routed_scaling_factor=2.446,
-                      rope_theta=10000.0, max_position_embeddings=4096,
-                      moe_impl='dropless_blocked'),  # exact dropless, fast on CPU
-      media_placeholder_token_id=1023,
-  )
+  t = tiny()
+  return t.replace(
+      vision=dataclasses.replace(t.vision, hidden_size=96, num_layers=3, intermediate_size=256),
+      text=dataclasses.replace(t.text, hidden_size=128, num_layers=4, num_heads=8,
+                               kv_lora_rank=96, qk_rope_head_dim=16, intermediate_size=384,
+                               moe_intermediate_size=96,
+                               moe_impl='dropless_blocked'))  # exact dropless, fast on CPU
 
 
 PRESETS['demo'] = demo

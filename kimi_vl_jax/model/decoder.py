@@ -8,10 +8,13 @@ are `nn.scan`s over layers (param axis 0, logical name 'layers'), optionally rem
 config's remat policy; `scan_layers=False` unrolls them into `dense_layers_{i}` / `moe_layers_{i}`
 (convert with `stack_layer_params` / `unstack_layer_params`).
 
-With `config.pipeline_stages > 1` the MoE stack runs as a GPipe pipeline (`parallel/pipeline.py`)
-over the same stacked parameters: S stages x M microbatches (x R circular repeats); the dense
-layers, the final norm and the head stay outside it. Aux statistics are recombined over the
-microbatches so they equal the unpipelined ones.
+Attention, routed experts and the MoE stack's schedule come from the `Kernels` value the model is
+given (`model/kernels.py`; default: one device, `nn.scan`). With a `pipeline` in the kernels
+(`parallel.kernels.build_kernels` puts a GPipe schedule there when `config.pipeline_stages > 1`)
+the MoE stack runs through it over the same stacked parameters: S stages x M microbatches (x R
+circular repeats); the dense layers, the final norm and the head stay outside it. Aux statistics
+are recombined over the microbatches (`combine_microbatch_aux`) so they equal the unpipelined
+ones.
 """
 
 from __future__ import annotations
@@ -20,51 +23,43 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kimi_vl_jax.model.attention import attention_kernel
 from kimi_vl_jax.model.config import KimiVLConfig
-from kimi_vl_jax.model.layers import Einsum, RMSNorm, constrain, default_kernel_init, remat_policy
+from kimi_vl_jax.model.kernels import Kernels, default_kernels
+from kimi_vl_jax.model.layers import Einsum, RMSNorm, constrain, default_kernel_init, layer_stack
 from kimi_vl_jax.model.mla import MLA
 from kimi_vl_jax.model.moe import MLP, MoE
-from kimi_vl_jax.parallel import pipeline as pipeline_lib
 
 Array = jax.Array
 _ACT = ('act_batch', 'act_len', 'act_embed')
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block: (x [B, T, D], positions, segment_ids) -> (x, aux or None)."""
+  """One pre-norm block: (x [B, T, D], positions, segment_ids) -> (x, aux or None).
+
+  `kernels` (default `default_kernels(config)`) computes attention and routed experts; `layout`
+  is the order of the rows (`Kernels.layout` of the caller).
+  """
   config: KimiVLConfig
   moe: bool
+  kernels: Kernels | None = None
+  layout: str = 'sequence'
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array):
     c, t = self.config, self.config.text
     dt, pdt = c.jnp_dtype, c.jnp_param_dtype
+    k = default_kernels(c) if self.kernels is None else self.kernels
     norm = lambda name: RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=dt, param_dtype=pdt,
                                 name=name)
-    h = MLA(t, dt, pdt, attention_kernel(c), name='self_attn')(norm('input_layernorm')(x),
-                                                                positions, segment_ids)
+    h = MLA(t, dt, pdt, k, self.layout, name='self_attn')(norm('input_layernorm')(x), positions,
+                                                           segment_ids)
     x = constrain(x + h, _ACT)
     h = norm('post_attention_layernorm')(x)
     if self.moe:
-      h, aux = MoE(t, dt, pdt, name='mlp')(h, segment_ids)
+      h, aux = MoE(t, dt, pdt, k, name='mlp')(h, segment_ids)
     else:
       h, aux = MLP(t.hidden_size, t.intermediate_size, dt, pdt, name='mlp')(h), None
     return constrain(x + h, _ACT), aux
-
-
-def _layer_stack(config: KimiVLConfig, moe: bool, length: int):
-  """The module building `length` layers: an nn.scan (scan_layers) or a list of layers."""
-  layer = DecoderLayer
-  if config.remat_policy != 'none':
-    layer = nn.remat(layer, policy=remat_policy(config.remat_policy),
-                     prevent_cse=not config.scan_layers)
-  if not config.scan_layers:
-    return [layer(config, moe) for _ in range(length)]
-  scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
-                    in_axes=(nn.broadcast, nn.broadcast), length=length,
-                    metadata_params={nn.PARTITION_NAME: 'layers'})
-  return scanned(config, moe)
 
 
 class LanguageModel(nn.Module):
@@ -72,9 +67,22 @@ class LanguageModel(nn.Module):
   (logits [B, T, V] fp32, aux) with aux = {'expert_load': [Lm, E], 'balance_loss': scalar (mean
   over MoE layers of `moe.sequence_balance_loss`)}.
 
-  positions default to 0..T-1 and segment_ids to 1 (one unpadded sequence per row).
+  positions default to 0..T-1 and segment_ids to 1 (one unpadded sequence per row). `kernels`
+  defaults to `default_kernels(config)`; `layout` is the order the rows come in ('sequence', or
+  the kernels' `sequence_layout.name` when `KimiVL` has permuted them).
   """
   config: KimiVLConfig
+  kernels: Kernels | None = None
+  layout: str = 'sequence'
+
+  def _kernels(self) -> Kernels:
+    return default_kernels(self.config) if self.kernels is None else self.kernels
+
+  def _layer_stack(self, moe: bool, length: int):
+    """`length` decoder layers: an nn.scan (scan_layers) or a list, remat by the config."""
+    c = self.config
+    return layer_stack(DecoderLayer, (c, moe, self._kernels(), self.layout), length=length,
+                       scan=c.scan_layers, remat=c.remat_policy, broadcast=2)
 
   def setup(self):
     c, t = self.config, self.config.text
@@ -82,9 +90,9 @@ class LanguageModel(nn.Module):
     self.embed_tokens = nn.Embed(
         t.vocab_size, t.hidden_size, dtype=dt, param_dtype=pdt,
         embedding_init=nn.with_logical_partitioning(default_kernel_init, ('vocab', 'embed')))
-    self.dense_layers = (_layer_stack(c, False, t.num_dense_layers)
+    self.dense_layers = (self._layer_stack(False, t.num_dense_layers)
                          if t.num_dense_layers else [])
-    self.moe_layers = _layer_stack(c, True, t.num_moe_layers) if t.num_moe_layers else []
+    self.moe_layers = self._layer_stack(True, t.num_moe_layers) if t.num_moe_layers else []
     # Final norm output stays fp32 so the logits see no extra rounding.
     self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=jnp.float32, param_dtype=pdt)
     if not t.tie_word_embeddings:
@@ -108,16 +116,13 @@ class LanguageModel(nn.Module):
     return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
   def _run_pipelined(self, x: Array, positions: Array, segment_ids: Array):
-    """The MoE stack as a pipeline over its stacked params; aux as the scan would give it."""
-    c = self.config
+    """The MoE stack through the kernels' pipeline over its stacked params; aux as the scan
+    would give it."""
+    k = self._kernels()
     params = nn.meta.unbox(self.variables['params']['moe_layers'])
-    layer = DecoderLayer(c, True, parent=None)
-    x, aux = pipeline_lib.pipeline(
-        lambda p, h, pos, seg: layer.apply({'params': p}, h, pos, seg), params, x, positions,
-        segment_ids, stages=c.pipeline_stages, microbatches=c.pipeline_microbatches,
-        repeats=c.pipeline_repeats, remat_policy=c.remat_policy)
-    return x, combine_microbatch_aux(aux, pipeline_lib.to_microbatches(
-        segment_ids, c.pipeline_microbatches))
+    layer = DecoderLayer(self.config, True, k, self.layout, parent=None)
+    return k.pipeline(lambda p, h, pos, seg: layer.apply({'params': p}, h, pos, seg), params, x,
+                      positions, segment_ids, combine_aux=combine_microbatch_aux)
 
   def __call__(self, inputs_embeds: Array, positions: Array | None = None,
                segment_ids: Array | None = None) -> tuple[Array, dict[str, Array]]:
@@ -142,7 +147,7 @@ class LanguageModel(nn.Module):
     aux = {'expert_load': jnp.zeros((0, t.n_routed_experts), jnp.float32),
            'balance_loss': jnp.zeros((), jnp.float32)}
     if t.num_moe_layers:
-      if c.pipeline_stages > 1 and not self.is_initializing():
+      if self._kernels().pipeline is not None and not self.is_initializing():
         x, moe_aux = self._run_pipelined(x, positions, segment_ids)
       else:
         x, moe_aux = self._run(self.moe_layers, x, positions, segment_ids)
@@ -159,7 +164,8 @@ class LanguageModel(nn.Module):
 
 
 def combine_microbatch_aux(aux: dict[str, Array], segment_ids: Array) -> dict[str, Array]:
-  """Per-microbatch MoE aux (leaves [M, L, ...]) -> the whole batch's (leaves [L, ...]).
+  """Per-microbatch MoE aux (leaves [M, L, ...]) -> the whole batch's (leaves [L, ...]); the
+  `combine_aux` a `Kernels.pipeline` applies.
 
   `moe.expert_load` is a fraction of the non-padding tokens' assignments, so the batch value is
   the microbatch values weighted by their non-padding token counts; `moe.sequence_balance_loss`

@@ -22,8 +22,9 @@ Algorithm (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023, Alg. 1 a
 Lengths that are not multiples of the block sizes are padded internally (padded queries get
 segment -1 and are sliced off, padded keys -2, so nothing real sees them).
 
-`attention.AttentionKernel` (what MLA and MoonViT hold) selects this or the dense computation by
-`KimiVLConfig.attention_impl`.
+`attention.AttentionKernel` (what MLA and MoonViT use) selects this or the dense computation by
+`KimiVLConfig.attention_impl`. `online_softmax_fold` is the forward's block step; ring attention
+(`parallel/context.py`) folds the key blocks arriving from other devices with it.
 
 Einsum letters: B batch, T query, S key, N heads, H head dim (Hv for values), I/J block counts.
 """
@@ -142,6 +143,27 @@ def _block_logits(q, k, qs, ks, qp, kp, causal: bool, scale: float):
   return jnp.where(mask, s, _NEG), mask
 
 
+def online_softmax_fold(carry, q: Array, k: Array, v: Array, q_segment_ids: Array,
+                        kv_segment_ids: Array, q_positions: Array, kv_positions: Array, *,
+                        causal: bool, scale: float):
+  """Folds one key block into the running (m, l, acc) of a query block (online softmax, all fp32).
+
+  carry: m, l [B, N, tq], acc [B, N, tq, Hv]; q [B, tq, N, H], k / v [B, tk, N, .], segment ids
+  [B, tq] / [B, tk], positions [B or 1, tq] / [B or 1, tk]. Masked scores contribute exactly 0, so
+  a block entirely masked for a row leaves the row unchanged. The running max is only a numerical
+  shift (the result does not depend on it), hence `stop_gradient` where the fold is differentiated
+  by autodiff (ring attention, `parallel/context.py`). `out = acc / l` once every block is in.
+  """
+  m, l, acc = carry
+  s, mask = _block_logits(q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal,
+                          scale)
+  m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))                       # [B, N, tq]
+  p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+  corr = jnp.exp(m - m_new)
+  pv = jnp.einsum('BNTS,BSNH->BNTH', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+
+
 def _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
   """Returns out [B, T, N, Hv] (v.dtype) and lse [B, N, T] fp32 (0 for rows that see nothing)."""
   B, _, N, _ = q.shape
@@ -157,14 +179,8 @@ def _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
       kj, vj, ksj, kpj, live_ij = xs
 
       def fold(carry):
-        m, l, acc = carry
-        s, mask = _block_logits(qi, kj, qsi, ksj, qpi, kpj, causal, scale)
-        m_new = jnp.maximum(m, s.max(-1))                                       # [B, N, bq]
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum('BNTS,BSNH->BNTH', p.astype(vj.dtype), vj,
-                        preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+        return online_softmax_fold(carry, qi, kj, vj, qsi, ksj, qpi, kpj, causal=causal,
+                                   scale=scale)
 
       return jax.lax.cond(live_ij, fold, lambda c: c, carry), None
 

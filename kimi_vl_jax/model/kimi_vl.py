@@ -7,9 +7,14 @@ Two ways to call it, one code path:
   with `input_ids [B, T]` (placeholders already expanded), `pixel_values [L, 3, 14, 14]` (each
   image's patches row-major) and `image_grid_hws [N, 2]`. Images fill the placeholders of the
   flattened batch in order. The grid must be concrete (host) data.
-* Packed batches (DESIGN.md): `input_ids [B, T]` plus `patches [B, P, 588]` in merge order,
+* Packed batches (the data pipeline's): `input_ids [B, T]` plus `patches [B, P, 588]` in merge order,
   `patch_coords [B, P, 2]`, `patch_image_ids [B, P]`, `image_grid_hws [B, I, 2]`; row b's
   merged image tokens fill row b's placeholders in order. Fully jittable with static shapes.
+
+`KimiVL(config, kernels=...)` takes the `Kernels` (`model/kernels.py`) that compute attention,
+routed experts, the MoE stack's schedule and the decoder's row order; the default is the
+single-device computation of the config. A run on a mesh passes
+`parallel.kernels.build_kernels(config, mesh, rules)`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,9 @@ import numpy as np
 
 from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.decoder import LanguageModel
-from kimi_vl_jax.model.attention import attention_kernel
+from kimi_vl_jax.model.kernels import Kernels, default_kernels
 from kimi_vl_jax.model.projector import Projector
 from kimi_vl_jax.model.vision import MoonViT, pack_hf_images
-from kimi_vl_jax.parallel import context
 
 Array = jax.Array
 
@@ -51,14 +55,17 @@ def scatter_image_features(embeds: Array, input_ids: Array, features: Array,
 class KimiVL(nn.Module):
   """The whole vision-language model; see the module docstring for the two input forms."""
   config: KimiVLConfig
+  kernels: Kernels | None = None   # None: `default_kernels(config)` (one device)
 
   def setup(self):
     c = self.config
+    k = default_kernels(c) if self.kernels is None else self.kernels
+    self.sequence_layout = k.sequence_layout
     self.vision_tower = MoonViT(c.vision, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype,
                                 scan_layers=c.scan_layers, remat_policy=c.remat_policy,
-                                kernel=attention_kernel(c))
+                                kernels=k)
     self.projector = Projector(c)
-    self.language_model = LanguageModel(c)
+    self.language_model = LanguageModel(c, kernels=k, layout=k.layout)
 
   def encode_images(self, patches: Array, patch_coords: Array, patch_image_ids: Array,
                     image_grid_hws: Array) -> Array:
@@ -106,15 +113,13 @@ class KimiVL(nn.Module):
       feats = self.encode_images(patches, patch_coords, patch_image_ids, image_grid_hws)
       embeds = scatter_image_features(embeds, input_ids, feats, c.media_placeholder_token_id)
 
-    balance = c.context_load_balance and c.text.context_parallel != 'none'
-    if balance and context.context_size() > 1:
-      # Load-balanced context parallelism: permute the rows after the image scatter (it fills
+    if self.sequence_layout is not None:
+      # E.g. load-balanced context parallelism: permute the rows after the image scatter (it fills
       # placeholders in sequence order), run the decoder in that order, restore the logits' order.
-      embeds, positions, segment_ids = (context.to_load_balanced(a)
+      embeds, positions, segment_ids = (self.sequence_layout.to_layout(a)
                                         for a in (embeds, positions, segment_ids))
-      with context.sequence_layout('load_balanced'):
-        logits, aux = self.language_model(embeds, positions, segment_ids)
-      logits = context.from_load_balanced(logits)
+      logits, aux = self.language_model(embeds, positions, segment_ids)
+      logits = self.sequence_layout.from_layout(logits)
     else:
       logits, aux = self.language_model(embeds, positions, segment_ids)
     return (logits, aux) if return_aux else logits

@@ -63,44 +63,56 @@ class DenseGeneral(nn.Module):
     return y
 
 
-class RMSNorm(nn.Module):
-  """RMSNorm computed in fp32 (as DeepSeek-V3's reference does), param `scale`."""
+class _Norm(nn.Module):
+  """Shared fields of the two norms: a per-feature `scale` (and `bias`) on logical axis
+  `axis_name`."""
   features: int
   eps: float = 1e-6
   axis_name: str = 'norm'
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
+  def _vector(self, name: str, init: Initializer) -> Array:
+    return param_with_axes(self, name, init, (self.features,), self.param_dtype,
+                           (self.axis_name,))
+
+
+class RMSNorm(_Norm):
+  """RMSNorm computed in fp32 (as DeepSeek-V3's reference does), param `scale`."""
+
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = param_with_axes(self, 'scale', nn.initializers.ones, (self.features,),
-                            self.param_dtype, (self.axis_name,))
+    scale = self._vector('scale', nn.initializers.ones)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
     # The reference casts back to the input dtype before multiplying by the weight.
     return scale.astype(self.dtype) * xf.astype(self.dtype)
 
 
-class LayerNorm(nn.Module):
-  """LayerNorm with `scale` and `bias`, statistics in fp32."""
-  features: int
+class LayerNorm(_Norm):
+  """LayerNorm with `scale` and `bias`, statistics in fp32 (default eps 1e-5)."""
   eps: float = 1e-5
-  axis_name: str = 'norm'
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = param_with_axes(self, 'scale', nn.initializers.ones, (self.features,),
-                            self.param_dtype, (self.axis_name,))
-    bias = param_with_axes(self, 'bias', nn.initializers.zeros, (self.features,),
-                           self.param_dtype, (self.axis_name,))
+    scale = self._vector('scale', nn.initializers.ones)
+    bias = self._vector('bias', nn.initializers.zeros)
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(self.dtype)
+
+
+def apply_rope_interleaved(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotates x [..., H] pairwise: complex slot j is the real pair (2j, 2j+1) (DeepSeek's and
+  MoonViT's `view_as_complex` layout, not rotate-half). cos, sin broadcast against x[..., ::2];
+  computed in fp32, cast back to x's dtype."""
+  xf = x.astype(jnp.float32)
+  x_even, x_odd = xf[..., 0::2], xf[..., 1::2]
+  out = jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 def gelu_tanh(x: Array) -> Array:
@@ -126,6 +138,24 @@ def remat_policy(name: str):
     raise ValueError(f'unknown remat policy {name!r}: use none, full, or a name in '
                      'jax.checkpoint_policies')
   return policy
+
+
+def layer_stack(layer: type[nn.Module], args: tuple, *, length: int, scan: bool, remat: str,
+                broadcast: int, name: str | None = None):
+  """`length` copies of `layer(*args)`, optionally rematerialised with the `remat` policy.
+
+  scan: one `nn.scan` module whose params carry a leading layer axis (logical name 'layers') and
+  whose call broadcasts its `broadcast` trailing arguments to every layer; else a list of layers
+  (named `{name}_{i}`; inside `setup`, name=None lets the attribute name them).
+  """
+  if remat != 'none':
+    layer = nn.remat(layer, policy=remat_policy(remat), prevent_cse=not scan)
+  if not scan:
+    return [layer(*args, name=None if name is None else f'{name}_{i}') for i in range(length)]
+  scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=(nn.broadcast,) * broadcast, length=length,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+  return scanned(*args, name=name)
 
 
 class Einsum(nn.Module):

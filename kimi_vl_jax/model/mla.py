@@ -8,8 +8,9 @@ Scores use `[q_nope | rope(q_rope)] . [k_nope | rope(k_rope)]`.
 
 Numerics follow transformers' `DeepseekV3Attention` (rope_interleave=True): RoPE frequencies in
 fp32, optional YaRN scaling (`rope_scaling`), softmax scale `Hqk^-0.5 * mscale(factor,
-mscale_all_dim)^2`, fp32 softmax. The causal + segment mask comes from `attention.segment_mask`, so
-packed examples never attend to each other.
+mscale_all_dim)^2`, fp32 softmax. The causal + segment-masked attention is the given `Kernels`'
+`causal_attention` (by default `attention.causal_attention` on one device), so packed examples
+never attend to each other.
 
 Einsum letters: B batch, T query, S key, D model, N heads, H head dim, R lora rank.
 """
@@ -23,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_vl_jax.model import attention
 from kimi_vl_jax.model.config import TextConfig
-from kimi_vl_jax.model.layers import Einsum, RMSNorm, constrain
+from kimi_vl_jax.model.kernels import Kernels
+from kimi_vl_jax.model.layers import Einsum, RMSNorm, apply_rope_interleaved, constrain
 
 Array = jax.Array
 
@@ -93,19 +94,6 @@ def rope_cos_sin(positions: Array, inv_freq: np.ndarray, attention_factor: float
   return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 
-def apply_rope_interleaved(x: Array, cos: Array, sin: Array) -> Array:
-  """Rotates x [..., Hr] pairwise: complex slot j is the real pair (2j, 2j+1) (DeepSeek layout).
-
-  The reference de-interleaves then uses rotate-half; both apply the same rotation to q and k, and
-  differ only by a fixed permutation of the rope dims, so the scores are identical. Computed in fp32
-  and cast back to x's dtype. cos, sin broadcast against x[..., ::2].
-  """
-  xf = x.astype(jnp.float32)
-  x_even, x_odd = xf[..., 0::2], xf[..., 1::2]
-  out = jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1)
-  return out.reshape(x.shape).astype(x.dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 
 class MLA(nn.Module):
@@ -117,7 +105,10 @@ class MLA(nn.Module):
   config: TextConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  kernel: attention.AttentionKernel = attention.AttentionKernel()  # dense or flash (KimiVLConfig)
+  # The attention computation (`Kernels.causal_attention` with `Kernels.attention` as the
+  # per-device kernel); the default is dense, on one device.
+  kernels: Kernels = Kernels()
+  layout: str = 'sequence'  # the order of the rows (`Kernels.layout` of the caller)
 
   def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Einsum:
     return Einsum(shape, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -162,8 +153,8 @@ class MLA(nn.Module):
     q = jnp.concatenate([q_nope, q_rope], axis=-1)                  # [B, T, N, Hqk]
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + (Hr,))
     k = jnp.concatenate([k_nope, k_rope], axis=-1)                  # [B, S, N, Hqk]
-    # Single device, or rows split over a 'context' mesh axis (parallel/context.py).
-    out = attention.causal_attention(q, k, v, segment_ids, scale,
-                                     impl=t.context_parallel, kernel=self.kernel)  # [B,T,N,Hv]
+    # Single device, or rows split over a 'context' mesh axis (as the kernels say).
+    out = self.kernels.causal_attention(q, k, v, segment_ids, scale,
+                                        kernel=self.kernels.attention, layout=self.layout)
     out = constrain(out, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
     return self._proj('o_proj', (N, Hv, D), ('heads', 'kv', 'embed'))('BTNH,NHD->BTD', out)

@@ -9,12 +9,13 @@ expert groups (group score = sum of its two best `s + b`); the *weights* are the
 the chosen experts, renormalised (`norm_topk_prob`, + 1e-20) and multiplied by
 `routed_scaling_factor`. This matches transformers' `DeepseekV3TopkRouter` / `DeepseekV3MoE`.
 
-Routed experts are a plain function of (tokens, choices, weights, stacked expert weights) chosen by
-`TextConfig.moe_impl` from `ROUTED_EXPERTS`: 'dropless' (sort by expert + `jax.lax.ragged_dot`),
+Routed experts are a plain function of (tokens, choices, weights, stacked expert weights): the
+`routed_experts` of the `Kernels` the layer is given (`model/kernels.py`), by default the
+single-device one `TextConfig.moe_impl` names: 'dropless' (sort by expert + `jax.lax.ragged_dot`),
 'dropless_blocked' (the same, with block-padded batched matmuls: XLA:CPU runs `ragged_dot` as a
-dense product with every expert, so the CPU `demo` preset uses this one) or
-'capacity' (fixed per-expert buffers, overflow dropped in token order). `parallel/` registers its
-expert-parallel version with `register_routed_experts`.
+dense product with every expert, so the CPU `demo` preset uses this one) or 'capacity' (fixed
+per-expert buffers, overflow dropped in token order). The expert-parallel names ('ep_*') select
+`parallel/expert.py`'s dispatch, which `parallel.kernels.build_kernels` puts in the kernels.
 
 Einsum letters: B batch, T tokens, D model, E experts, K top-k, F ffn width, C capacity slots.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,9 @@ import jax.numpy as jnp
 
 from kimi_vl_jax.model.config import TextConfig
 from kimi_vl_jax.model.layers import Einsum, constrain, default_kernel_init, param_with_axes
+
+if TYPE_CHECKING:
+  from kimi_vl_jax.model.kernels import Kernels
 
 Array = jax.Array
 
@@ -96,26 +100,43 @@ def check_router_config(t: TextConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 # Routed experts: x [T, D] (all tokens flattened), topk_idx / topk_weights [T, K],
 # w_gate / w_up [E, D, F], w_down [E, F, D] -> [T, D]. `token_mask` [T] (bool) zeroes padding
-# tokens' routed output (and, for 'capacity', keeps them out of the buffers).
+# tokens' routed output (and, for 'capacity', keeps them out of the buffers). The per-device
+# pieces below (SwiGLU over groups or buffers, capacity slots, the weighted combine) are also the
+# bodies of the expert-parallel dispatch (`parallel/expert.py`).
 
-def _swiglu_grouped(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array
-                    ) -> Array:
-  """Per-group SwiGLU on rows sorted by expert: xs [M, D] -> [M, D] (grouped matmuls)."""
+def swiglu_grouped(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array
+                   ) -> Array:
+  """Per-group SwiGLU on rows sorted by expert: xs [M, D] -> [M, D] (grouped matmuls,
+  `ragged_dot`; group e is the next group_sizes[e] rows, expert e's weights)."""
   gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)                      # [M, F]
   up = jax.lax.ragged_dot(xs, w_up, group_sizes)
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [M, D]
 
 
+def swiglu_batched(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
+  """SwiGLU of G row buffers, each through its own weights: h [G, R, D], w_gate / w_up
+  [G, D, F], w_down [G, F, D] -> [G, R, D] (batched matmuls)."""
+  gate = jnp.einsum('GRD,GDF->GRF', h, w_gate)
+  up = jnp.einsum('GRD,GDF->GRF', h, w_up)
+  return jnp.einsum('GRF,GFD->GRD', jax.nn.silu(gate) * up, w_down)
+
+
+def combine(ys: Array, weights: Array, dtype) -> Array:
+  """ys [T, K, D] (each assignment's expert output), weights [T, K] -> [T, D], summed in fp32."""
+  return jnp.einsum('TKD,TK->TD', ys.astype(jnp.float32),
+                    weights.astype(jnp.float32)).astype(dtype)
+
+
 def block_rows(num_rows: int, num_experts: int) -> int:
-  """Rows per block of `_swiglu_blocked`: about num_rows / (8 E), a power of two in [8, 256],
+  """Rows per block of `swiglu_blocked`: about num_rows / (8 E), a power of two in [8, 256],
   so per-expert padding costs at most ~1/8 extra compute."""
   target = max(1, num_rows // (8 * num_experts))
   return int(min(256, max(8, 2 ** int(math.log2(target)))))
 
 
-def _swiglu_blocked(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array
-                    ) -> Array:
-  """The same function as `_swiglu_grouped`, as batched matmuls over fixed-size row blocks.
+def swiglu_blocked(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_sizes: Array
+                   ) -> Array:
+  """The same function as `swiglu_grouped`, as batched matmuls over fixed-size row blocks.
 
   Each expert's rows are padded to a multiple of the block size, so every block belongs to one
   expert; a block multiplies by its expert's gathered weights. Static shapes: at most
@@ -134,16 +155,14 @@ def _swiglu_blocked(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_
   dest = (pad_end - padded)[row_e] + jnp.arange(M) - start[row_e]        # row -> padded slot
   buf = jnp.zeros((nb * b, D), xs.dtype).at[dest].set(xs, unique_indices=True).reshape(nb, b, D)
   block_e = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(nb) * b, side='right'), E - 1)
-  gate = jnp.einsum('NBD,NDF->NBF', buf, w_gate[block_e])
-  up = jnp.einsum('NBD,NDF->NBF', buf, w_up[block_e])
-  out = jnp.einsum('NBF,NFD->NBD', jax.nn.silu(gate) * up, w_down[block_e])
+  out = swiglu_batched(buf, w_gate[block_e], w_up[block_e], w_down[block_e])
   return out.reshape(nb * b, D)[dest]
 
 
 def routed_experts_dropless(x: Array, topk_idx: Array, topk_weights: Array, w_gate: Array,
                             w_up: Array, w_down: Array, *, token_mask: Array | None = None,
                             capacity_factor: float | None = None, dtype=jnp.float32,
-                            grouped: Callable = _swiglu_grouped) -> Array:
+                            grouped: Callable = swiglu_grouped) -> Array:
   """Every assignment is computed: sort the T*K (token, expert) pairs by expert, run grouped
   matmuls (`ragged_dot`, or `grouped`), unsort and combine with the router weights (in fp32)."""
   del capacity_factor
@@ -158,7 +177,7 @@ def routed_experts_dropless(x: Array, topk_idx: Array, topk_weights: Array, w_ga
   weights = topk_weights.astype(jnp.float32)
   if token_mask is not None:
     weights = weights * token_mask[:, None]
-  return jnp.einsum('TKD,TK->TD', ys.astype(jnp.float32), weights).astype(dtype)
+  return combine(ys, weights, dtype)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -166,52 +185,80 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
   return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def routed_experts_capacity(x: Array, topk_idx: Array, topk_weights: Array, w_gate: Array,
-                            w_up: Array, w_down: Array, *, token_mask: Array | None = None,
-                            capacity_factor: float = 1.25, dtype=jnp.float32) -> Array:
-  """Fixed [E, C, D] buffers (C from `expert_capacity`): assignment (t, k) takes the next free slot
-  of its expert in token-major order; once an expert is full, later assignments are dropped (their
-  routed contribution is zero, the residual and shared experts still carry the token)."""
+def capacity_dispatch(x: Array, topk_idx: Array, token_mask: Array, num_experts: int,
+                      capacity: int, dtype) -> tuple[Array, tuple[Array, Array, Array]]:
+  """Fixed buffers [E, C, D]: assignment (t, k) takes the next free slot of its expert in
+  token-major order; once an expert is full, later assignments are dropped.
+
+  Returns (buffers, slots) with slots = (expert [T*K], slot [T*K] (C = dropped), keep [T*K]),
+  which `capacity_combine` uses to read each assignment's output back.
+  """
   T, K = topk_idx.shape
-  E, D = w_gate.shape[0], w_gate.shape[1]
-  C = expert_capacity(T, K, E, capacity_factor)
+  E, C = num_experts, capacity
   flat_e = topk_idx.reshape(-1)                                               # [T*K]
-  valid = (jnp.ones((T,), jnp.bool_) if token_mask is None else token_mask.astype(jnp.bool_))
-  valid = jnp.repeat(valid, K)
+  valid = jnp.repeat(token_mask.astype(jnp.bool_), K)
   onehot = jax.nn.one_hot(flat_e, E, dtype=jnp.int32) * valid[:, None]       # [T*K, E]
   slot = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), flat_e[:, None], 1)[:, 0] - 1
   keep = valid & (slot < C)
   slot = jnp.where(keep, slot, C)                                             # C = out of bounds
-  buf = jnp.zeros((E, C, D), dtype).at[flat_e, slot].set(
+  buf = jnp.zeros((E, C, x.shape[-1]), dtype).at[flat_e, slot].set(
       jnp.asarray(x, dtype)[jnp.arange(T * K) // K], mode='drop')             # [E, C, D]
-  gate = jnp.einsum('ECD,EDF->ECF', buf, w_gate.astype(dtype))
-  up = jnp.einsum('ECD,EDF->ECF', buf, w_up.astype(dtype))
-  out = jnp.einsum('ECF,EFD->ECD', jax.nn.silu(gate) * up, w_down.astype(dtype))
-  ys = out.at[flat_e, slot].get(mode='fill', fill_value=0).reshape(T, K, D)
-  weights = topk_weights.astype(jnp.float32) * keep.reshape(T, K)
-  return jnp.einsum('TKD,TK->TD', ys.astype(jnp.float32), weights).astype(dtype)
+  return buf, (flat_e, slot, keep)
+
+
+def capacity_combine(out: Array, slots: tuple[Array, Array, Array], topk_weights: Array,
+                     dtype) -> Array:
+  """out [E, C, D] (the experts' outputs of `capacity_dispatch`'s buffers) -> [T, D]; dropped
+  assignments contribute 0 (the residual and shared experts still carry the token)."""
+  flat_e, slot, keep = slots
+  T, K = topk_weights.shape
+  ys = out.at[flat_e, slot].get(mode='fill', fill_value=0).reshape(T, K, -1)
+  return combine(ys, topk_weights.astype(jnp.float32) * keep.reshape(T, K), dtype)
+
+
+def routed_experts_capacity(x: Array, topk_idx: Array, topk_weights: Array, w_gate: Array,
+                            w_up: Array, w_down: Array, *, token_mask: Array | None = None,
+                            capacity_factor: float = 1.25, dtype=jnp.float32) -> Array:
+  """Fixed [E, C, D] buffers (C from `expert_capacity`, slots by `capacity_dispatch`), overflow
+  dropped in token order."""
+  T, K = topk_idx.shape
+  E = w_gate.shape[0]
+  C = expert_capacity(T, K, E, capacity_factor)
+  mask = jnp.ones((T,), jnp.bool_) if token_mask is None else token_mask
+  buf, slots = capacity_dispatch(x, topk_idx, mask, E, C, dtype)
+  out = swiglu_batched(buf, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype))
+  return capacity_combine(out, slots, topk_weights, dtype)
 
 
 RoutedExpertsFn = Callable[..., Array]
-ROUTED_EXPERTS: dict[str, RoutedExpertsFn] = {
+# The single-device implementations, by `TextConfig.moe_impl`.
+LOCAL_ROUTED_EXPERTS: dict[str, RoutedExpertsFn] = {
     'dropless': routed_experts_dropless,
     # Exactly 'dropless', with block-padded batched matmuls instead of `ragged_dot` (fast on CPU).
-    'dropless_blocked': functools.partial(routed_experts_dropless, grouped=_swiglu_blocked),
+    'dropless_blocked': functools.partial(routed_experts_dropless, grouped=swiglu_blocked),
     'capacity': routed_experts_capacity,
 }
+# `moe_impl` names of the expert-parallel dispatch (`parallel/expert.py`, selected by
+# `parallel.kernels.build_kernels` on a mesh with an 'expert' axis > 1) and the single-device
+# computation each equals.
+EXPERT_PARALLEL_IMPLS = {'ep_dropless': 'dropless', 'ep_ragged': 'dropless',
+                         'ep_capacity': 'capacity'}
 
 
-def register_routed_experts(name: str, fn: RoutedExpertsFn) -> None:
-  """Makes `fn` selectable as `TextConfig.moe_impl=name` (same signature as the two above)."""
-  ROUTED_EXPERTS[name] = fn
+def local_routed_experts(moe_impl: str) -> RoutedExpertsFn:
+  """The single-device routed-experts function of `TextConfig.moe_impl` (an expert-parallel
+  name gives the computation it distributes)."""
+  name = EXPERT_PARALLEL_IMPLS.get(moe_impl, moe_impl)
+  if name not in LOCAL_ROUTED_EXPERTS:
+    raise ValueError(f'unknown moe_impl {moe_impl!r}; choose one of '
+                     f'{sorted(LOCAL_ROUTED_EXPERTS) + sorted(EXPERT_PARALLEL_IMPLS)}')
+  return LOCAL_ROUTED_EXPERTS[name]
 
 
 def routed_experts(x: Array, topk_idx: Array, topk_weights: Array, w_gate: Array, w_up: Array,
                    w_down: Array, *, impl: str = 'dropless', **kw) -> Array:
-  """Dispatches to `ROUTED_EXPERTS[impl]`."""
-  if impl not in ROUTED_EXPERTS:
-    raise ValueError(f'unknown moe_impl {impl!r}; choose one of {sorted(ROUTED_EXPERTS)}')
-  return ROUTED_EXPERTS[impl](x, topk_idx, topk_weights, w_gate, w_up, w_down, **kw)
+  """`local_routed_experts(impl)` applied to the arguments."""
+  return local_routed_experts(impl)(x, topk_idx, topk_weights, w_gate, w_up, w_down, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +345,9 @@ class MoE(nn.Module):
   config: TextConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  # `Kernels` (model/kernels.py) whose `routed_experts` computes the experts; None: the
+  # single-device function of `config.moe_impl`.
+  kernels: Kernels | None = None
 
   @nn.compact
   def __call__(self, x: Array, segment_ids: Array) -> tuple[Array, dict[str, Array]]:
@@ -312,10 +362,11 @@ class MoE(nn.Module):
 
     w_gate, w_up, w_down = _ExpertWeights(E, D, F, self.param_dtype, name='experts')()
     token_mask = segment_ids != 0
-    y = routed_experts(x.reshape(B * T, D), topk_idx.reshape(B * T, K),
-                       topk_weights.reshape(B * T, K), w_gate, w_up, w_down, impl=t.moe_impl,
-                       token_mask=token_mask.reshape(B * T), capacity_factor=t.capacity_factor,
-                       dtype=self.dtype).reshape(B, T, D)
+    experts = (local_routed_experts(t.moe_impl) if self.kernels is None
+               else self.kernels.routed_experts)
+    y = experts(x.reshape(B * T, D), topk_idx.reshape(B * T, K), topk_weights.reshape(B * T, K),
+                w_gate, w_up, w_down, token_mask=token_mask.reshape(B * T),
+                capacity_factor=t.capacity_factor, dtype=self.dtype).reshape(B, T, D)
     if t.n_shared_experts:
       y = y + MLP(D, F * t.n_shared_experts, self.dtype, self.param_dtype,
                   name='shared_experts')(x)

@@ -1,9 +1,9 @@
-"""MoonViT: Kimi-VL's native-resolution vision tower (REFERENCE.md section 2, paper section 2.1).
+"""MoonViT: Kimi-VL's native-resolution vision tower (Kimi-VL report, arXiv 2504.07491, sec. 2.1).
 
 NaViT-style packing: every row of the batch holds the patches of several images of different
 sizes, `patches [B, P, 588]` plus `patch_coords [B, P, 2]` (row, col inside the image),
 `patch_image_ids [B, P]` (1.. per image in the row, 0 = padding) and `image_grid_hws [B, I, 2]`
-(DESIGN.md "Batch"). Nothing here depends on the order of patches inside a row: the absolute
+(the data pipeline's packed batch). Nothing here depends on the order of patches inside a row: the absolute
 position embedding and the 2D RoPE are computed from each patch's own (row, col) and its image's
 (h, w), and attention is restricted to patches of the same image. The data pipeline stores the
 patches in merge order so the projector's 2x2 merge is a reshape; `pack_hf_images` converts the
@@ -27,8 +27,9 @@ import numpy as np
 
 from kimi_vl_jax.model import attention
 from kimi_vl_jax.model.config import VisionConfig
-from kimi_vl_jax.model.layers import (ACTIVATIONS, DenseGeneral, LayerNorm, constrain,
-                                      param_with_axes, remat_policy)
+from kimi_vl_jax.model.kernels import Kernels
+from kimi_vl_jax.model.layers import (ACTIVATIONS, DenseGeneral, LayerNorm, apply_rope_interleaved,
+                                      constrain, layer_stack, param_with_axes)
 
 Array = jax.Array
 
@@ -93,7 +94,7 @@ def interpolate_pos_emb(pos_emb: Array, coords: Array, grid_hw: Array) -> Array:
 def rope_2d_angles(coords: Array, head_dim: int, theta: float) -> Array:
   """Rotation angle of each complex slot: [..., 2] (row, col) -> [..., head_dim / 2] fp32.
 
-  MoonViT convention (REFERENCE.md 2.3, vllm `Rope2DPosEmb`): freq_i = theta^(-4i/d), i < d/4;
+  MoonViT convention (Kimi-VL's `moonvit.py`, vllm `Rope2DPosEmb`): freq_i = theta^(-4i/d), i < d/4;
   slot 2i turns by col * freq_i, slot 2i+1 by row * freq_i.
   """
   if head_dim % 4:
@@ -105,17 +106,10 @@ def rope_2d_angles(coords: Array, head_dim: int, theta: float) -> Array:
   return jnp.stack([col, row], axis=-1).reshape(*coords.shape[:-1], head_dim // 2)
 
 
-def apply_rope_interleaved(x: Array, angles: Array) -> Array:
-  """Rotates adjacent pairs (x[2j], x[2j+1]) by angles[j] (complex multiply), in fp32.
-
-  x [B, P, N, H], angles [B, P, H/2] -> [B, P, N, H] in x.dtype. Interleaved pairing as in
-  Kimi-VL's `apply_rope` (`view_as_complex`), not rotate-half.
-  """
-  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-  re, im = xf[..., 0], xf[..., 1]
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-  return out.reshape(x.shape).astype(x.dtype)
+def apply_rope_2d(x: Array, angles: Array) -> Array:
+  """Rotates adjacent pairs (x[2j], x[2j+1]) by angles[j]: x [B, P, N, H], angles [B, P, H/2] ->
+  [B, P, N, H] in x.dtype (interleaved pairing as in Kimi-VL's `apply_rope`, `view_as_complex`)."""
+  return apply_rope_interleaved(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,8 +161,8 @@ class MoonViTBlock(nn.Module):
     qkv = dense((d,), (3, n, h), ('vit_embed', 'vit_qkv', 'vit_heads', 'vit_kv'),
                 name='wqkv')(y)  # [B, P, 3, N, H]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = apply_rope_interleaved(q, angles)
-    k = apply_rope_interleaved(k, angles)
+    q = apply_rope_2d(q, angles)
+    k = apply_rope_2d(k, angles)
     q = constrain(q, ('act_batch', 'act_patches', 'act_heads', 'act_kv'))
     # Bidirectional attention inside each image; padding attends to padding only.
     o = self.kernel(q, k, v, image_ids, image_ids, causal=False, scale=h ** -0.5)  # [B, P, N, H]
@@ -206,7 +200,9 @@ class MoonViT(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   scan_layers: bool = True
   remat_policy: str = 'none'
-  kernel: attention.AttentionKernel = attention.AttentionKernel()  # dense or flash (KimiVLConfig)
+  # Its `attention` kernel (dense or flash, `KimiVLConfig.attention_impl`) computes the per-image
+  # attention; the default is dense.
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, patches: Array, patch_coords: Array, patch_image_ids: Array,
@@ -235,20 +231,11 @@ class MoonViT(nn.Module):
 
     angles = rope_2d_angles(patch_coords, cfg.head_dim, cfg.rope_theta)
 
-    block = MoonViTBlock
-    policy = remat_policy(self.remat_policy)
-    if self.remat_policy != 'none':
-      block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)
-    if self.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(nn.broadcast,), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, self.dtype, self.param_dtype, self.kernel, name='blocks')(
-          x, (patch_image_ids, angles))
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, self.dtype, self.param_dtype, self.kernel, name=f'blocks_{i}')(
-            x, (patch_image_ids, angles))
+    args = (cfg, self.dtype, self.param_dtype, self.kernels.attention)
+    blocks = layer_stack(MoonViTBlock, args, length=cfg.num_layers, scan=self.scan_layers,
+                         remat=self.remat_policy, broadcast=1, name='blocks')
+    for block in blocks if isinstance(blocks, list) else [blocks]:
+      x, _ = block(x, (patch_image_ids, angles))
 
     return LayerNorm(d, eps=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='final_layernorm')(x)
@@ -260,7 +247,7 @@ class MoonViT(nn.Module):
 def merge_order(h: int, w: int, merge_kernel: tuple[int, int] = (2, 2)) -> np.ndarray:
   """Row-major patch indices of an (h, w) image listed in merge order.
 
-  Merge order (DESIGN.md): the kh x kw patches of each merge window are consecutive, row offset
+  Merge order (what the projector's 2x2 merge reads as a reshape): the kh x kw patches of each merge window are consecutive, row offset
   then column offset (top-left, top-right, bottom-left, bottom-right for 2x2), windows row-major.
   """
   kh, kw = merge_kernel

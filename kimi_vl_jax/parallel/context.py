@@ -1,4 +1,4 @@
-"""Context parallelism: the sequence axis split over the mesh's 'context' axis (project issue 5).
+"""Context parallelism: the sequence axis split over the mesh's 'context' axis.
 
 When the active rule preset maps the logical `act_len` to 'context' (`dp_cp`, `fsdp_ep_cp`), every
 activation `[B, T, ...]` of the language model lives on the context devices as C slices of T / C
@@ -18,6 +18,8 @@ token needs the others:
 
 Select with `TextConfig.context_parallel` ('all_gather' default, 'ring', or 'none' = leave the
 sharded attention to XLA's propagation); the layout with `KimiVLConfig.context_load_balance`.
+`parallel.kernels.build_kernels` puts a `ContextAttention` in the model's `Kernels.causal_attention`
+and, for the balanced layout, a `LoadBalancedLayout` in `Kernels.sequence_layout`.
 
 Load balancing ("dual chunk swap", zig-zag; Llama 3 context parallelism, Megatron-LM CP): with a
 causal mask, query i sees i + 1 keys, so contiguous slices give the last shard C times the work
@@ -26,42 +28,41 @@ attention). Cutting the row into 2C equal chunks and giving shard i chunks i and
 equalises the count of unmasked (q, k) pairs (`load_balance_permutation`). The dense all-gather
 form computes every [T/C, T] score block whatever the mask, so there the layout only matters
 for a block-skipping kernel; the ring skips masked blocks and is balanced only in this layout.
-`KimiVL` applies the permutation once, after the image features are scattered into the token
-embeddings (the scatter fills `<|media_pad|>` slots in sequence order), to the embeddings,
+`KimiVL` applies the permutation (`LoadBalancedLayout`) once, after the image features are
+scattered into the token embeddings (the scatter fills `<|media_pad|>` slots in sequence order), to the embeddings,
 positions and segment ids, runs the decoder in that order, and restores sequence order on the
 logits (`to_load_balanced` / `from_load_balanced`: two `ppermute`s, each moving half of the local
 slice), so callers and the loss see sequence order. RoPE reads the positions input, so it is
-unaffected; the MoE is per token. The decoder learns the layout from `sequence_layout` (a
-trace-time scope set by KimiVL), so `LanguageModel` called directly (no permutation) still masks
-correctly. Caveat: `moe.sequence_balance_loss` finds packed sequences as *runs* of equal segment
+unaffected; the MoE is per token. KimiVL tells the decoder the layout (`LanguageModel(...,
+layout=...)`, passed on to the attention), so `LanguageModel` called directly (no permutation)
+still masks by sequence order. Caveat: `moe.sequence_balance_loss` finds packed sequences as *runs* of equal segment
 ids, which this layout cuts at chunk boundaries, so under load balancing that auxiliary statistic
 (loss weight 0 by default) differs from one device's, as does which tokens overflow with
 `moe_impl='capacity'` (dropped in token order); logits, the CE loss, gradients and expert loads
 of the default dropless MoE do not.
 
-Outside a mesh, or when the context axis is 1 or not used by the rules, everything here reduces to
-the single-device code path unchanged.
+Outside a mesh, or when the context axis is 1 or not used by the rules, `build_kernels` keeps the
+single-device attention and sequence order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from kimi_vl_jax.model import attention
+from kimi_vl_jax.model import attention, flash
+from kimi_vl_jax.model.kernels import LOAD_BALANCED, SEQUENCE
 from kimi_vl_jax.parallel import rules as rules_lib
 
 Array = jax.Array
 CONTEXT_AXIS = 'context'
-LAYOUTS = ('sequence', 'load_balanced')
+LAYOUTS = (SEQUENCE, LOAD_BALANCED)
 
 # --------------------------------------------------------------------------------------------
 # Layouts of the sequence over the context shards.
@@ -106,42 +107,14 @@ def check_seq_len(seq_len: int, context: int, *, load_balance: bool) -> None:
                      f'seq_len that is a multiple of {ways} (context axis = {context})')
 
 
-_LAYOUT = contextvars.ContextVar('kimi_vl_sequence_layout', default='sequence')
-
-
-@contextlib.contextmanager
-def sequence_layout(layout: str):
-  """Trace-time scope telling the attention in which order the rows it sees are stored."""
-  if layout not in LAYOUTS:
-    raise ValueError(f'unknown sequence layout {layout!r}; choose one of {LAYOUTS}')
-  token = _LAYOUT.set(layout)
-  try:
-    yield
-  finally:
-    _LAYOUT.reset(token)
-
-
-def current_layout() -> str:
-  return _LAYOUT.get()
-
-
 # --------------------------------------------------------------------------------------------
-# The mesh seen from inside the model.
+# The mesh.
 
 
-def _mesh_and_rules():
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or CONTEXT_AXIS not in mesh.axis_names:
-    return None, ()
-  return mesh, nn.get_logical_axis_rules()
-
-
-def context_size() -> int:
-  """Number of context shards of the activations: the 'context' mesh axis size when the active
-  rules map `act_len` to it, else 1 (no mesh, no such axis, or a preset without context
-  parallelism)."""
-  mesh, rules = _mesh_and_rules()
-  if mesh is None:
+def context_size(mesh: Mesh | None, rules) -> int:
+  """Number of context shards of the activations: the 'context' mesh axis size when `rules` map
+  `act_len` to it, else 1 (no mesh, no such axis, or a preset without context parallelism)."""
+  if mesh is None or CONTEXT_AXIS not in mesh.axis_names:
     return 1
   len_axes = rules_lib.mesh_axes_of(rules, 'act_len') if rules else ()
   if CONTEXT_AXIS not in len_axes:
@@ -152,16 +125,17 @@ def context_size() -> int:
   return mesh.shape[CONTEXT_AXIS]
 
 
-def _row_spec(batch: int) -> tuple[P, object]:
-  """(spec of a [B, T, ...] activation inside shard_map, mesh): rows over the mesh axes of
-  `act_batch` that divide B (others replicated, as `rules.fit_spec` does), tokens over context."""
-  mesh, rules = _mesh_and_rules()
+def _row_spec(mesh: Mesh, rules, batch: int) -> P:
+  """Spec of a [B, T, ...] activation inside shard_map: rows over the mesh axes of `act_batch`
+  that divide B (others replicated, as `rules.fit_spec` does), tokens over context. The rules in
+  force while tracing win over `rules` (the pipeline narrows them inside its stages)."""
+  rules = nn.get_logical_axis_rules() or rules
   axes = tuple(a for a in rules_lib.mesh_axes_of(rules, 'act_batch')
                if a in mesh.axis_names and a != CONTEXT_AXIS)
   while axes and batch % math.prod(mesh.shape[a] for a in axes):
     axes = axes[:-1]
   row = None if not axes else axes[0] if len(axes) == 1 else axes
-  return P(row, CONTEXT_AXIS), mesh
+  return P(row, CONTEXT_AXIS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,36 +179,50 @@ def _from_balanced_shard(x: Array, *, context: int) -> Array:
   return jnp.concatenate([r_even, r_odd], axis=1)
 
 
-def _relayout(x: Array, to_balanced: bool, context: int | None) -> Array:
+def _relayout(x: Array, to_balanced: bool, context: int, mesh: Mesh | None, rules) -> Array:
   if x.ndim < 2:
     raise ValueError(f'expected a [B, T, ...] array, got shape {x.shape}')
-  C = context_size() if context is None else context
-  if C == 1:
+  if context == 1:
     return x
-  check_seq_len(x.shape[1], C, load_balance=True)
-  mesh, _ = _mesh_and_rules()
-  if mesh is None or context_size() != C:
+  check_seq_len(x.shape[1], context, load_balance=True)
+  if mesh is None:
     # No context mesh: the same permutation as a plain gather (reference / single device).
-    perm = load_balance_permutation(x.shape[1], C)
+    perm = load_balance_permutation(x.shape[1], context)
     return jnp.take(x, perm if to_balanced else inverse_permutation(perm), axis=1)
-  spec, mesh = _row_spec(x.shape[0])
+  spec = _row_spec(mesh, rules, x.shape[0])
   body = _to_balanced_shard if to_balanced else _from_balanced_shard
-  fn = jax.shard_map(lambda a: body(a, context=C), mesh=mesh, in_specs=(spec,), out_specs=spec)
+  fn = jax.shard_map(lambda a: body(a, context=context), mesh=mesh, in_specs=(spec,),
+                     out_specs=spec)
   return fn(x)
 
 
-def to_load_balanced(x: Array, context: int | None = None) -> Array:
-  """[B, T, ...] in sequence order -> load-balanced order (`x[:, perm]`).
+def to_load_balanced(x: Array, context: int, mesh: Mesh | None = None, rules=()) -> Array:
+  """[B, T, ...] in sequence order -> load-balanced order over `context` shards (`x[:, perm]`).
 
-  Under a context mesh (context=None: the active mesh's size) the slices move by `ppermute`;
-  without one, `context` > 1 applies the same permutation with a gather.
+  On a mesh (its 'context' axis of size `context`) the slices move by `ppermute`; without one,
+  the same permutation is a gather.
   """
-  return _relayout(x, True, context)
+  return _relayout(x, True, context, mesh, rules)
 
 
-def from_load_balanced(x: Array, context: int | None = None) -> Array:
+def from_load_balanced(x: Array, context: int, mesh: Mesh | None = None, rules=()) -> Array:
   """Inverse of `to_load_balanced`."""
-  return _relayout(x, False, context)
+  return _relayout(x, False, context, mesh, rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadBalancedLayout:
+  """`Kernels.sequence_layout` of load-balanced context parallelism over `mesh`'s context axis."""
+  mesh: Mesh | None
+  rules: tuple
+  context: int
+  name: str = LOAD_BALANCED
+
+  def to_layout(self, x: Array) -> Array:
+    return to_load_balanced(x, self.context, self.mesh, self.rules)
+
+  def from_layout(self, x: Array) -> Array:
+    return from_load_balanced(x, self.context, self.mesh, self.rules)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,63 +242,42 @@ def _all_gather_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarr
                 q_positions=q_index[None], kv_positions=index[None])        # [b, t, N, Hv]
 
 
-def all_gather_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
-                         kernel: attention.AttentionKernel | None = None) -> Array:
-  """Causal, segment-masked attention of rows split over the context axis (all-gather K/V).
+@dataclasses.dataclass(frozen=True)
+class ContextAttention:
+  """`Kernels.causal_attention` over rows split over `mesh`'s context axis (`context` shards).
 
-  q [B, T, N, H], k [B, T, N, H], v [B, T, N, Hv], segment_ids [B, T] (global shapes, in the
-  layout given by `sequence_layout`) -> [B, T, N, Hv]; each shard's [T/C, T] problem runs on
-  `kernel` (dense by default; 'flash' keeps it O(T/C x block)). Without context parallelism this
-  is the plain single-device computation.
+  `(q [B, T, N, H], k [B, T, N, H], v [B, T, N, Hv], segment_ids [B, T], scale, *, kernel,
+  layout) -> [B, T, N, Hv]`, global shapes, rows stored in `layout`. `ring=False`: all-gather
+  K/V, each shard's [T/C, T] problem on `kernel` (dense; 'flash' keeps it O(T/C x block)).
+  `ring=True`: K/V blocks travel around the ring (C - 1 `ppermute`s), per-step scores
+  [B, N, T/C, T/C], folded by flash's online softmax (`kernel` is not used).
   """
-  return _sharded_attention(q, k, v, segment_ids, scale, kernel, ring=False)
+  mesh: Mesh
+  rules: tuple
+  context: int
+  ring: bool = False
 
-
-def _sharded_attention(q, k, v, segment_ids, scale: float, kernel, *, ring: bool) -> Array:
-  kernel = attention.AttentionKernel() if kernel is None else kernel
-  C = context_size()
-  T = q.shape[1]
-  layout = current_layout()
-  if C == 1:
-    if layout != 'sequence':
-      raise ValueError(f'rows are in the {layout!r} layout but there is no context axis')
-    return kernel(q, k, v, segment_ids, segment_ids, causal=True, scale=scale)
-  check_seq_len(T, C, load_balance=layout == 'load_balanced')
-  spec, mesh = _row_spec(q.shape[0])
-  seq = P(*spec)
-  index = layout_index(T, C, layout)
-  if ring:
-    body = lambda *a: _ring_shard(*a, index=index, scale=scale, context=C,  # noqa: E731
-                                   layout=layout)
-  else:
-    body = lambda *a: _all_gather_shard(*a, index=index, scale=scale,  # noqa: E731
-                                        kernel=kernel)
-  # check_vma=False for the ring: under the pipeline's vmap(spmd_axis_name='pipeline') the
-  # vma check rejects mixing the (pipeline-varying) blocks with the index constants inside the
-  # scan / cond (jax 0.12 asks for this workaround); values and gradients are tested to match.
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, seq, seq), out_specs=seq,
-                     check_vma=not ring)
-  return fn(q, k, v, segment_ids, segment_ids)
-
-
-def _online_softmax_fold(carry, q, q_index, q_seg, k, v, kv_index, kv_seg, scale: float):
-  """Folds one key block into the running (m, l, acc) of the queries (all fp32).
-
-  carry: m, l [b, N, tq], acc [b, N, tq, Hv]; q [b, tq, N, H], k/v [b, tk, N, .], indices
-  [1, tq] / [1, tk], segment ids [b, tq] / [b, tk]. Masked scores contribute exactly 0, so a
-  block that is entirely masked for a row leaves the row unchanged. The running max is only a
-  numerical shift (the result does not depend on it), hence `stop_gradient` (as flash attention).
-  """
-  m, l, acc = carry
-  mask = attention.segment_mask(q_seg, kv_seg, causal=True, q_positions=q_index,
-                                kv_positions=kv_index)[:, None]                 # [b, 1, tq, tk]
-  logits = jnp.einsum('BTNH,BSNH->BNTS', q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  m_new = jax.lax.stop_gradient(jnp.maximum(m, logits.max(-1)))                # [b, N, tq]
-  p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
-  corr = jnp.exp(m - m_new)
-  pv = jnp.einsum('BNTS,BSNH->BNTH', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+  def __call__(self, q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
+               kernel: attention.AttentionKernel | None = None, layout: str = SEQUENCE) -> Array:
+    if layout not in LAYOUTS:
+      raise ValueError(f'unknown sequence layout {layout!r}; choose one of {LAYOUTS}')
+    kernel = attention.AttentionKernel() if kernel is None else kernel
+    C, T = self.context, q.shape[1]
+    check_seq_len(T, C, load_balance=layout == LOAD_BALANCED)
+    seq = _row_spec(self.mesh, self.rules, q.shape[0])
+    index = layout_index(T, C, layout)
+    if self.ring:
+      body = lambda *a: _ring_shard(*a, index=index, scale=scale, context=C,  # noqa: E731
+                                     layout=layout)
+    else:
+      body = lambda *a: _all_gather_shard(*a, index=index, scale=scale,  # noqa: E731
+                                          kernel=kernel)
+    # check_vma=False for the ring: under the pipeline's vmap(spmd_axis_name='pipeline') the
+    # vma check rejects mixing the (pipeline-varying) blocks with the index constants inside the
+    # scan / cond (jax 0.12 asks for this workaround); values and gradients are tested to match.
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(seq,) * 5, out_specs=seq,
+                       check_vma=not self.ring)
+    return fn(q, k, v, segment_ids, segment_ids)
 
 
 def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float,
@@ -335,7 +302,9 @@ def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, sc
   index = jnp.asarray(index, jnp.int32)
   q_index = jax.lax.dynamic_slice_in_dim(index, i * t, t)[None]                # [1, t]
   ring = [(j, (j + 1) % C) for j in range(C)]
-  fold = functools.partial(_online_softmax_fold, scale=scale)
+  def fold(carry, q, q_index, q_seg, k, v, kv_index, kv_seg):
+    return flash.online_softmax_fold(carry, q, k, v, q_seg, kv_seg, q_index, kv_index,
+                                     causal=True, scale=scale)
 
   def full(carry, blk):
     k, v, kv_seg, kv_index = blk
@@ -376,15 +345,3 @@ def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, sc
   _, l, acc = carry
   out = acc / l[..., None]                                                     # [b, N, t, Hv]
   return jnp.einsum('BNTH->BTNH', out).astype(v.dtype)
-
-
-def ring_attention(q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
-                   kernel: attention.AttentionKernel | None = None) -> Array:
-  """As `all_gather_attention`, but K/V move around the context ring one block per step
-  (C - 1 `ppermute`s), so no device ever holds more than T / C keys and the per-step scores are
-  `[B, N, T/C, T/C]` (its own online softmax: `kernel` only serves the no-context fallback)."""
-  return _sharded_attention(q, k, v, segment_ids, scale, kernel, ring=True)
-
-
-attention.register_causal_attention('all_gather', all_gather_attention)
-attention.register_causal_attention('ring', ring_attention)

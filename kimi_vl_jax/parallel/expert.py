@@ -1,7 +1,8 @@
 """Expert parallelism: routed experts split over the mesh's 'expert' axis, tokens moved by all-to-all.
 
-The MoE layer (`model/moe.py`) computes the router and calls a routed-experts function chosen by
-`TextConfig.moe_impl`; importing this module registers three mesh-aware ones:
+The MoE layer (`model/moe.py`) computes the router and calls its `Kernels.routed_experts`;
+`parallel.kernels.build_kernels` puts an `ExpertParallel` there when `TextConfig.moe_impl` names
+one of these dispatches and the mesh's 'expert' axis is larger than 1:
 
 * `'ep_capacity'`: every device packs its (token, expert) assignments into fixed buffers
   `[E, C, D]` (C = ceil(capacity_factor * local_tokens * K / E) slots per expert, assignments past
@@ -20,24 +21,27 @@ The MoE layer (`model/moe.py`) computes the router and calls a routed-experts fu
   all_gather-based stand-in (`routed_experts_ep_ragged_emulated`) and it compiles for TPU
   topologies ahead of time (tests/parallel/test_expert.py).
 
-Both run under `shard_map` over the whole mesh: tokens stay split the way the activations are
-(the mesh axes of `act_batch` and `act_len` in the active rule preset), expert weights enter split
+All run under `shard_map` over the whole mesh: tokens stay split the way the activations are
+(the mesh axes of `act_batch` and `act_len` in the rules in force), expert weights enter split
 over 'expert' only (a preset that also splits `embed` over 'data', ZeRO-3 style, has XLA gather
-those shards on entry). Outside a mesh, or when the 'expert' axis has size 1, they fall back to the
-single-device implementations, so a config can select them unconditionally.
+those shards on entry). The per-device pieces (capacity slots, SwiGLU over buffers or groups, the
+weighted combine) are `model/moe.py`'s. Outside a mesh, or when the 'expert' axis has size 1,
+`build_kernels` keeps the single-device function of the same name (`moe.local_routed_experts`),
+so a config can select them unconditionally.
 
 Einsum letters: T tokens, K top-k, D model, E experts (L local ones), F expert ffn width, C slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from kimi_vl_jax.model import moe
 from kimi_vl_jax.parallel import rules as rules_lib
@@ -46,26 +50,18 @@ Array = jax.Array
 EXPERT_AXIS = 'expert'
 
 
-def _context():
-  """(mesh, token mesh axes) of the surrounding `sharding_context`, or (None, ()) outside one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or EXPERT_AXIS not in mesh.axis_names:
-    return None, ()
-  rules = nn.get_logical_axis_rules()
-  axes = rules_lib.mesh_axes_of(rules, 'act_batch') + rules_lib.mesh_axes_of(rules, 'act_len')
-  return mesh, tuple(a for a in axes if a in mesh.axis_names)
+def _pad_expert(w: Array, dtype) -> Array:
+  """Stacked weights [L, ...] plus a zero dummy expert L (for padding rows): [L + 1, ...]."""
+  return jnp.concatenate([w.astype(dtype), jnp.zeros((1,) + w.shape[1:], dtype)])
 
 
-def _swiglu(h: Array, w_gate: Array, w_up: Array, w_down: Array) -> Array:
-  """h [L, C, D] through each local expert: -> [L, C, D]."""
-  gate = jnp.einsum('LCD,LDF->LCF', h, w_gate)
-  up = jnp.einsum('LCD,LDF->LCF', h, w_up)
-  return jnp.einsum('LCF,LFD->LCD', jax.nn.silu(gate) * up, w_down)
-
-
-def _combine(ys: Array, weights: Array, dtype) -> Array:
-  """ys [T, K, D], weights [T, K] -> [T, D], summed in fp32 like the single-device paths."""
-  return jnp.einsum('TKD,TK->TD', ys.astype(jnp.float32), weights.astype(jnp.float32)).astype(dtype)
+def _local_swiglu(rows: Array, ids: Array, L: int, w_gate, w_up, w_down, dtype):
+  """rows [m, D] for local experts `ids` [m] (L = dummy) -> [m, D] in the same order."""
+  order = jnp.argsort(ids, stable=True)
+  sizes = jnp.bincount(ids, length=L + 1).astype(jnp.int32)
+  out = moe.swiglu_grouped(rows[order], _pad_expert(w_gate, dtype), _pad_expert(w_up, dtype),
+                           _pad_expert(w_down, dtype), sizes)                # sorted rows
+  return jnp.zeros_like(out).at[order].set(out, unique_indices=True)
 
 
 def _capacity_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *, ep: int,
@@ -75,22 +71,14 @@ def _capacity_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down,
   L, D = w_gate.shape[0], x.shape[-1]
   E = L * ep
   C = moe.expert_capacity(t, K, E, capacity_factor)
-  flat_e = topk_idx.reshape(-1)                                             # [t*K] token-major
-  valid = jnp.repeat(token_mask, K)
-  onehot = jax.nn.one_hot(flat_e, E, dtype=jnp.int32) * valid[:, None]
-  slot = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), flat_e[:, None], 1)[:, 0] - 1
-  keep = valid & (slot < C)
-  slot = jnp.where(keep, slot, C)                                           # C = out of bounds
-  send = jnp.zeros((E, C, D), dtype).at[flat_e, slot].set(
-      x.astype(dtype)[jnp.arange(t * K) // K], mode='drop')                 # [E, C, D]
+  send, slots = moe.capacity_dispatch(x, topk_idx, token_mask, E, C, dtype)  # [E, C, D]
   # Expert e lives on shard e // L as its local expert e % L: [ep, L, C, D] splits by shard.
   recv = jax.lax.all_to_all(send.reshape(ep, L, C, D), EXPERT_AXIS, 0, 0)  # [src, L, C, D]
   h = recv.transpose(1, 0, 2, 3).reshape(L, ep * C, D)
-  out = _swiglu(h, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype))
+  out = moe.swiglu_batched(h, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype))
   out = out.reshape(L, ep, C, D).transpose(1, 0, 2, 3)                      # [src, L, C, D]
   back = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 0).reshape(E, C, D)       # my assignments
-  ys = back.at[flat_e, slot].get(mode='fill', fill_value=0).reshape(t, K, D)
-  return _combine(ys, topk_weights * keep.reshape(t, K), dtype)
+  return moe.capacity_combine(back, slots, topk_weights, dtype)
 
 
 def _dropless_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *, ep: int,
@@ -110,16 +98,10 @@ def _dropless_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down,
   ids = jnp.full((ep, n), L, jnp.int32).at[dest, row].set(jnp.where(valid, local_e, L))
   recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0).reshape(ep * n, D)
   recv_ids = jax.lax.all_to_all(ids, EXPERT_AXIS, 0, 0).reshape(ep * n)
-  order = jnp.argsort(recv_ids, stable=True)
-  sizes = jnp.bincount(recv_ids, length=L + 1).astype(jnp.int32)
-  pad = lambda w: jnp.concatenate([w.astype(dtype), jnp.zeros((1,) + w.shape[1:], dtype)])  # noqa: E731
-  gate = jax.lax.ragged_dot(recv[order], pad(w_gate), sizes)
-  up = jax.lax.ragged_dot(recv[order], pad(w_up), sizes)
-  out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, pad(w_down), sizes)   # sorted rows
-  out = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(ep, n, D)
+  out = _local_swiglu(recv, recv_ids, L, w_gate, w_up, w_down, dtype).reshape(ep, n, D)
   back = jax.lax.all_to_all(out, EXPERT_AXIS, 0, 0)                        # [dest, n, D]
   ys = back[dest, row].reshape(t, K, D)
-  return _combine(ys, topk_weights * valid.reshape(t, K), dtype)
+  return moe.combine(ys, topk_weights * valid.reshape(t, K), dtype)
 
 
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -175,62 +157,64 @@ def _ragged_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *
                   recv_sizes, axis_name=EXPERT_AXIS)
   recv_ids = exchange(ids % L, jnp.full((m,), L, jnp.int32), input_offsets, send_sizes,
                       output_offsets, recv_sizes, axis_name=EXPERT_AXIS)   # L = empty row
-  r_order = jnp.argsort(recv_ids, stable=True)
-  sizes = jnp.bincount(recv_ids, length=L + 1).astype(jnp.int32)
-  pad = lambda w: jnp.concatenate([w.astype(dtype), jnp.zeros((1,) + w.shape[1:], dtype)])  # noqa: E731
-  h = recv[r_order]
-  gate = jax.lax.ragged_dot(h, pad(w_gate), sizes)
-  up = jax.lax.ragged_dot(h, pad(w_up), sizes)
-  out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, pad(w_down), sizes)
-  out = jnp.zeros_like(out).at[r_order].set(out, unique_indices=True)      # receive order
+  out = _local_swiglu(recv, recv_ids, L, w_gate, w_up, w_down, dtype)      # receive order
   # Back to the senders: my rows from source i return to i's buffer at its input offset for me.
   back = exchange(out, jnp.zeros((n, D), dtype), recv_offsets, recv_sizes,
                   jax.lax.all_gather(input_offsets, EXPERT_AXIS)[:, me], send_sizes,
                   axis_name=EXPERT_AXIS)                                    # [n, D] by expert
   ys = jnp.zeros_like(back).at[order].set(back, unique_indices=True).reshape(t, K, D)
-  return _combine(ys, topk_weights * valid.reshape(t, K), dtype)
+  return moe.combine(ys, topk_weights * valid.reshape(t, K), dtype)
 
 
-def _routed(body, fallback, x, topk_idx, topk_weights, w_gate, w_up, w_down, *,
-            token_mask=None, capacity_factor=None, dtype=jnp.float32):
-  mesh, token_axes = _context()
-  kw = dict(token_mask=token_mask, capacity_factor=capacity_factor, dtype=dtype)
-  if mesh is None or mesh.shape[EXPERT_AXIS] == 1:
-    return fallback(x, topk_idx, topk_weights, w_gate, w_up, w_down,
-                    **{k: v for k, v in kw.items() if v is not None})
-  ep = mesh.shape[EXPERT_AXIS]
-  E = w_gate.shape[0]
-  if E % ep:
-    raise ValueError(f'{E} experts cannot be split over the expert axis of size {ep}; set '
-                     'parallel.expert to a divisor of n_routed_experts')
-  ways = math.prod(mesh.shape[a] for a in token_axes)
-  if x.shape[0] % ways:
-    raise ValueError(f'{x.shape[0]} tokens do not split evenly over mesh axes {token_axes} '
-                     f'({ways} ways)')
-  if token_mask is None:
-    token_mask = jnp.ones((x.shape[0],), jnp.bool_)
-  tok = P(token_axes if token_axes else None)
-  wspec = P(EXPERT_AXIS)
-  fn = jax.shard_map(
-      functools.partial(body, ep=ep, dtype=dtype,
-                        **({'capacity_factor': capacity_factor or 1.25}
-                           if body is _capacity_shard else {})),
-      mesh=mesh, in_specs=(tok, tok, tok, tok, wspec, wspec, wspec), out_specs=tok,
-      check_vma=False)
-  return fn(x, topk_idx, topk_weights, token_mask.astype(jnp.bool_), w_gate, w_up, w_down)
+_BODIES = {
+    'capacity': _capacity_shard,
+    'dropless': _dropless_shard,
+    'ragged': _ragged_shard,
+    # The ragged bookkeeping with an all_gather-based exchange: runs anywhere, for testing on CPU.
+    'ragged_emulated': functools.partial(_ragged_shard, exchange=_emulated_ragged_all_to_all),
+}
+# TextConfig.moe_impl -> dispatch.
+DISPATCHES = {'ep_capacity': 'capacity', 'ep_dropless': 'dropless', 'ep_ragged': 'ragged'}
 
 
-routed_experts_ep_capacity = functools.partial(_routed, _capacity_shard,
-                                               moe.routed_experts_capacity)
-routed_experts_ep_dropless = functools.partial(_routed, _dropless_shard,
-                                               moe.routed_experts_dropless)
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """`Kernels.routed_experts` over `mesh`'s 'expert' axis, by `dispatch` ('capacity', 'dropless',
+  'ragged' or 'ragged_emulated', see the module docstring); same signature and result as
+  `moe.routed_experts_capacity` / `_dropless`. Token mesh axes: those of `act_batch` and `act_len`
+  in the rules in force while tracing (the pipeline narrows them), else in `rules`."""
+  mesh: Mesh
+  rules: tuple
+  dispatch: str
 
-routed_experts_ep_ragged = functools.partial(_routed, _ragged_shard, moe.routed_experts_dropless)
-# The ragged bookkeeping with an all_gather-based exchange: runs anywhere, for testing on CPU.
-routed_experts_ep_ragged_emulated = functools.partial(
-    _routed, functools.partial(_ragged_shard, exchange=_emulated_ragged_all_to_all),
-    moe.routed_experts_dropless)
+  def __post_init__(self):
+    if self.dispatch not in _BODIES:
+      raise ValueError(f'unknown expert dispatch {self.dispatch!r}; choose one of '
+                       f'{sorted(_BODIES)}')
 
-moe.register_routed_experts('ep_ragged', routed_experts_ep_ragged)
-moe.register_routed_experts('ep_capacity', routed_experts_ep_capacity)
-moe.register_routed_experts('ep_dropless', routed_experts_ep_dropless)
+  def __call__(self, x: Array, topk_idx: Array, topk_weights: Array, w_gate: Array, w_up: Array,
+               w_down: Array, *, token_mask: Array | None = None,
+               capacity_factor: float | None = None, dtype=jnp.float32) -> Array:
+    mesh = self.mesh
+    rules = nn.get_logical_axis_rules() or self.rules
+    token_axes = tuple(a for a in (rules_lib.mesh_axes_of(rules, 'act_batch')
+                                   + rules_lib.mesh_axes_of(rules, 'act_len'))
+                       if a in mesh.axis_names)
+    ep = mesh.shape[EXPERT_AXIS]
+    E = w_gate.shape[0]
+    if E % ep:
+      raise ValueError(f'{E} experts cannot be split over the expert axis of size {ep}; set '
+                       'parallel.expert to a divisor of n_routed_experts')
+    ways = math.prod(mesh.shape[a] for a in token_axes)
+    if x.shape[0] % ways:
+      raise ValueError(f'{x.shape[0]} tokens do not split evenly over mesh axes {token_axes} '
+                       f'({ways} ways)')
+    if token_mask is None:
+      token_mask = jnp.ones((x.shape[0],), jnp.bool_)
+    kw = ({'capacity_factor': capacity_factor or 1.25} if self.dispatch == 'capacity' else {})
+    tok = P(token_axes if token_axes else None)
+    wspec = P(EXPERT_AXIS)
+    fn = jax.shard_map(functools.partial(_BODIES[self.dispatch], ep=ep, dtype=dtype, **kw),
+                       mesh=mesh, in_specs=(tok, tok, tok, tok, wspec, wspec, wspec),
+                       out_specs=tok, check_vma=False)
+    return fn(x, topk_idx, topk_weights, token_mask.astype(jnp.bool_), w_gate, w_up, w_down)

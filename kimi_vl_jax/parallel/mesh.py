@@ -31,7 +31,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-AXES = ('data', 'expert', 'pipeline', 'context')
+from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.parallel.rules import AXES
 DCN_KEYS = tuple(f'dcn_{a}' for a in AXES)
 
 
@@ -48,7 +49,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.dcn_context = 1
   c.rules = 'dp'            # preset name in parallel/rules.py
   c.zero1 = True            # shard optimizer state over 'data' (ZeRO-1)
-  c.num_microbatches = 1    # pipeline microbatches (read by the pipeline schedule)
   return c
 
 
@@ -139,8 +139,6 @@ def check(parallel_cfg: Any, *, num_devices: int, num_slices: int = 1,
 
   Every error names the config field to change. Quantities left as None are not checked.
   """
-  from kimi_vl_jax.parallel import rules as rules_lib  # local: rules imports this module
-
   ici, dcn = mesh_shape(parallel_cfg, num_devices, num_slices)
   sizes = {a: i * d for a, i, d in zip(AXES, ici, dcn)}
   preset = _get(parallel_cfg, 'rules', 'dp')

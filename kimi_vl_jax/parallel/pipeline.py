@@ -1,7 +1,8 @@
 """Pipeline parallelism for a stack of identical layers: GPipe microbatching, optionally circular.
 
-The decoder's MoE stack (`model/decoder.py`, L layers stacked `[L, ...]` by nn.scan) is cut into
-S stages of consecutive layers; the stage axis carries the logical name 'stage' (mesh axis
+The decoder's MoE stack (`model/decoder.py`, L layers stacked `[L, ...]` by nn.scan) runs through
+the `Pipeline` in its `Kernels` (`parallel.kernels.build_kernels` puts one there when
+`KimiVLConfig.pipeline_stages > 1`). The stack is cut into S stages of consecutive layers; the stage axis carries the logical name 'stage' (mesh axis
 'pipeline' unless the active rules map 'stage' elsewhere), so every device of a pipeline rank holds
 and runs only its stage's layers. The batch is split into M microbatches that flow through the
 stages one iteration apart (GPipe, arXiv 1811.06965):
@@ -43,6 +44,7 @@ microbatch (B = M*b), T tokens, D model, I iterations.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -51,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from kimi_vl_jax.model.config import check_pipeline
 from kimi_vl_jax.model.layers import remat_policy as get_remat_policy
 
 Array = jax.Array
@@ -75,26 +78,6 @@ def config_bubble_fraction(config) -> float:
   """`bubble_fraction` of a `KimiVLConfig` (its pipeline_* fields), for the trainer to log."""
   return bubble_fraction(config.pipeline_stages, config.pipeline_microbatches,
                          config.pipeline_repeats)
-
-
-def check_schedule(num_layers: int, batch: int, stages: int, microbatches: int,
-                   repeats: int = 1) -> int:
-  """Validates a schedule for `num_layers` layers and `batch` rows; returns J (layers/stage)."""
-  S, M, R = stages, microbatches, repeats
-  for name, v in (('pipeline_stages', S), ('pipeline_microbatches', M),
-                  ('pipeline_repeats', R)):
-    if int(v) != v or v < 1:
-      raise ValueError(f'{name} must be a positive int, got {v!r}')
-  if num_layers % (S * R):
-    raise ValueError(f'{num_layers} pipelined layers are not divisible by pipeline_stages x '
-                     f'pipeline_repeats = {S} x {R}')
-  if batch % M:
-    raise ValueError(f'the batch has {batch} rows, not divisible by pipeline_microbatches={M}; '
-                     f'use a batch size that is a multiple of {M}')
-  if R > 1 and M < S:
-    raise ValueError(f'circular pipelining (pipeline_repeats={R}) needs pipeline_microbatches >= '
-                     f'pipeline_stages, got {M} < {S}')
-  return num_layers // (S * R)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +171,7 @@ def pipeline(layer_fn: Callable, params: Any, x: Array, positions: Array, segmen
   if len(lengths) != 1:
     raise ValueError(f'pipeline: stacked params have different leading sizes {lengths}')
   L = lengths.pop()
-  J = check_schedule(L, x.shape[0], S, M, R)
+  J = check_pipeline(L, S, M, R, batch=x.shape[0])
   rules = nn.get_logical_axis_rules()
   inner, stage_axes = stage_rules(rules)
   spmd = _stage_mesh(stage_axes, S) if rules else None
@@ -261,3 +244,20 @@ def _schedule(layer_fn, params, x, positions, segment_ids, S, M, R, J, remat, sp
   t_idx = ri * M + mi + si                                              # [M, R, S]
   aux = jax.tree.map(lambda a: a[t_idx, si].reshape((M, R * S * J) + a.shape[3:]), aux)
   return y, aux
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """The `Kernels.pipeline` of a pipelined run: `pipeline` with this schedule, the per-microbatch
+  aux recombined by the caller's `combine_aux(aux [M, L, ...], segment_ids [M, b, T])`."""
+  stages: int
+  microbatches: int
+  repeats: int = 1
+  remat_policy: str = 'none'
+
+  def __call__(self, layer_fn: Callable, params: Any, x: Array, positions: Array,
+               segment_ids: Array, *, combine_aux: Callable) -> tuple[Array, Any]:
+    y, aux = pipeline(layer_fn, params, x, positions, segment_ids, stages=self.stages,
+                      microbatches=self.microbatches, repeats=self.repeats,
+                      remat_policy=self.remat_policy)
+    return y, combine_aux(aux, to_microbatches(segment_ids, self.microbatches))

@@ -1,7 +1,7 @@
 """Logical-axis rule presets and the shardings of parameters, optimizer state and batches.
 
 The model names every parameter and activation dimension with a logical axis (docs/param_tree.md);
-a preset maps those names to mesh axes of `parallel/mesh.py` (flax `nn.logical_axis_rules`
+a preset maps those names to the mesh axes `AXES` (flax `nn.logical_axis_rules`
 format: `(logical_name, mesh_axis | tuple of mesh axes | None)`, first matching rule wins, a mesh
 axis is used at most once per array). Presets, selected by `config.parallel.rules`:
 
@@ -43,9 +43,11 @@ from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kimi_vl_jax.optim.muon import path_str as _path_str
-from kimi_vl_jax.parallel.mesh import AXES
 
 Rules = tuple[tuple[str, Any], ...]
+
+# The mesh axes (`parallel/mesh.py` builds meshes over them), outermost first.
+AXES = ('data', 'expert', 'pipeline', 'context')
 
 # Vision / projector "model width" dims that FSDP shards alongside the decoder's `embed`.
 _WIDTH = ('embed', 'vit_embed', 'mm_embed')
@@ -108,11 +110,6 @@ def sharding_context(mesh: Mesh, rules: Rules | str):
 
 def _is_box(x) -> bool:
   return isinstance(x, meta.AxisMetadata)
-
-
-def logical_specs(boxed_tree) -> Any:
-  """Tree of logical PartitionSpecs (unboxed structure); unannotated leaves get `P()`."""
-  return nn.get_partition_spec(boxed_tree)
 
 
 def _axis_size(mesh: Mesh, entry) -> int:
@@ -283,7 +280,3 @@ def shard_batch(host_batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules | st
       raise ValueError(f'batch[{k!r}] is a scalar; every batch entry needs a leading row axis')
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
-
-
-def global_batch_shape(host_shape: Sequence[int]) -> tuple[int, ...]:
-  return (host_shape[0] * jax.process_count(),) + tuple(host_shape[1:])

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from kimi_vl_jax.model.kimi_vl import KimiVL
+from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.train import losses
 
 
@@ -154,7 +155,7 @@ class Evaluator:
     ev = cfg.eval
     self.every = int(ev.get('every', 0) or 0)
     self.mesh, self.rules, self.blank = mesh, rules, blank_images
-    self.model = KimiVL(mc)
+    self.model = KimiVL(mc, kernels=build_kernels(mc, mesh, rules))
     self.n_batches = int(ev.get('batches', 0) or 0)
     self.iterator_fn = iterator_fn
     self.eval_data = ml_collections.ConfigDict(_as_dict(data_cfg))

@@ -26,6 +26,7 @@ from absl import logging
 from kimi_vl_jax.model.kimi_vl import KimiVL
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.train import checkpointing, evaluate, metrics as metrics_lib
 from kimi_vl_jax.train.init import StateFactory, _as_dict, model_config
 from kimi_vl_jax.train.train_step import StepOptions, make_train_step
@@ -111,7 +112,8 @@ class Trainer:
   # ------------------------------------------------------------------------------------------
   def _jit_step(self, factory: StateFactory, mc, batch_example: dict):
     opts = StepOptions.from_config(self.cfg.train)
-    step_fn = make_train_step(KimiVL(mc), factory.tx, opts, trainable=factory.trainable,
+    model = KimiVL(mc, kernels=build_kernels(mc, self.mesh, self.rules))
+    step_fn = make_train_step(model, factory.tx, opts, trainable=factory.trainable,
                               lr_fn=factory.lr_fn)
     bsh = rules_lib.batch_sharding(self.mesh, self.rules)
     return jax.jit(step_fn, in_shardings=(factory.shardings, {k: bsh for k in batch_example}),

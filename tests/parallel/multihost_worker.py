@@ -44,6 +44,7 @@ def main(out_path: str, workdir: str) -> None:
   from kimi_vl_jax.model.kimi_vl import KimiVL, init_params
   from kimi_vl_jax.parallel import mesh as mesh_lib
   from kimi_vl_jax.parallel import rules as rules_lib
+  from kimi_vl_jax.parallel.kernels import build_kernels
 
   pid, nproc = jax.process_index(), jax.process_count()
   par = mesh_lib.default_config()
@@ -53,7 +54,7 @@ def main(out_path: str, workdir: str) -> None:
                  num_experts=mc.text.n_routed_experts, num_processes=nproc)
   mesh = mesh_lib.make_mesh(par)
   rules = rules_lib.get_rules(par.rules)
-  model = KimiVL(mc)
+  model = KimiVL(mc, kernels=build_kernels(mc, mesh, rules))
   tx = optax.adamw(1e-2, weight_decay=0.01)
 
   abstract_boxed = jax.eval_shape(lambda: init_params(mc, jax.random.key(0), with_images=False))

@@ -6,6 +6,7 @@ step must all-gather K/V over 'context' and keep per-device attention logits at 
 """
 
 import dataclasses
+import functools
 import re
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ from kimi_vl_jax.model.vision import MoonViT, merge_order
 from kimi_vl_jax.parallel import context
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.train.losses import cross_entropy_sums
 
 B, T = 2, 32                      # T / (2 x context 4) = 4-token chunks
@@ -112,7 +114,7 @@ def _run_sharded(config, params, batch, mesh, rules):
   with rules_lib.sharding_context(mesh, rules):
     spec = rules_lib.batch_sharding(mesh, rules)
     sharded = {k: jax.device_put(v, spec) for k, v in batch.items()}
-    fn = _step_fn(KimiVL(config))
+    fn = _step_fn(KimiVL(config, kernels=build_kernels(config, mesh, rules)))
     (loss, logits), grads = fn(params, sharded)
     hlo = fn.lower(params, sharded).compile().as_text()
   return (loss, logits, grads), hlo
@@ -168,13 +170,12 @@ def test_indivisible_sequence_is_a_clear_error():
   mesh = _mesh(data=2, context=4)
   with rules_lib.sharding_context(mesh, 'dp_cp'):
     with pytest.raises(ValueError, match=r'not divisible by 8 .*2 x context chunks'):
-      jax.eval_shape(context.to_load_balanced, jnp.zeros((2, 36, 3)))
+      jax.eval_shape(lambda x: context.to_load_balanced(x, 4, mesh), jnp.zeros((2, 36, 3)))
 
 
 def test_unknown_implementation_is_a_clear_error():
-  q = jnp.zeros((1, 4, 2, 8))
   with pytest.raises(ValueError, match=r"unknown context_parallel 'ringg'.*all_gather"):
-    attention.causal_attention(q, q, q, jnp.ones((1, 4), jnp.int32), 1.0, impl='ringg')
+    build_kernels(_config(context_parallel='ringg'), _mesh(data=2, context=4), 'dp_cp')
 
 
 def test_relayout_by_ppermute_equals_gather_and_inverts():
@@ -183,15 +184,15 @@ def test_relayout_by_ppermute_equals_gather_and_inverts():
   mesh = _mesh(data=2, context=4)
   with rules_lib.sharding_context(mesh, 'dp_cp'):
     xs = jax.device_put(x, NamedSharding(mesh, P('data', 'context')))
-    to = jax.jit(context.to_load_balanced)
+    to = jax.jit(functools.partial(context.to_load_balanced, context=4, mesh=mesh))
     balanced = to(xs)
-    back = jax.jit(context.from_load_balanced)(balanced)
+    back = jax.jit(functools.partial(context.from_load_balanced, context=4, mesh=mesh))(balanced)
     hlo = to.lower(xs).compile().as_text()
   np.testing.assert_array_equal(np.asarray(balanced), x[:, perm])
   np.testing.assert_array_equal(np.asarray(back), x)
   assert 'collective-permute' in hlo and 'all-gather' not in hlo
   # Without a mesh, an explicit context size applies the same permutation.
-  np.testing.assert_array_equal(np.asarray(context.to_load_balanced(x, context=4)), x[:, perm])
+  np.testing.assert_array_equal(np.asarray(context.to_load_balanced(x, 4)), x[:, perm])
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,15 +218,18 @@ def test_attention_matches_single_device(impl, layout):
   inv = context.inverse_permutation(perm)
 
   impl, _, kernel = impl.partition('+')
-  kernel = attention.AttentionKernel(kernel, block_q=4, block_kv=8) if kernel else None
+  config = _config(context_parallel=impl)
+  if kernel:
+    config = config.replace(attention_impl=kernel, attention_block_q=4, attention_block_kv=8)
+  mesh = _mesh(data=2, context=4)
+  kernels = build_kernels(config, mesh, 'dp_cp')
+  assert isinstance(kernels.causal_attention, context.ContextAttention)
 
   def sharded(q, k, v, seg):  # inputs / outputs in sequence order, attention in `layout`
     q, k, v, seg = (a[:, perm] for a in (q, k, v, seg))
-    with context.sequence_layout(layout):
-      out = attention.causal_attention(q, k, v, seg, scale, impl=impl, kernel=kernel)
+    out = kernels.causal_attention(q, k, v, seg, scale, kernel=kernels.attention, layout=layout)
     return out[:, inv]
 
-  mesh = _mesh(data=2, context=4)
   with rules_lib.sharding_context(mesh, 'dp_cp'):
     fn = jax.jit(jax.value_and_grad(lambda *a: loss(sharded, *a), (0, 1, 2), has_aux=True))
     (_, got), got_g = fn(q, k, v, seg)
@@ -235,7 +239,7 @@ def test_attention_matches_single_device(impl, layout):
     assert _rel_err(g, rg) <= 1e-5
   shapes = _attention_logit_shapes(hlo, N)
   gathers = _kv_gathers(hlo, N)
-  if kernel is not None:   # flash: scores only in [4 x 8] blocks, K/V still gathered
+  if kernel:   # flash: scores only in [4 x 8] blocks, K/V still gathered
     assert len(gathers) == 2 and (B // 2, N, T // 4, T) not in shapes, (shapes, gathers)
   elif impl == 'all_gather':
     assert (B // 2, N, T // 4, T) in shapes and len(gathers) == 2, (shapes, gathers)
@@ -252,17 +256,20 @@ def test_attention_memory_per_device_shrinks_with_context():
   q = jax.ShapeDtypeStruct((Bm, Tm, N, H), jnp.float32)
   seg = jax.ShapeDtypeStruct((Bm, Tm), jnp.int32)
 
+  mesh = _mesh(data=2, context=4)
+
   def temp_bytes(impl, layout='sequence'):
+    kernels = build_kernels(_config(context_parallel=impl), mesh, 'dp_cp')
+
     def grads(q, k, v, seg):
-      with context.sequence_layout(layout):
-        return jax.grad(lambda *a: attention.causal_attention(*a, seg, 0.1, impl=impl).sum(),
-                        (0, 1, 2))(q, k, v)
+      attend = lambda *a: kernels.causal_attention(*a, seg, 0.1, layout=layout).sum()  # noqa: E731
+      return jax.grad(attend, (0, 1, 2))(q, k, v)
     return jax.jit(grads).lower(q, q, q, seg).compile().memory_analysis().temp_size_in_bytes
 
   single = temp_bytes('none')
   logits_bytes = Bm * N * Tm * Tm * 4
   assert single >= 2 * logits_bytes        # logits and probabilities, at least
-  with rules_lib.sharding_context(_mesh(data=2, context=4), 'dp_cp'):
+  with rules_lib.sharding_context(mesh, 'dp_cp'):
     for impl, layout in [('all_gather', 'sequence'), ('all_gather', 'load_balanced'),
                          ('ring', 'load_balanced')]:
       per_device = temp_bytes(impl, layout)
@@ -337,8 +344,11 @@ def test_language_model_alone_uses_the_sequence_layout(setup):
   x = jax.random.normal(jax.random.key(1), (B, T, config.text.hidden_size))
   seg, pos = batch['segment_ids'], batch['positions']
   ref, _ = jax.jit(lm.apply)(p, x, pos, seg)
-  with rules_lib.sharding_context(_mesh(data=2, context=4), 'dp_cp'):
-    got, _ = jax.jit(lm.apply)(p, x, pos, seg)
+  mesh = _mesh(data=2, context=4)
+  kernels = build_kernels(config, mesh, 'dp_cp')
+  assert kernels.sequence_layout is not None       # KimiVL would permute; LanguageModel does not
+  with rules_lib.sharding_context(mesh, 'dp_cp'):
+    got, _ = jax.jit(LanguageModel(config, kernels=kernels).apply)(p, x, pos, seg)
   assert _rel_err(got, ref) <= 1e-5
 
 
@@ -354,7 +364,7 @@ def test_vision_tower_patches_are_not_split_over_context(setup):
   mesh = _mesh(data=2, context=4)
   with rules_lib.sharding_context(mesh, 'dp_cp'):
     args = [jax.device_put(a, rules_lib.batch_sharding(mesh, 'dp_cp')) for a in args]
-    fn = jax.jit(vit.apply)
+    fn = jax.jit(MoonViT(config.vision, kernels=build_kernels(config, mesh, 'dp_cp')).apply)
     out = fn(p, *args)
     hlo = fn.lower(p, *args).compile().as_text()
   assert _rel_err(out, ref) <= 1e-5

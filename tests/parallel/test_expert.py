@@ -9,9 +9,10 @@ import pytest
 
 from kimi_vl_jax.model import moe
 from kimi_vl_jax.model.config import tiny
-from kimi_vl_jax.parallel import expert  # noqa: F401  (registers ep_capacity / ep_dropless)
+from kimi_vl_jax.parallel import expert
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.parallel.kernels import build_kernels
 
 N, D, F, E, K = 64, 16, 12, 8, 2
 
@@ -33,9 +34,16 @@ def _inputs(seed=0, skew=False):
   return x, idx, w, mask, ws
 
 
-def _ep(fn, mesh, rules, *args, **kw):
+def _ep(dispatch, mesh, rules, *args, **kw):
+  """The expert-parallel routed experts by `dispatch` on `mesh`, jitted under `rules`."""
+  fn = expert.ExpertParallel(mesh, rules_lib.get_rules(rules), dispatch)
   with rules_lib.sharding_context(mesh, rules):
     return jax.jit(lambda *a: fn(*a, **kw))(*args)
+
+
+def _config(moe_impl):
+  c = tiny()
+  return c.replace(text=dataclasses.replace(c.text, moe_impl=moe_impl))
 
 
 @pytest.mark.parametrize('preset, kw', [('dp_ep', dict(data=2, expert=4)),
@@ -43,7 +51,7 @@ def _ep(fn, mesh, rules, *args, **kw):
 def test_ep_dropless_equals_single_device_dropless(preset, kw):
   x, idx, w, mask, ws = _inputs(skew=True)
   ref = moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)
-  got = _ep(expert.routed_experts_ep_dropless, _mesh(**kw), preset, x, idx, w, *ws,
+  got = _ep('dropless', _mesh(**kw), preset, x, idx, w, *ws,
             token_mask=mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(got)[~mask]).max() == 0
@@ -58,9 +66,10 @@ def test_ep_dropless_gradients_match():
 
   ref = jax.grad(lambda *a: loss(moe.routed_experts_dropless, *a), argnums=(0, 1, 2, 3, 4))(
       x, w, *ws)
+  ep = build_kernels(_config('ep_dropless'), mesh, 'dp_ep').routed_experts
+  assert isinstance(ep, expert.ExpertParallel)
   with rules_lib.sharding_context(mesh, 'dp_ep'):
-    got = jax.jit(jax.grad(lambda *a: loss(expert.routed_experts_ep_dropless, *a),
-                           argnums=(0, 1, 2, 3, 4)))(x, w, *ws)
+    got = jax.jit(jax.grad(lambda *a: loss(ep, *a), argnums=(0, 1, 2, 3, 4)))(x, w, *ws)
   for g, r in zip(got, ref):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
@@ -69,12 +78,12 @@ def test_ep_capacity_is_dropless_with_room_and_drops_per_shard_in_token_order():
   x, idx, w, mask, ws = _inputs(2, skew=True)
   mesh = _mesh(data=2, expert=4)
   ref = moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)
-  roomy = _ep(expert.routed_experts_ep_capacity, mesh, 'dp_ep', x, idx, w, *ws,
+  roomy = _ep('capacity', mesh, 'dp_ep', x, idx, w, *ws,
               token_mask=mask, capacity_factor=float(E))
   np.testing.assert_allclose(np.asarray(roomy), np.asarray(ref), rtol=1e-5, atol=1e-5)
   # Tight capacity: each of the 8 token shards drops exactly what the single-device capacity
   # rule drops on its own 8 tokens.
-  tight = _ep(expert.routed_experts_ep_capacity, mesh, 'dp_ep', x, idx, w, *ws,
+  tight = _ep('capacity', mesh, 'dp_ep', x, idx, w, *ws,
               token_mask=mask, capacity_factor=1.0)
   per_shard = np.concatenate([
       np.asarray(moe.routed_experts_capacity(x[s:s + 8], idx[s:s + 8], w[s:s + 8],
@@ -86,31 +95,36 @@ def test_ep_capacity_is_dropless_with_room_and_drops_per_shard_in_token_order():
 
 def test_without_a_mesh_falls_back_and_bad_splits_are_refused():
   x, idx, w, mask, ws = _inputs(3)
-  np.testing.assert_allclose(
-      np.asarray(expert.routed_experts_ep_dropless(x, idx, w, *ws, token_mask=mask)),
-      np.asarray(moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)), rtol=1e-6)
+  for mesh in (None, _mesh(data=8)):   # no mesh, or an expert axis of size 1
+    fallback = build_kernels(_config('ep_dropless'), mesh, 'dp_ep').routed_experts
+    np.testing.assert_allclose(
+        np.asarray(fallback(x, idx, w, *ws, token_mask=mask)),
+        np.asarray(moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)), rtol=1e-6)
   with pytest.raises(ValueError, match='6 experts cannot be split over the expert axis of size 4'):
-    _ep(expert.routed_experts_ep_dropless, _mesh(data=2, expert=4), 'dp_ep', x, idx % 6, w,
+    _ep('dropless', _mesh(data=2, expert=4), 'dp_ep', x, idx % 6, w,
         *[a[:6] for a in ws], token_mask=mask)
 
 
 def test_moe_layer_selects_the_expert_parallel_impl_by_config():
-  t = dataclasses.replace(tiny().text, moe_impl='ep_dropless')
-  layer = moe.MoE(t)
+  config = _config('ep_dropless')
+  t = config.text
+  mesh = _mesh(data=2, expert=4)
+  layer = moe.MoE(t, kernels=build_kernels(config, mesh, 'dp_ep'))
+  assert isinstance(layer.kernels.routed_experts, expert.ExpertParallel)
   r = np.random.default_rng(4)
   x = jnp.asarray(r.normal(size=(4, 8, t.hidden_size)).astype(np.float32))
   seg = jnp.asarray(np.array([[1] * 6 + [0] * 2] * 4, np.int32))
-  params = layer.init(jax.random.key(0), x, seg)
+  params = moe.MoE(t).init(jax.random.key(0), x, seg)   # same tree, no mesh needed
   ref, _ = moe.MoE(dataclasses.replace(t, moe_impl='dropless')).apply(params, x, seg)
-  mesh = _mesh(data=2, expert=4)
-  got, aux = _ep(layer.apply, mesh, 'dp_ep', params, x, seg)
+  with rules_lib.sharding_context(mesh, 'dp_ep'):
+    got, aux = jax.jit(layer.apply)(params, x, seg)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_ep_ragged_bookkeeping_with_the_emulated_exchange():
   x, idx, w, mask, ws = _inputs(5, skew=True)
   ref = moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)
-  got = _ep(expert.routed_experts_ep_ragged_emulated, _mesh(data=2, expert=4), 'dp_ep', x, idx, w,
+  got = _ep('ragged_emulated', _mesh(data=2, expert=4), 'dp_ep', x, idx, w,
             *ws, token_mask=mask)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
@@ -126,8 +140,9 @@ def test_ep_ragged_compiles_for_tpu_with_ragged_all_to_all():
   mesh = mesh_lib.make_mesh(c, devices=devices)
   x, idx, w, mask, ws = _inputs(6)
   args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, idx, w, *ws, mask)]
+  ep = build_kernels(_config('ep_ragged'), mesh, 'dp_ep').routed_experts
+  assert ep == expert.ExpertParallel(mesh, rules_lib.get_rules('dp_ep'), 'ragged')
   with rules_lib.sharding_context(mesh, 'dp_ep'):
-    lowered = jax.jit(lambda x, i, w, a, b, c, m: expert.routed_experts_ep_ragged(
-        x, i, w, a, b, c, token_mask=m)).lower(*args)
+    lowered = jax.jit(lambda x, i, w, a, b, c, m: ep(x, i, w, a, b, c, token_mask=m)).lower(*args)
     compiled = lowered.compile()
   assert 'ragged-all-to-all' in compiled.as_text()

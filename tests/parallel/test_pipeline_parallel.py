@@ -16,6 +16,7 @@ from kimi_vl_jax.model.decoder import LanguageModel
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import pipeline as pp
 from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.parallel.kernels import build_kernels
 
 
 def rel_err(got, want):
@@ -57,12 +58,13 @@ def test_config_validation():
   with pytest.raises(ValueError, match='pipeline_microbatches must be a positive int'):
     with_layers(3, pipeline_microbatches=0)
   with pytest.raises(ValueError, match='not divisible by pipeline_microbatches=3'):
-    pp.check_schedule(4, batch=8, stages=2, microbatches=3)
+    config_lib.check_pipeline(4, batch=8, stages=2, microbatches=3)
   c = with_layers(3, pipeline_stages=2, pipeline_microbatches=3)
   params = jax.eval_shape(LanguageModel(with_layers(3)).init, jax.random.key(0),
                           jnp.zeros((1, 4, 64)))
   with pytest.raises(ValueError, match='4 rows, not divisible by pipeline_microbatches=3'):
-    jax.eval_shape(LanguageModel(c).apply, params, jnp.zeros((4, 4, 64)))
+    jax.eval_shape(LanguageModel(c, kernels=build_kernels(c)).apply, params,
+                   jnp.zeros((4, 4, 64)))
 
 
 def test_microbatch_split_is_strided_and_invertible():
@@ -187,10 +189,11 @@ def params_of(config):
   return _PARAMS[key]
 
 
-def objective(config):
+def objective(config, mesh=None, rules=None):
   """(params, x, pos, seg) -> (loss, (logits, aux)): a probe of the logits + the balance loss, so
-  gradients flow through both the activations and the aux path."""
-  model = LanguageModel(config)
+  gradients flow through both the activations and the aux path. The model runs with the kernels
+  `build_kernels` makes for `mesh` and `rules` (the pipeline schedule when pipeline_stages > 1)."""
+  model = LanguageModel(config, kernels=build_kernels(config, mesh, rules))
   probe = jax.random.normal(jax.random.key(2), (config.text.vocab_size,))
 
   def f(params, x, pos, seg):
@@ -245,7 +248,7 @@ def sharded_step(config, mesh, rules):
   with rules_lib.sharding_context(mesh, rules):
     ps = rules_lib.param_shardings(boxed, mesh, rules)
     bs = NamedSharding(mesh, P(rules_lib.mesh_axes_of(rules, 'act_batch')))
-    fn = jax.jit(jax.value_and_grad(objective(config), (0, 1), has_aux=True),
+    fn = jax.jit(jax.value_and_grad(objective(config, mesh, rules), (0, 1), has_aux=True),
                  in_shardings=(ps, bs, bs, bs))
     params = jax.device_put(params, ps)
     x, pos, seg = (jax.device_put(a, bs) for a in batch(config))
@@ -297,7 +300,8 @@ def test_microbatch_rows_must_split_over_batch_axes():
   with rules_lib.sharding_context(dp_ep_pp_mesh(), 'dp_ep_pp'):
     with pytest.raises(ValueError, match=r"2 rows, not divisible by the 4 devices of mesh axes "
                        r"\('data', 'expert'\)"):
-      jax.eval_shape(LanguageModel(config).apply, {'params': boxed}, jnp.zeros((8, 4, 64)))
+      model = LanguageModel(config, kernels=build_kernels(config, dp_ep_pp_mesh(), 'dp_ep_pp'))
+      jax.eval_shape(model.apply, {'params': boxed}, jnp.zeros((8, 4, 64)))
 
 
 @pytest.mark.slow
@@ -337,7 +341,6 @@ def test_expert_parallel_dispatch_inside_the_pipeline(impl):
   """parallel/expert.py's shard_map all-to-all dispatch runs inside the stage vmap (its batch dim
   split over 'pipeline' by spmd_axis_name) and matches one device. capacity_factor = E/K: nothing
   is dropped, so microbatching does not change which assignments 'ep_capacity' keeps."""
-  pytest.importorskip('kimi_vl_jax.parallel.expert')
   base = with_layers(3)
   base = base.replace(text=dataclasses.replace(base.text, capacity_factor=4.0))
   config = base.replace(pipeline_stages=2, pipeline_microbatches=2,
