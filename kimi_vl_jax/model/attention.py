@@ -54,9 +54,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: floa
 
 @dataclasses.dataclass(frozen=True)
 class AttentionKernel:
-  """The attention computation selected by `KimiVLConfig.attention_impl` (hashable, so modules
-  can hold it as a field): 'dense' (`attention.segment_mask` + `dot_product_attention`) or
-  'flash' (`flash.flash_attention`, blocks of block_q x block_kv, O(T x block) memory). Same arguments and result either way."""
+  """The attention computation selected by `KimiVLConfig.attention_impl` (hashable, so modules can
+  hold it as a field): 'dense' (`attention.segment_mask` + `dot_product_attention`) or 'flash'
+  (`flash.flash_attention`, blocks of block_q x block_kv, O(T x block) memory). Same arguments and
+  result either way."""
   impl: str = 'dense'
   block_q: int = 512
   block_kv: int = 512

@@ -7,8 +7,8 @@ Two ways to call it, one code path:
   with `input_ids [B, T]` (placeholders already expanded), `pixel_values [L, 3, 14, 14]` (each
   image's patches row-major) and `image_grid_hws [N, 2]`. Images fill the placeholders of the
   flattened batch in order. The grid must be concrete (host) data.
-* Packed batches (the data pipeline's): `input_ids [B, T]` plus `patches [B, P, 588]` in merge order,
-  `patch_coords [B, P, 2]`, `patch_image_ids [B, P]`, `image_grid_hws [B, I, 2]`; row b's
+* Packed batches (the data pipeline's): `input_ids [B, T]` plus `patches [B, P, 588]` in merge
+  order, `patch_coords [B, P, 2]`, `patch_image_ids [B, P]`, `image_grid_hws [B, I, 2]`; row b's
   merged image tokens fill row b's placeholders in order. Fully jittable with static shapes.
 
 `KimiVL(config, kernels=...)` takes the `Kernels` (`model/kernels.py`) that compute attention,

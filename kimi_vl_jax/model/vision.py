@@ -1,13 +1,13 @@
 """MoonViT: Kimi-VL's native-resolution vision tower (Kimi-VL report, arXiv 2504.07491, sec. 2.1).
 
-NaViT-style packing: every row of the batch holds the patches of several images of different
-sizes, `patches [B, P, 588]` plus `patch_coords [B, P, 2]` (row, col inside the image),
-`patch_image_ids [B, P]` (1.. per image in the row, 0 = padding) and `image_grid_hws [B, I, 2]`
-(the data pipeline's packed batch). Nothing here depends on the order of patches inside a row: the absolute
-position embedding and the 2D RoPE are computed from each patch's own (row, col) and its image's
-(h, w), and attention is restricted to patches of the same image. The data pipeline stores the
-patches in merge order so the projector's 2x2 merge is a reshape; `pack_hf_images` converts the
-HF layout (row-major per image, all images concatenated) into that layout.
+NaViT-style packing: every row of the batch holds the patches of several images of different sizes,
+`patches [B, P, 588]` plus `patch_coords [B, P, 2]` (row, col inside the image), `patch_image_ids
+[B, P]` (1.. per image in the row, 0 = padding) and `image_grid_hws [B, I, 2]` (the data pipeline's
+packed batch). Nothing here depends on the order of patches inside a row: the absolute position
+embedding and the 2D RoPE are computed from each patch's own (row, col) and its image's (h, w), and
+attention is restricted to patches of the same image. The data pipeline stores the patches in merge
+order so the projector's 2x2 merge is a reshape; `pack_hf_images` converts the HF layout (row-major
+per image, all images concatenated) into that layout.
 
 Parity target: Kimi-VL's `moonvit.py` (equivalently transformers' `Kimi_K25VisionModel` for one
 frame, after the q/k row permutation documented in `tests/reference/make_vision_fixtures.py`).
@@ -247,8 +247,9 @@ class MoonViT(nn.Module):
 def merge_order(h: int, w: int, merge_kernel: tuple[int, int] = (2, 2)) -> np.ndarray:
   """Row-major patch indices of an (h, w) image listed in merge order.
 
-  Merge order (what the projector's 2x2 merge reads as a reshape): the kh x kw patches of each merge window are consecutive, row offset
-  then column offset (top-left, top-right, bottom-left, bottom-right for 2x2), windows row-major.
+  Merge order (what the projector's 2x2 merge reads as a reshape): the kh x kw patches of each merge
+  window are consecutive, row offset then column offset (top-left, top-right, bottom-left,
+  bottom-right for 2x2), windows row-major.
   """
   kh, kw = merge_kernel
   grid = np.arange(h * w).reshape(h // kh, kh, w // kw, kw)

@@ -5,16 +5,17 @@ activation `[B, T, ...]` of the language model lives on the context devices as C
 tokens. Everything in a decoder layer is per token except attention, which is the only place a
 token needs the others:
 
-* `'all_gather'` (`all_gather_attention`): each context shard keeps its T / C queries and
+* `'all_gather'` (`ContextAttention(ring=False)`): each context shard keeps its T / C queries and
   all-gathers the keys, values and segment ids of the whole row, so its attention logits are
   `[B, N, T/C, T]` instead of `[B, N, T, T]`. The backward pass of the all-gather is a
   reduce-scatter of dK, dV. Causality uses each token's *original sequence index* (not its slot
   in the local buffer), which the shard computes from its `axis_index` and the static layout
   below; packed segment ids keep examples apart exactly as on one device.
-* `'ring'` (`ring_attention`): K/V blocks of T / C tokens travel around the context ring
-  (C - 1 `ppermute`s) and are folded into an fp32 online softmax; blocks the causal mask cannot
-  reach are skipped (`lax.cond`), so per-step scores are `[B, N, T/C, T/C]` and, in the
-  load-balanced layout, every shard computes half a block per step.
+* `'ring'` (`ContextAttention(ring=True)`): K/V blocks of T / C tokens travel around the context
+  ring (C - 1 `ppermute`s) and are folded into an fp32 online softmax (flash attention's
+  `online_softmax_fold`); blocks the causal mask cannot reach are skipped (`lax.cond`), so per-step
+  scores are `[B, N, T/C, T/C]` and, in the load-balanced layout, every shard computes half a block
+  per step.
 
 Select with `TextConfig.context_parallel` ('all_gather' default, 'ring', or 'none' = leave the
 sharded attention to XLA's propagation); the layout with `KimiVLConfig.context_load_balance`.
@@ -22,24 +23,24 @@ sharded attention to XLA's propagation); the layout with `KimiVLConfig.context_l
 and, for the balanced layout, a `LoadBalancedLayout` in `Kernels.sequence_layout`.
 
 Load balancing ("dual chunk swap", zig-zag; Llama 3 context parallelism, Megatron-LM CP): with a
-causal mask, query i sees i + 1 keys, so contiguous slices give the last shard C times the work
-of the first one whenever the kernel skips fully masked blocks (flash / splash attention, ring
+causal mask, query i sees i + 1 keys, so contiguous slices give the last shard C times the work of
+the first one whenever the kernel skips fully masked blocks (flash / splash attention, ring
 attention). Cutting the row into 2C equal chunks and giving shard i chunks i and 2C - 1 - i
-equalises the count of unmasked (q, k) pairs (`load_balance_permutation`). The dense all-gather
-form computes every [T/C, T] score block whatever the mask, so there the layout only matters
-for a block-skipping kernel; the ring skips masked blocks and is balanced only in this layout.
-`KimiVL` applies the permutation (`LoadBalancedLayout`) once, after the image features are
-scattered into the token embeddings (the scatter fills `<|media_pad|>` slots in sequence order), to the embeddings,
-positions and segment ids, runs the decoder in that order, and restores sequence order on the
-logits (`to_load_balanced` / `from_load_balanced`: two `ppermute`s, each moving half of the local
-slice), so callers and the loss see sequence order. RoPE reads the positions input, so it is
-unaffected; the MoE is per token. KimiVL tells the decoder the layout (`LanguageModel(...,
-layout=...)`, passed on to the attention), so `LanguageModel` called directly (no permutation)
-still masks by sequence order. Caveat: `moe.sequence_balance_loss` finds packed sequences as *runs* of equal segment
-ids, which this layout cuts at chunk boundaries, so under load balancing that auxiliary statistic
-(loss weight 0 by default) differs from one device's, as does which tokens overflow with
-`moe_impl='capacity'` (dropped in token order); logits, the CE loss, gradients and expert loads
-of the default dropless MoE do not.
+equalises the count of unmasked (q, k) pairs (`load_balance_permutation`). The dense all-gather form
+computes every [T/C, T] score block whatever the mask, so there the layout only matters for a
+block-skipping kernel; the ring skips masked blocks and is balanced only in this layout. `KimiVL`
+applies the permutation (`LoadBalancedLayout`) once, after the image features are scattered into the
+token embeddings (the scatter fills `<|media_pad|>` slots in sequence order), to the embeddings,
+positions and segment ids, runs the decoder in that order, and restores sequence order on the logits
+(`to_load_balanced` / `from_load_balanced`: two `ppermute`s, each moving half of the local slice),
+so callers and the loss see sequence order. RoPE reads the positions input, so it is unaffected; the
+MoE is per token. KimiVL tells the decoder the layout (`LanguageModel(..., layout=...)`, passed on
+to the attention), so `LanguageModel` called directly (no permutation) still masks by sequence
+order. Caveat: `moe.sequence_balance_loss` finds packed sequences as *runs* of equal segment ids,
+which this layout cuts at chunk boundaries, so under load balancing that auxiliary statistic (loss
+weight 0 by default) differs from one device's, as does which tokens overflow with
+`moe_impl='capacity'` (dropped in token order); logits, the CE loss, gradients and expert loads of
+the default dropless MoE do not.
 
 Outside a mesh, or when the context axis is 1 or not used by the rules, `build_kernels` keeps the
 single-device attention and sequence order.

@@ -1,4 +1,4 @@
-"""Expert parallelism: routed experts split over the mesh's 'expert' axis, tokens moved by all-to-all.
+"""Expert parallelism: routed experts split over the mesh's 'expert' axis, tokens sent all-to-all.
 
 The MoE layer (`model/moe.py`) computes the router and calls its `Kernels.routed_experts`;
 `parallel.kernels.build_kernels` puts an `ExpertParallel` there when `TextConfig.moe_impl` names
@@ -18,7 +18,7 @@ one of these dispatches and the mesh's 'expert' axis is larger than 1:
   `jax.lax.ragged_all_to_all` (offsets from an all-gathered [ep, ep] table of send counts), into a
   receive buffer sized for the worst case, then grouped matmuls and the reverse exchange. XLA:CPU
   cannot run it ("ragged-all-to-all is not supported"); its bookkeeping is tested on CPU with an
-  all_gather-based stand-in (`routed_experts_ep_ragged_emulated`) and it compiles for TPU
+  all_gather-based stand-in (dispatch 'ragged_emulated') and it compiles for TPU
   topologies ahead of time (tests/parallel/test_expert.py).
 
 All run under `shard_map` over the whole mesh: tokens stay split the way the activations are

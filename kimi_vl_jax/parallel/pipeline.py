@@ -2,10 +2,11 @@
 
 The decoder's MoE stack (`model/decoder.py`, L layers stacked `[L, ...]` by nn.scan) runs through
 the `Pipeline` in its `Kernels` (`parallel.kernels.build_kernels` puts one there when
-`KimiVLConfig.pipeline_stages > 1`). The stack is cut into S stages of consecutive layers; the stage axis carries the logical name 'stage' (mesh axis
-'pipeline' unless the active rules map 'stage' elsewhere), so every device of a pipeline rank holds
-and runs only its stage's layers. The batch is split into M microbatches that flow through the
-stages one iteration apart (GPipe, arXiv 1811.06965):
+`KimiVLConfig.pipeline_stages > 1`). The stack is cut into S stages of consecutive layers; the stage
+axis carries the logical name 'stage' (mesh axis 'pipeline' unless the active rules map 'stage'
+elsewhere), so every device of a pipeline rank holds and runs only its stage's layers. The batch is
+split into M microbatches that flow through the stages one iteration apart (GPipe, arXiv
+1811.06965):
 
     iteration t: stage s runs its layers on work item k = t - s (if 0 <= k < R*M),
                  then every stage's output shifts to the next stage (`jnp.roll` on the
