@@ -97,11 +97,12 @@ def load(path: str, *, dtype=None, include_vision: bool = True, shardings=None,
   """Reads an HF Kimi-VL directory. Returns (config, params) with params a nested dict in the
   layout of docs/param_tree.md, in `dtype` (default: the config's `param_dtype`).
 
-  Without `shardings` the leaves are host numpy arrays. With `shardings` (a tree of
-  `jax.sharding.Sharding` of the same structure as the params, e.g. the train state's) they are
-  `jax.Array`s placed accordingly: every process reads from the files only the blocks its own
-  devices hold, each distinct block once, and holds one block on the host at a time (the cast to
-  `dtype` happens per block). `stats` (a ReadStats) receives what was read.
+  Without `shardings` the leaves are host numpy arrays. With `shardings` (a tree of the params'
+  structure whose leaves are `jax.sharding.Sharding`s, or ShapeDtypeStructs carrying one, whose
+  shapes are then checked first) they are `jax.Array`s placed accordingly: every process reads
+  from the files only the blocks its own devices hold, each distinct block once, and holds one
+  block on the host at a time (the cast to `dtype` happens per block). `stats` (a ReadStats)
+  receives what was read.
 
   `config_overrides` replace fields of the built KimiVLConfig (e.g. `dtype='bfloat16'`).
   Raises `hf_mapping.CheckpointMismatch` naming the key and both shapes when a tensor is missing,
@@ -132,12 +133,20 @@ def _block(leaf: hf_mapping.Leaf, index: tuple[slice, ...], reader: SafetensorsR
 
 
 def _shardings_by_path(shardings, leaves) -> dict[tuple[str, ...], Any]:
+  """{param path: Sharding}; leaves of `shardings` may be ShapeDtypeStructs, whose shapes must
+  then equal the checkpoint's (checked before anything is read)."""
   flat = hf_mapping.flatten(_params_dict(shardings))
   if flat.keys() != leaves.keys():
     raise ValueError('load(shardings=...): the sharding tree does not match the checkpoint\'s '
                      f'parameters: missing {sorted(leaves.keys() - flat.keys())[:5]}, unexpected '
                      f'{sorted(flat.keys() - leaves.keys())[:5]} (check include_vision)')
-  return flat
+  bad = [f'{"/".join(p)}: checkpoint {leaves[p].shape} vs target {tuple(x.shape)}'
+         for p, x in flat.items() if hasattr(x, 'shape') and tuple(x.shape) != leaves[p].shape]
+  if bad:
+    raise ValueError('load(shardings=...): the checkpoint\'s shapes differ from the target\'s '
+                     '(the model config differs from the checkpoint\'s config.json): '
+                     + '; '.join(bad[:5]))
+  return {p: getattr(x, 'sharding', x) for p, x in flat.items()}
 
 
 def _sharded_leaf(leaf: hf_mapping.Leaf, sharding, reader: SafetensorsReader):
