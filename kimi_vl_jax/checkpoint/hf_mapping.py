@@ -11,8 +11,12 @@ Each `Rule` names an HF key template (with `{layer}` / `{expert}` placeholders),
 * `copy`: same shape on both sides.
 
 Scanned layers are stacked on axis 0 of the parameter (HF layer `l` goes to `dense_layers[l]` when
-`l < first_k_dense_replace`, else to `moe_layers[l - first_k_dense_replace]`); experts are stacked on
-the axis after it. Head layouts are kept exactly as in the checkpoint (see docs/param_tree.md).
+`l < first_k_dense_replace`, else to `moe_layers[l - first_k_dense_replace]`); experts are stacked
+on the axis after it. Head layouts are kept exactly as in the checkpoint (see docs/param_tree.md).
+
+Import goes by block: `plan` matches the checkpoint's keys and shapes against the config, and
+`read_block` builds any block of a parameter (e.g. one device's shard) from only the row / column
+ranges of the HF tensors that block covers, so a sharded load never holds a whole parameter.
 """
 
 from __future__ import annotations
@@ -275,7 +279,8 @@ def param_shapes(config: KimiVLConfig, include_vision: bool = True) -> dict[tupl
       if t.n_shared_experts:
         Fs = Fe * t.n_shared_experts
         s = m + ('shared_experts',)
-        shapes.update({s + ('gate_proj', 'kernel'): (L, D, Fs), s + ('up_proj', 'kernel'): (L, D, Fs),
+        shapes.update({s + ('gate_proj', 'kernel'): (L, D, Fs),
+                       s + ('up_proj', 'kernel'): (L, D, Fs),
                        s + ('down_proj', 'kernel'): (L, Fs, D)})
   if include_vision:
     Dv, Nv, Lv, Fv = v.hidden_size, v.num_heads, v.num_layers, v.intermediate_size
@@ -339,7 +344,7 @@ class TensorSource(Protocol):
   def shape(self, key: str) -> tuple[int, ...]: ...
 
   def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
-    """tensor[index] (basic slices, leading dims; trailing dims whole), as a new host array."""
+    """tensor[index] (basic slices over the leading dims; the rest whole) as a host array."""
 
 
 class ArraySource:

@@ -2,7 +2,8 @@
 
 Loads the HF checkpoint in HF_DIR into the tiny model's 'fsdp' shardings over a 'data' mesh that
 spans every process, counting what this process reads, and checks this process's shards of every
-parameter against a host load (the processes together check every shard). Writes OUT_PREFIX.<process index>.json.
+parameter against a host load (the processes together check every shard). Writes
+OUT_PREFIX.<process index>.json.
 
     python hf_load_worker.py HF_DIR OUT_PREFIX   # env: JAX_COORDINATOR_ADDRESS, ... (or none)
 """
