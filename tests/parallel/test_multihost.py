@@ -95,7 +95,7 @@ def test_two_processes_train_checkpoint_restore(tmp_path):
   assert np.prod(r2['mu_local_shape']) * 4 == np.prod(r2['mu_shape'])
 
 
-@pytest.mark.slow  # ~21 s on 2 busy cores (two jax start-ups); the loads themselves take < 1 s
+@pytest.mark.slow  # 9-21 s on 2 busy cores (two jax start-ups); the loads take < 1 s
 def test_two_processes_each_read_only_their_part_of_an_hf_checkpoint(tmp_path):
   config = config_lib.tiny()
   rng = np.random.default_rng(0)
