@@ -11,16 +11,21 @@ Each `Rule` names an HF key template (with `{layer}` / `{expert}` placeholders),
 * `copy`: same shape on both sides.
 
 Scanned layers are stacked on axis 0 of the parameter (HF layer `l` goes to `dense_layers[l]` when
-`l < first_k_dense_replace`, else to `moe_layers[l - first_k_dense_replace]`); experts are stacked on
-the axis after it. Head layouts are kept exactly as in the checkpoint (see docs/param_tree.md).
+`l < first_k_dense_replace`, else to `moe_layers[l - first_k_dense_replace]`); experts are stacked
+on the axis after it. Head layouts are kept exactly as in the checkpoint (see docs/param_tree.md).
+
+Import goes by block: `plan` matches the checkpoint's keys and shapes against the config, and
+`read_block` builds any block of a parameter (e.g. one device's shard) from only the row / column
+ranges of the HF tensors that block covers, so a sharded load never holds a whole parameter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
-from typing import Iterator
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -274,7 +279,8 @@ def param_shapes(config: KimiVLConfig, include_vision: bool = True) -> dict[tupl
       if t.n_shared_experts:
         Fs = Fe * t.n_shared_experts
         s = m + ('shared_experts',)
-        shapes.update({s + ('gate_proj', 'kernel'): (L, D, Fs), s + ('up_proj', 'kernel'): (L, D, Fs),
+        shapes.update({s + ('gate_proj', 'kernel'): (L, D, Fs),
+                       s + ('up_proj', 'kernel'): (L, D, Fs),
                        s + ('down_proj', 'kernel'): (L, Fs, D)})
   if include_vision:
     Dv, Nv, Lv, Fv = v.hidden_size, v.num_heads, v.num_layers, v.intermediate_size
@@ -330,16 +336,58 @@ class CheckpointMismatch(ValueError):
   """A checkpoint tensor is missing, unexpected or has the wrong shape."""
 
 
-def hf_to_params(tensors, config: KimiVLConfig, include_vision: bool = True,
-                 dtype=None) -> dict:
-  """Builds the nested param dict from a mapping {HF key: array} (any object with `keys()` and
-  `__getitem__`, e.g. a dict or a lazy reader), one tensor at a time.
+class TensorSource(Protocol):
+  """Read access to a checkpoint's tensors by slice (e.g. `hf.SafetensorsReader`)."""
+
+  def keys(self) -> Iterable[str]: ...
+
+  def shape(self, key: str) -> tuple[int, ...]: ...
+
+  def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    """tensor[index] (basic slices over the leading dims; the rest whole) as a host array."""
+
+
+class ArraySource:
+  """A TensorSource over an in-memory mapping {HF key: array}."""
+
+  def __init__(self, tensors):
+    self._tensors = tensors
+
+  def keys(self):
+    return self._tensors.keys()
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(np.shape(self._tensors[key]))
+
+  def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    return np.asarray(self._tensors[key])[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One parameter: its shape, its rule and the HF tensors stacked into it."""
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  rule: Rule
+  keys: dict[tuple[int, ...], str]  # stacking index (() | (layer,) | (layer, expert)) -> source key
+
+  @property
+  def n_stack(self) -> int:
+    return (self.rule.stack is not None) + self.rule.experts
+
+
+def plan(source: TensorSource, config: KimiVLConfig, include_vision: bool = True,
+         dtype=None) -> dict[tuple[str, ...], Leaf]:
+  """Matches the checkpoint's keys and shapes against the config (no tensor data is read) and
+  returns {param path: Leaf}, in the order of docs/param_tree.md's table.
 
   Raises CheckpointMismatch naming the key and both shapes on any missing, unexpected or
-  mis-shaped tensor. `dtype` (default: the config's param_dtype) is the dtype of the result.
+  mis-shaped tensor. `dtype` (default: the config's param_dtype) is the dtype of every leaf except
+  FP32_PARAMS.
   """
   dtype = np.dtype(dtype or config.param_dtype)
-  keys = list(tensors.keys())
+  keys = list(source.keys())
   prefix = strip_prefix(keys, config)
   shapes = param_shapes(config, include_vision)
   slots = dict(expand(rules_for(config, include_vision), config))
@@ -354,17 +402,83 @@ def hf_to_params(tensors, config: KimiVLConfig, include_vision: bool = True,
         f'checkpoint does not match the config: {len(missing)} missing tensors '
         f'{missing[:8]}{" ..." if len(missing) > 8 else ""}, {len(unexpected)} unexpected tensors '
         f'{unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
-  out = {path: np.zeros(shape, np.float32 if path[-1] in FP32_PARAMS else dtype)
-         for path, shape in shapes.items()}
+  leaves: dict[tuple[str, ...], Leaf] = {}
   for key, slot in slots.items():
-    tensor = tensors[available[key]]
-    slice_shp = slice_shape(slot.rule, shapes[slot.rule.path])
-    want = hf_shape(slot.rule, slice_shp)
-    if tuple(tensor.shape) != want:
-      raise CheckpointMismatch(f'{key}: checkpoint shape {tuple(tensor.shape)} but the config '
-                               f'expects {want} (param {"/".join(slot.rule.path)})')
-    out[slot.rule.path][slot.index] = to_param(slot.rule, np.asarray(tensor), slice_shp)
-  return unflatten(out)
+    path = slot.rule.path
+    got = tuple(source.shape(available[key]))
+    want = hf_shape(slot.rule, slice_shape(slot.rule, shapes[path]))
+    if got != want:
+      raise CheckpointMismatch(f'{key}: checkpoint shape {got} but the config '
+                               f'expects {want} (param {"/".join(path)})')
+    if path not in leaves:
+      leaves[path] = Leaf(path, tuple(shapes[path]),
+                          np.dtype(np.float32) if path[-1] in FP32_PARAMS else dtype,
+                          slot.rule, {})
+    leaves[path].keys[slot.index] = available[key]
+  return leaves
+
+
+def _flat_index(shape: tuple[int, ...], block: tuple[range, ...]) -> np.ndarray:
+  """Row-major flat indices into `shape` of the elements of `block`, in the block's order."""
+  idx = np.zeros((), np.int64)
+  for n, r in zip(shape, block):
+    idx = idx[..., None] * n + np.asarray(r, np.int64)
+  return idx.reshape(-1)
+
+
+def _runs(idx: np.ndarray) -> Iterator[tuple[int, int, int]]:
+  """Splits an index array into runs of consecutive values: (position, end, first value)."""
+  cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+  bounds = [0, *cuts.tolist(), len(idx)]
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    yield a, b, int(idx[a])
+
+
+def read_block(leaf: Leaf, block: tuple[slice, ...], source: TensorSource) -> np.ndarray:
+  """The block `block` (one slice per dim of `leaf.shape`) of a parameter in `leaf.dtype`, read
+  from the HF tensors it covers and nothing else.
+
+  Each stacked HF tensor (layer, expert) is read by contiguous row / column ranges: for a `linear`
+  kernel the block's input dims select columns of the `[out, in]` weight and its output dims select
+  rows; a `vector` block selects a set of flat positions; `copy` reads the same slices. The patch
+  conv `[Dv, 3, p, p]` is read by whole output channel (3*p*p values each). Each piece is cast
+  into the result as it arrives, so the host holds the result plus one piece.
+  """
+  ranges = tuple(range(*s.indices(n)) for s, n in zip(block, leaf.shape))
+  out = np.empty(tuple(len(r) for r in ranges), leaf.dtype)
+  stack, inner = ranges[:leaf.n_stack], ranges[leaf.n_stack:]
+  rule, shp = leaf.rule, leaf.shape[leaf.n_stack:]
+  for pos in itertools.product(*(range(len(r)) for r in stack)):
+    key = leaf.keys[tuple(r[i] for r, i in zip(stack, pos))]
+    piece = out[pos]
+    if rule.kind in ('linear', 'conv'):
+      n_in = rule.n_in if rule.kind == 'linear' else 1
+      cols, rows = _flat_index(shp[:n_in], inner[:n_in]), _flat_index(shp[n_in:], inner[n_in:])
+      dst = piece.reshape(len(cols), len(rows))    # param [in, out] = weight [out, in].T
+      for o, o_end, r in _runs(rows):
+        rows_sl = slice(r, r + o_end - o)
+        if rule.kind == 'conv':
+          dst[:, o:o_end] = source.read(key, (rows_sl,)).reshape(o_end - o, -1)[:, cols].T
+          continue
+        for i, i_end, c in _runs(cols):
+          dst[i:i_end, o:o_end] = source.read(key, (rows_sl, slice(c, c + i_end - i))).T
+    elif rule.kind == 'vector':
+      dst = piece.reshape(-1)
+      for i, i_end, c in _runs(_flat_index(shp, inner)):
+        dst[i:i_end] = source.read(key, (slice(c, c + i_end - i),))
+    else:
+      piece[...] = source.read(key, tuple(slice(r.start, r.stop) for r in inner))
+  return out
+
+
+def hf_to_params(tensors, config: KimiVLConfig, include_vision: bool = True,
+                 dtype=None) -> dict:
+  """Builds the nested param dict of host arrays from a TensorSource or a mapping
+  {HF key: array}, one parameter at a time (see `plan` for the checks and `dtype`)."""
+  source = tensors if hasattr(tensors, 'read') else ArraySource(tensors)
+  leaves = plan(source, config, include_vision, dtype)
+  return unflatten({path: read_block(leaf, (slice(None),) * len(leaf.shape), source)
+                    for path, leaf in leaves.items()})
 
 
 def params_to_hf(params: dict, config: KimiVLConfig, include_vision: bool = True
