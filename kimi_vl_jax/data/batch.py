@@ -48,6 +48,8 @@ LAYOUT: dict[str, tuple[tuple[str | int, ...], Any]] = {
     'image_grid_hws': (('B', 'I', 2), np.int32),
 }
 KEYS = tuple(LAYOUT)
+# The sizes' config fields (`data` section) and the pipeline's defaults for them.
+DEFAULT_SIZES = {'seq_len': 8192, 'max_patches': 16384, 'max_images': 64, 'batch_size': 8}
 TARGET_KEYS = ('targets', 'loss_mask')
 IMAGE_KEYS = ('patches', 'patch_coords', 'patch_image_ids', 'image_grid_hws')
 
@@ -74,16 +76,18 @@ class BatchSpec:
   @classmethod
   def from_config(cls, data_cfg: Any, model_cfg: Any = None, *, rows: int | None = None,
                   targets: bool = True) -> 'BatchSpec':
-    """From a `data` config section (ConfigDict or dict); rows default to `data.batch_size`
-    (rows per host) and the patch size to the model's `vision.patch_dim` (else 588)."""
+    """From a `data` config section (ConfigDict or dict; missing sizes take the pipeline's
+    `DEFAULT_SIZES`); rows default to `data.batch_size` (rows per host) and the patch size to
+    the model's `vision.patch_dim` (else 588)."""
+    sizes = {k: data_cfg.get(k, v) for k, v in DEFAULT_SIZES.items()}
+    if rows is not None:
+      sizes['batch_size'] = rows
+    unset = [k for k, v in sizes.items() if v is None]
+    if unset:
+      raise ValueError(f'data.{unset[0]} is None: the batch shape needs it')
     patch_dim = model_cfg.vision.patch_dim if model_cfg is not None else images_lib.PATCH_DIM
-    rows = rows if rows is not None else data_cfg.get('batch_size')
-    for name, v in (('batch_size', rows), ('seq_len', data_cfg.get('seq_len'))):
-      if v is None:
-        raise ValueError(f'data.{name} is not set: the batch shape needs it')
-    return cls(rows=int(rows), seq_len=int(data_cfg.get('seq_len')),
-               max_patches=int(data_cfg.get('max_patches', 0) or 0),
-               max_images=int(data_cfg.get('max_images', 0) or 0),
+    return cls(rows=int(sizes['batch_size']), seq_len=int(sizes['seq_len']),
+               max_patches=int(sizes['max_patches']), max_images=int(sizes['max_images']),
                patch_dim=patch_dim, targets=targets)
 
   def replace(self, **changes) -> 'BatchSpec':

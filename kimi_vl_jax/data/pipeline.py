@@ -45,6 +45,7 @@ import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
 from kimi_vl_jax.config_dict import as_dict
+from kimi_vl_jax.data import batch as batch_lib
 from kimi_vl_jax.data import build_demo
 from kimi_vl_jax.data import images as images_lib
 from kimi_vl_jax.data import packing
@@ -60,10 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Defaults for every field `make_iterator` reads (sources empty)."""
   return ml_collections.ConfigDict({
       'sources': [],
-      'seq_len': 8192,
-      'max_patches': 16384,
-      'max_images': 64,
-      'batch_size': 8,
+      **batch_lib.DEFAULT_SIZES,  # seq_len, max_patches, max_images, batch_size
       'num_workers': 0,
       'worker_buffer_size': 2,
       'read_threads': 2,

@@ -23,10 +23,12 @@ def test_shapes_from_a_tiny_config():
   assert BatchSpec.from_config(data, rows=64).rows == 64
   prompt = BatchSpec.from_config(data, targets=False)
   assert prompt.keys == tuple(k for k in batch_lib.KEYS if k not in ('targets', 'loss_mask'))
-  text_only = BatchSpec.from_config({'batch_size': 2, 'seq_len': 8})
+  text_only = BatchSpec.from_config({'batch_size': 2, 'seq_len': 8, 'max_patches': 0})
   assert text_only.zeros()['patches'].shape == (2, 0, 588)
+  # Unset sizes are the pipeline's defaults; None is an error naming the field.
+  assert BatchSpec.from_config({}) == BatchSpec(8, 8192, 16384, 64)
   with pytest.raises(ValueError, match='data.seq_len'):
-    BatchSpec.from_config({'batch_size': 2})
+    BatchSpec.from_config({'seq_len': None})
 
 
 def test_validate_names_the_key_and_the_sizes():
