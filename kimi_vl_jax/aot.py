@@ -33,13 +33,10 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from kimi_vl_jax.parallel import mesh as mesh_lib  # noqa: E402
 from kimi_vl_jax.parallel import rules as rules_lib  # noqa: E402
-from kimi_vl_jax.parallel.kernels import build_kernels  # noqa: E402
 
 GiB = 1024 ** 3
 
@@ -108,23 +105,11 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
 # --------------------------------------------------------------------------------------------
 # The step to compile.
 
-def abstract_batch(data_cfg, global_batch: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """ShapeDtypeStructs of one global batch as DESIGN.md's Batch table defines it."""
-  B, T = global_batch, int(data_cfg.seq_len)
-  Pn, I = int(data_cfg.get('max_patches', 0) or 0), int(data_cfg.get('max_images', 0) or 0)
-  s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)  # noqa: E731
-  out = {'input_ids': s((B, T), jnp.int32), 'targets': s((B, T), jnp.int32),
-         'loss_mask': s((B, T), jnp.float32), 'segment_ids': s((B, T), jnp.int32),
-         'positions': s((B, T), jnp.int32)}
-  if Pn > 0:
-    out.update(patches=s((B, Pn, 588), jnp.float32), patch_coords=s((B, Pn, 2), jnp.int32),
-               patch_image_ids=s((B, Pn), jnp.int32), image_grid_hws=s((B, I, 2), jnp.int32))
-  return out
-
-
 def _phase(cfg, phase: str | None):
-  from kimi_vl_jax.train.loop import resolve_phases
-  phases = resolve_phases(cfg)
+  """The named phase of the config (default: the last), with its merged data config; source
+  paths stay unresolved: compiling reads no data, so `config.data_dir` is not needed."""
+  from kimi_vl_jax.train.stage_config import resolve_phases
+  phases = resolve_phases(cfg, resolve_paths=False)
   if phase is None:
     return phases[-1]
   for ph in phases:
@@ -133,41 +118,39 @@ def _phase(cfg, phase: str | None):
   raise ValueError(f'--phase={phase!r}: the config has phases {[p["name"] for p in phases]}')
 
 
-def lower_train_step(cfg, mesh, *, phase: str | None = None, global_batch: int | None = None,
-                     num_hosts: int = 1):
-  """(jax.stages.Lowered, info dict) of the config's train step on `mesh` (abstract inputs)."""
-  from kimi_vl_jax.model.kimi_vl import KimiVL
+def lower_train_step(cfg, devices, *, phase: str | None = None, global_batch: int | None = None):
+  """(jax.stages.Lowered, info dict) of the config's train step on a mesh of `devices` (abstract
+  inputs). The parallel config is validated against the devices first (`parallel.mesh.validate`),
+  so a bad one stops here with the field to change, before any tracing or compiling."""
+  import ml_collections
+
+  from kimi_vl_jax.data.batch import BatchSpec
   from kimi_vl_jax.train.init import StateFactory, model_config
-  from kimi_vl_jax.train.train_step import StepOptions, make_train_step
+  from kimi_vl_jax.train.train_step import jit_train_step
 
   ph = _phase(cfg, phase)
   data = ph['data']
+  num_hosts = len({d.process_index for d in devices})
   if global_batch is None:
     global_batch = int(data.get('global_batch_size', 0) or 0) or int(data.batch_size) * num_hosts
   mc = model_config(cfg, ph['model_overrides'])
-  sizes = mesh_lib.check(
-      cfg.parallel, num_devices=mesh.devices.size,
-      num_slices=len({getattr(d, 'slice_index', 0) for d in mesh.devices.flat}),
-      global_batch=global_batch, seq_len=int(data.seq_len), num_experts=mc.text.n_routed_experts,
-      num_moe_layers=mc.text.num_moe_layers, num_dense_layers=mc.text.num_dense_layers,
-      num_processes=num_hosts)
-  rules = rules_lib.get_rules(cfg.parallel.rules)
+  checked = ml_collections.ConfigDict({'parallel': cfg.parallel, 'data': {
+      'seq_len': int(data.seq_len), 'global_batch_size': global_batch}})
+  sizes = mesh_lib.validate(
+      checked, mc, num_devices=len(devices),
+      num_slices=len({getattr(d, 'slice_index', 0) for d in devices}), num_processes=num_hosts)
+  mesh = mesh_lib.make_mesh(cfg.parallel, devices=devices)
   factory = StateFactory(cfg, mc, mesh)
-  opts = StepOptions.from_config(cfg.train)
-  model = KimiVL(mc, kernels=build_kernels(mc, mesh, rules))
-  step_fn = make_train_step(model, factory.tx, opts, trainable=factory.trainable,
-                            lr_fn=factory.lr_fn)
-  bsh = rules_lib.batch_sharding(mesh, rules)
-  batch = abstract_batch(data, global_batch, bsh)
-  with rules_lib.sharding_context(mesh, rules):
-    jitted = jax.jit(step_fn, in_shardings=(factory.shardings, {k: bsh for k in batch}),
-                     out_shardings=(factory.shardings, None), donate_argnums=0)
-    lowered = jitted.lower(factory.abstract, batch)
+  spec = BatchSpec.from_config(data, mc, rows=global_batch)
+  jitted = jit_train_step(factory, mc, cfg.train, spec)
+  with rules_lib.sharding_context(mesh, factory.rules):
+    lowered = jitted.lower(factory.abstract,
+                           spec.abstract(rules_lib.batch_sharding(mesh, factory.rules)))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract.params))
-  info = {'phase': ph['name'], 'seq_len': int(data.seq_len), 'global_batch': global_batch,
-          'max_patches': int(data.get('max_patches', 0) or 0), 'mesh': sizes,
-          'rules': cfg.parallel.rules, 'params': n_params, 'dtype': mc.dtype,
-          'param_dtype': mc.param_dtype, 'remat': mc.remat_policy}
+  info = {'phase': ph['name'], 'seq_len': spec.seq_len, 'global_batch': global_batch,
+          'max_patches': spec.max_patches, 'mesh': sizes, 'rules': cfg.parallel.rules,
+          'params': n_params, 'dtype': mc.dtype, 'param_dtype': mc.param_dtype,
+          'remat': mc.remat_policy}
   return lowered, info
 
 
@@ -239,11 +222,8 @@ def plan(cfg, topology_name: str, *, num_slices: int = 1, phase: str | None = No
          global_batch: int | None = None) -> tuple[str, dict]:
   topo = topology(topology_name)
   devices = topology_devices(topo, num_slices)
-  mesh = mesh_lib.make_mesh(cfg.parallel, devices=devices)
-  hosts = len({d.process_index for d in devices})
   t0 = time.time()
-  lowered, info = lower_train_step(cfg, mesh, phase=phase, global_batch=global_batch,
-                                   num_hosts=hosts)
+  lowered, info = lower_train_step(cfg, devices, phase=phase, global_batch=global_batch)
   try:
     rep = memory_report(lowered.compile(), topo.hbm_bytes)
   except jax.errors.JaxRuntimeError as e:

@@ -1,4 +1,6 @@
-"""The grain data pipeline (REFERENCE.md sections 3 and 5; DESIGN.md "Batch").
+"""The grain data pipeline (Kimi-VL report, arXiv 2504.07491, sections 2.3 and 3).
+
+  batch.py       the batch contract: keys, shapes and dtypes from the config (BatchSpec)
 
   tokenizer.py   SentencePiece (tiny, bundled) and Kimi tiktoken tokenizers, one interface
   chat.py        Kimi chat rendering with the assistant-only loss mask, captions, text documents

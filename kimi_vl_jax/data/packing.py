@@ -7,7 +7,7 @@ P patches; `image_grid_hws [I, 2]` to I images. An example fits a row only if al
 fit, so a row's patches are exactly the patches of its examples' images, in order: the k-th merged
 token (4 consecutive patches, merge order) fills the row's k-th `<|media_pad|>`.
 
-`finalize_row` then derives the batch contract (DESIGN.md): segment ids 1.. per example (and per
+`finalize_row` then derives the batch contract (`batch.py`): segment ids 1.. per example (and per
 document inside a concat-then-split text chunk), positions restarting at 0, `targets` = next token
 inside the segment (0 at a segment's last token), `loss_mask[t]` = `token_mask[t+1]` inside the
 segment, `patch_image_ids` from the packed grids.
@@ -224,6 +224,17 @@ def pack_rows(ds: grain.IterDataset, *, seq_len: int, max_patches: int, max_imag
   raise ValueError(f"data.packing.algorithm must be 'first_fit' or 'best_fit', got {algorithm!r}")
 
 
+def patch_image_ids(grids: np.ndarray, num_patches: int) -> np.ndarray:
+  """[num_patches] int32: image k (1-based) for each of the h*w patches of the k-th grid of
+  `grids` [I, 2] (images packed in order, (0, 0) rows = padding at the end), 0 after them."""
+  counts = grids[:, 0] * grids[:, 1]
+  n_img = int(np.count_nonzero(counts))
+  image_ids = np.zeros(num_patches, np.int32)
+  used = int(counts.sum())
+  image_ids[:used] = np.repeat(np.arange(1, n_img + 1, dtype=np.int32), counts[:n_img])
+  return image_ids
+
+
 def finalize_row(row: dict, *, pad_id: int, stats_size: int) -> dict:
   """A grain-packed row -> the batch contract's per-row arrays (+ `_stats` [K] int64)."""
   ids = row['input_ids'].astype(np.int32)
@@ -247,12 +258,7 @@ def finalize_row(row: dict, *, pad_id: int, stats_size: int) -> dict:
   ids = np.where(valid, ids, pad_id).astype(np.int32)
 
   grids = row['image_grid_hws'].astype(np.int32)
-  counts = grids[:, 0] * grids[:, 1]
-  n_img = int(np.count_nonzero(counts))
-  p = row['patches'].shape[0]
-  image_ids = np.zeros(p, np.int32)
-  used = int(counts.sum())
-  image_ids[:used] = np.repeat(np.arange(1, n_img + 1, dtype=np.int32), counts[:n_img])
+  image_ids = patch_image_ids(grids, row['patches'].shape[0])
 
   stats = np.zeros(stats_size, np.int64)
   for v in row['stats']:

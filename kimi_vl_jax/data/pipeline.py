@@ -5,11 +5,11 @@ Entry points for the trainer:
   tok = make_tokenizer(cfg.tokenizer)
   it = make_iterator(cfg.data, tok, seed=0, process_index=jax.process_index(),
                      process_count=jax.process_count())
-  batch = next(it)            # dict of numpy arrays, DESIGN.md "Batch" (+ nothing else)
+  batch = next(it)            # numpy arrays as `data/batch.py` defines (BatchSpec.from_config)
   data_stats(it)              # flat dict: kept / skipped counts by source and reason, realised mix
   it.get_state(), it.set_state(s)   # JSON-able; grain.checkpoint.CheckpointSave(it) works
 
-Per source (REFERENCE.md sections 3 and 5): records are sharded per host (`process_index::
+Per source (Kimi-VL report sections 2.3, 3): records are sharded per host (`process_index::
 process_count`), shuffled per epoch, repeated, turned into examples by `sources.ExampleMaker`
 (`random_map`: image augmentation is seeded per record and epoch); text sources are concatenated
 then split into `seq_len` chunks. Sources are mixed by weight (grain's deterministic weighted
@@ -44,14 +44,13 @@ import ml_collections
 import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
+from kimi_vl_jax.config_dict import as_dict
+from kimi_vl_jax.data import batch as batch_lib
 from kimi_vl_jax.data import build_demo
 from kimi_vl_jax.data import images as images_lib
 from kimi_vl_jax.data import packing
 from kimi_vl_jax.data import sources as sources_lib
 from kimi_vl_jax.data.tokenizer import make_tokenizer  # noqa: F401  (re-exported entry point)
-
-BATCH_KEYS = ('input_ids', 'targets', 'loss_mask', 'segment_ids', 'positions', 'patches',
-              'patch_coords', 'patch_image_ids', 'image_grid_hws')
 
 
 class DataQualityError(RuntimeError):
@@ -62,10 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Defaults for every field `make_iterator` reads (sources empty)."""
   return ml_collections.ConfigDict({
       'sources': [],
-      'seq_len': 8192,
-      'max_patches': 16384,
-      'max_images': 64,
-      'batch_size': 8,
+      **batch_lib.DEFAULT_SIZES,  # seq_len, max_patches, max_images, batch_size
       'num_workers': 0,
       'worker_buffer_size': 2,
       'read_threads': 2,
@@ -86,18 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
   })
 
 
-def _as_dict(cfg: Any) -> dict:
-  if cfg is None:
-    return {}
-  if hasattr(cfg, 'to_dict'):
-    return cfg.to_dict()
-  return dict(cfg)
-
-
 def _merged(cfg: Any) -> dict:
   """User config over the defaults (nested dicts merged one level deep)."""
   out = default_config().to_dict()
-  user = _as_dict(cfg)
+  user = as_dict(cfg)
   unknown = set(user) - set(out)
   if unknown:
     raise ValueError(f'data config: unknown fields {sorted(unknown)}; known: {sorted(out)}')
@@ -149,7 +137,7 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
                   process_count: int = 1):
   """The pipeline's iterator (a grain DatasetIterator yielding batch dicts); see module doc."""
   cfg = _merged(data_cfg)
-  specs = [_as_dict(s) for s in cfg['sources']]
+  specs = [as_dict(s) for s in cfg['sources']]
   if not specs:
     raise ValueError('data.sources is empty: give at least one {kind, path, weight}')
   if not 0 <= process_index < process_count:

@@ -146,6 +146,29 @@ def resolve_under_root(root: str, ref: str, _dir_cache: dict | None = None) -> s
   return full
 
 
+def load_images(refs: list[str], root: str, image_cfg: images_lib.ImageConfig,
+                rng: np.random.Generator | None = None, dir_cache: dict | None = None):
+  """Loads and preprocesses the images `refs` (paths relative to the dataset root `root`) ->
+  (patches [p, 588] float32, patch_coords [p, 2] int32, grids [i, 2] int32, tokens per image).
+
+  Raises `chat.SkipExample` for a path outside the root and `images.BadImage` for a missing or
+  broken file. `rng` seeds the augmentation (None: none); `dir_cache` as in `resolve_under_root`.
+  """
+  patches, coords, grids, tokens = [], [], [], []
+  for ref in refs:
+    path = resolve_under_root(root, ref, dir_cache)
+    img = images_lib.load_image(path, draft_limit=image_cfg.max_patches)
+    p, c, hw = images_lib.preprocess(img, image_cfg, rng)
+    patches.append(p)
+    coords.append(c)
+    grids.append(hw)
+    tokens.append(images_lib.num_image_tokens(hw))
+  if not refs:
+    return EMPTY_PATCHES, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32), []
+  return (np.concatenate(patches), np.concatenate(coords),
+          np.asarray(grids, np.int32).reshape(-1, 2), tokens)
+
+
 class ExampleMaker:
   """Record -> example dict, or a skip marker. Picklable (it runs in grain workers).
 
@@ -206,22 +229,6 @@ class ExampleMaker:
     except json.JSONDecodeError as e:
       raise chat.SkipExample('malformed_json', f'{e.msg} at column {e.colno}') from e
 
-  def _images(self, refs: list[str], rng):
-    """Loads and preprocesses each image -> (patches, coords, grids, tokens per image)."""
-    patches, coords, grids, tokens = [], [], [], []
-    for ref in refs:
-      path = resolve_under_root(self.root, ref, self._dir_cache)
-      img = images_lib.load_image(path, draft_limit=self.image_cfg.max_patches)
-      p, c, hw = images_lib.preprocess(img, self.image_cfg, rng)
-      patches.append(p)
-      coords.append(c)
-      grids.append(hw)
-      tokens.append(images_lib.num_image_tokens(hw))
-    if not refs:
-      return EMPTY_PATCHES, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32), []
-    return (np.concatenate(patches), np.concatenate(coords),
-            np.asarray(grids, np.int32).reshape(-1, 2), tokens)
-
   def _make(self, record: dict, rng) -> dict:
     obj = self._decode(record['raw'])
     refs: list[str] = []
@@ -236,7 +243,8 @@ class ExampleMaker:
     else:
       if not isinstance(obj, dict) or not isinstance(obj.get('text'), str):
         raise chat.SkipExample('bad_schema', 'text record needs a "text" string')
-    patches, coords, grids, tokens = self._images(refs, rng)
+    patches, coords, grids, tokens = load_images(refs, self.root, self.image_cfg, rng,
+                                                 self._dir_cache)
     if self.kind == 'chat':
       ids, mask = chat.render_chat(turns, self.tok, tokens,
                                    default_system_prompt=self.default_system_prompt)

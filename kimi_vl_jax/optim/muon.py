@@ -1,4 +1,4 @@
-"""Moonlight Muon + AdamW, as one optax transformation (REFERENCE.md section 5).
+"""Moonlight Muon + AdamW, as one optax transformation (the optimizer of every Kimi-VL stage).
 
 Kimi-VL trains every stage with Muon as modified in Moonlight ("Muon is Scalable for LLM
 Training", arXiv 2502.16982): for a weight matrix W [rows, cols] with gradient G,
@@ -22,7 +22,7 @@ helpers are private (`optax.contrib._muon`), so Newton-Schulz is written here (a
 
 Matrix view (must equal the PyTorch reference's matrix shapes). Scanned layers carry a leading
 `layers` axis and routed experts an `expert` axis: the leading run of those axes are *batch* axes,
-each slice its own matrix (REFERENCE.md: "each expert is its own matrix"). Of the remaining axes
+each slice its own matrix (each expert is its own matrix). Of the remaining axes
 the first is the input and the rest the output, except kernels whose input is per-head (`o_proj`
 [N, Hv, D], vision `wo` [Nv, Hv, Dv]): there the head axes are the input. E.g. q_proj
 [L, D, N, Hqk] is L matrices [D, N*Hqk]; experts [L, E, D, Fe] are L*E matrices [D, Fe].
@@ -138,8 +138,10 @@ def _flatten_axes(logical_axes) -> dict[str, tuple]:
   return out
 
 
-def _trainable_fn(trainable, frozen_patterns: Sequence[str]) -> Callable[[str], bool]:
-  """`trainable`: None (all), a list of path regexes (re.search), or a dict path -> bool."""
+def trainable_fn(trainable, frozen_patterns: Sequence[str] = ()) -> Callable[[str], bool]:
+  """`path -> trains?` for a parameter path (`path_str`): `trainable` is None (all), a list of
+  path regexes (re.search, any matches) or a dict path -> bool; `frozen_patterns` (path regexes)
+  freeze on top of that."""
   frozen_res = [re.compile(p) for p in frozen_patterns]
   if trainable is None:
     base = lambda p: True
@@ -199,7 +201,7 @@ def muon_param_groups(params, logical_axes=None, trainable=None,
     if set(trainable) != set(shapes):
       raise ValueError('the trainable mask tree does not match the params: differing paths '
                        f'{sorted(set(trainable) ^ set(shapes))[:5]}')
-  is_trainable = _trainable_fn(trainable, frozen_patterns)
+  is_trainable = trainable_fn(trainable, frozen_patterns)
   groups = []
   for path, shape in shapes.items():
     if len(axes[path]) != len(shape):
@@ -221,7 +223,7 @@ def _fmt_count(n: int) -> str:
 def groups_summary(groups, max_examples: int = 3) -> str:
   """One line per group (tensors, parameters, reasons) plus example paths, for the log."""
   flat = [(path_str(p), g) for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]]
-  lines = ['optimizer groups (Moonlight Muon + AdamW, REFERENCE.md 5):']
+  lines = ['optimizer groups (Moonlight Muon + AdamW):']
   for kind in ('muon', 'adamw', 'frozen'):
     members = [(p, g) for p, g in flat if g.kind == kind]
     n_params = sum(math.prod(g.shape) for _, g in members)

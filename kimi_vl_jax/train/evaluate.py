@@ -32,27 +32,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kimi_vl_jax.config_dict import as_dict
+from kimi_vl_jax.data import chat, images as images_lib, packing, sources
+from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.model.kimi_vl import KimiVL
 from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.train import losses
-
-
-def _as_dict(x) -> dict:
-  if x is None:
-    return {}
-  return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else dict(x)
+from kimi_vl_jax.train.stage_config import resolve_sources
 
 
 def load_answer_examples(path: str, tok, data_cfg, limit: int) -> list[dict]:
-  """Prompt arrays + reference answer per record of a chat JSONL file."""
-  from kimi_vl_jax.data import chat, images as images_lib
+  """Prompt arrays + reference answer per record of a chat JSONL file (images relative to the
+  file's directory, which they must not leave; no augmentation)."""
   image_cfg = images_lib.ImageConfig.from_config(data_cfg.get('image'))
   image_cfg = image_cfg.__class__(**{**image_cfg.__dict__, 'augment': False})
   root = os.path.dirname(os.path.abspath(path))
   system = data_cfg.get('default_system_prompt', None)
   out = []
   with open(path) as f:
-    for line in f:
+    for line_no, line in enumerate(f, start=1):
       if not line.strip():
         continue
       record = json.loads(line)
@@ -61,51 +59,44 @@ def load_answer_examples(path: str, tok, data_cfg, limit: int) -> list[dict]:
         raise ValueError(f'{path}: the last turn of an answer record must be the assistant')
       answer = ''.join(v for kind, v in turns[-1].parts if kind == 'text')
       prompt_turns = turns[:-1]
-      patches, coords, grids, ntok = [], [], [], []
-      for ref in chat.image_refs(prompt_turns):
-        img = images_lib.load_image(os.path.join(root, ref))
-        p, c, hw = images_lib.preprocess(img, image_cfg)
-        patches.append(p)
-        coords.append(c)
-        grids.append(hw)
-        ntok.append(images_lib.num_image_tokens(hw))
+      try:
+        patches, coords, grids, ntok = sources.load_images(chat.image_refs(prompt_turns), root,
+                                                           image_cfg)
+      except (chat.SkipExample, images_lib.BadImage) as e:
+        raise ValueError(f'{path} line {line_no}: {e}') from e
       ids, _ = chat.render_chat(prompt_turns, tok, ntok, default_system_prompt=system,
                                 add_generation_prompt=True)
       out.append({'ids': ids, 'answer': answer, 'kind': record.get('kind'),
-                  'patches': np.concatenate(patches) if patches else None,
-                  'coords': np.concatenate(coords) if coords else None,
-                  'grids': np.asarray(grids, np.int32).reshape(-1, 2)})
+                  'patches': patches if ntok else None, 'coords': coords if ntok else None,
+                  'grids': grids})
       if len(out) >= limit:
         break
   return out
 
 
-def _rows(examples: list[dict], seq_len: int, max_patches: int, max_images: int,
-          patch_dim: int) -> dict[str, np.ndarray]:
-  """Left-aligned prompt rows, padded to fixed shapes."""
-  B = len(examples)
-  ids = np.zeros((B, seq_len), np.int32)
-  lens = np.zeros((B,), np.int32)
-  patches = np.zeros((B, max_patches, patch_dim), np.float32)
-  coords = np.zeros((B, max_patches, 2), np.int32)
-  pids = np.zeros((B, max_patches), np.int32)
-  grids = np.zeros((B, max_images, 2), np.int32)
+def prompt_batch(examples: list[dict], spec: BatchSpec) -> dict[str, np.ndarray]:
+  """The examples (`load_answer_examples`) as a prompt batch of `spec` (`targets=False`, one
+  row per example): left-aligned prompts, one segment each, the rest padding."""
+  if spec.targets or spec.rows != len(examples):
+    raise ValueError(f'prompt_batch needs a prompt BatchSpec of {len(examples)} rows, got {spec}')
+  seq_len, max_patches, max_images = spec.seq_len, spec.max_patches, spec.max_images
+  rows = spec.zeros()
   for b, ex in enumerate(examples):
     n = len(ex['ids'])
     if n >= seq_len:
       raise ValueError(f'eval prompt of {n} tokens does not fit eval seq_len {seq_len}')
-    ids[b, :n], lens[b] = ex['ids'], n
+    rows['input_ids'][b, :n] = ex['ids']
+    rows['segment_ids'][b, :n] = 1
+    rows['positions'][b, :n] = np.arange(n)
     if ex['patches'] is not None:
       k = ex['patches'].shape[0]
       if k > max_patches or len(ex['grids']) > max_images:
         raise ValueError(f'eval example has {k} patches / {len(ex["grids"])} images; the limits '
                          f'are data.max_patches={max_patches}, data.max_images={max_images}')
-      patches[b, :k], coords[b, :k] = ex['patches'], ex['coords']
-      sizes = ex['grids'].prod(-1)
-      pids[b, :k] = np.repeat(np.arange(1, len(sizes) + 1), sizes)
-      grids[b, :len(sizes)] = ex['grids']
-  return {'input_ids': ids, 'lens': lens, 'patches': patches, 'patch_coords': coords,
-          'patch_image_ids': pids, 'image_grid_hws': grids}
+      rows['patches'][b, :k], rows['patch_coords'][b, :k] = ex['patches'], ex['coords']
+      rows['image_grid_hws'][b, :len(ex['grids'])] = ex['grids']
+      rows['patch_image_ids'][b] = packing.patch_image_ids(rows['image_grid_hws'][b], max_patches)
+  return rows
 
 
 def score_answers(examples: list[dict], texts: list[str]) -> dict[str, float]:
@@ -122,11 +113,16 @@ def score_answers(examples: list[dict], texts: list[str]) -> dict[str, float]:
 
 
 def make_greedy_decoder(model: KimiVL, max_new_tokens: int):
-  """jit-able `(params, rows) -> generated ids [B, max_new_tokens]` by full-sequence forwards."""
+  """jit-able `(params, rows) -> generated ids [B, max_new_tokens]` by full-sequence forwards.
+
+  rows: a prompt batch of left-aligned prompts, one segment per row (`prompt_batch`); each row's
+  prompt length is its count of non-zero `segment_ids`.
+  """
 
   def decode(params, rows):
     B, T = rows['input_ids'].shape
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    lens0 = jnp.sum(rows['segment_ids'] > 0, axis=1).astype(jnp.int32)
 
     def body(i, carry):
       ids, lens, out = carry
@@ -141,8 +137,7 @@ def make_greedy_decoder(model: KimiVL, max_new_tokens: int):
       return ids, jnp.minimum(lens + 1, T), out.at[:, i].set(nxt)
 
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
-    _, _, out = jax.lax.fori_loop(0, max_new_tokens, body,
-                                  (rows['input_ids'], rows['lens'], out))
+    _, _, out = jax.lax.fori_loop(0, max_new_tokens, body, (rows['input_ids'], lens0, out))
     return out
 
   return decode
@@ -158,13 +153,12 @@ class Evaluator:
     self.model = KimiVL(mc, kernels=build_kernels(mc, mesh, rules))
     self.n_batches = int(ev.get('batches', 0) or 0)
     self.iterator_fn = iterator_fn
-    self.eval_data = ml_collections.ConfigDict(_as_dict(data_cfg))
-    from kimi_vl_jax.train.loop import _resolve_source
-    overrides = _as_dict(ev.get('data'))
+    self.eval_data = ml_collections.ConfigDict(as_dict(data_cfg))
+    overrides = as_dict(ev.get('data'))
     if 'sources' in overrides:
-      overrides['sources'] = [_resolve_source(dict(s), cfg.get('data_dir'))
-                              for s in overrides['sources']]
+      overrides['sources'] = resolve_sources(overrides['sources'], cfg.get('data_dir'))
     self.eval_data.update(overrides)
+    self.batch_spec = BatchSpec.from_config(self.eval_data, mc)
     self.seed = int(cfg.seed) + 7
     self.tok = tokenizer
 
@@ -188,7 +182,8 @@ class Evaluator:
                                     if e['patches'] is not None])
       self.max_images = max([1] + [len(e['grids']) for e in self.examples])
       self._decode = jax.jit(make_greedy_decoder(self.model, self.max_new))
-      self.patch_dim = mc.vision.patch_dim
+      self.prompt_spec = BatchSpec(self.answer_batch, self.seq_len, self.max_patches,
+                                   self.max_images, mc.vision.patch_dim, targets=False)
 
   @classmethod
   def maybe_create(cls, cfg, mc, mesh, rules, iterator_fn, data_cfg, tokenizer, blank_images):
@@ -201,11 +196,10 @@ class Evaluator:
     return phase_end or (self.every > 0 and step % self.every == 0)
 
   def heldout(self, params) -> dict[str, float]:
-    from kimi_vl_jax.train.loop import host_batch
     it, _ = self.iterator_fn(self.eval_data, seed=self.seed)
     ce = tok = cor = 0.0
     for _ in range(self.n_batches):
-      dev, _ = host_batch(next(it), self.blank)
+      dev, _ = self.batch_spec.split(next(it), blank_images=self.blank)
       s = jax.device_get(self._loss(params, {k: jnp.asarray(v) for k, v in dev.items()}))
       ce, tok, cor = ce + float(s['ce_sum']), tok + float(s['tokens']), cor + float(s['correct'])
     return {'loss': ce / max(tok, 1.0), 'token_accuracy': cor / max(tok, 1.0)}
@@ -216,10 +210,8 @@ class Evaluator:
     for i in range(0, len(self.examples), self.answer_batch):
       chunk = self.examples[i:i + self.answer_batch]
       pad = self.answer_batch - len(chunk)
-      rows = _rows(chunk + [chunk[-1]] * pad, self.seq_len, self.max_patches, self.max_images,
-                   self.patch_dim)
-      if self.blank:
-        rows['patches'] = np.zeros_like(rows['patches'])
+      rows, _ = self.prompt_spec.split(prompt_batch(chunk + [chunk[-1]] * pad, self.prompt_spec),
+                                       blank_images=self.blank)
       out = np.asarray(self._decode(params, {k: jnp.asarray(v) for k, v in rows.items()}))
       for gen in out[:len(chunk)]:
         gen = list(gen)

@@ -21,11 +21,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kimi_vl_jax.config_dict import as_dict
 from kimi_vl_jax.model import config as model_config_lib
 from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.kimi_vl import init_params
@@ -35,15 +35,9 @@ from kimi_vl_jax.train import checkpointing
 from kimi_vl_jax.train.train_step import TrainState, new_counters, trainable_tree
 
 
-def _as_dict(x) -> dict:
-  if x is None:
-    return {}
-  return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else dict(x)
-
-
 def apply_model_overrides(mc: KimiVLConfig, overrides) -> KimiVLConfig:
   """`overrides`: {'text': {...}, 'vision': {...}, <top-level KimiVLConfig field>: value}."""
-  ov = _as_dict(overrides)
+  ov = as_dict(overrides)
   text = ov.pop('text', None) or {}
   vision = ov.pop('vision', None) or {}
   try:
@@ -94,7 +88,7 @@ class StateFactory:
     self.param_shardings = rules_lib.param_shardings(self.abstract_boxed, mesh, self.rules)
     abstract_params = nn.meta.unbox(self.abstract_boxed)
     self.tx, self.optimizer_summary = make_optimizer(cfg.optim, self.abstract_boxed)
-    optim = _as_dict(cfg.optim)
+    optim = as_dict(cfg.optim)
     trainable = optim.get('trainable')
     self.trainable = trainable_tree(abstract_params, None if trainable is None else
                                     list(trainable), tuple(optim.get('frozen', ())))

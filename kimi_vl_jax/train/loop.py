@@ -1,5 +1,5 @@
 """The one training loop every LM stage runs (joint pre-training, cooldown, long context, SFT,
-long-CoT SFT; REFERENCE.md section 5), driven entirely by the stage config.
+long-CoT SFT; Kimi-VL report, arXiv 2504.07491, section 2.3), driven entirely by the stage config.
 
 A run is a sequence of *phases* (`config.phases`): each has its own number of steps, data
 overrides (e.g. `seq_len` 8K -> 32K -> 128K) and model overrides (e.g. RoPE base 50000 ->
@@ -19,55 +19,16 @@ from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from kimi_vl_jax.model.kimi_vl import KimiVL
+from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
-from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.train import checkpointing, evaluate, metrics as metrics_lib
-from kimi_vl_jax.train.init import StateFactory, _as_dict, model_config
-from kimi_vl_jax.train.train_step import StepOptions, make_train_step
-
-# Keys of the batch contract (DESIGN.md) that go to the device; others (e.g. `_stats`) stay host.
-BATCH_KEYS = ('input_ids', 'targets', 'loss_mask', 'segment_ids', 'positions', 'patches',
-              'patch_coords', 'patch_image_ids', 'image_grid_hws')
-
-
-def resolve_phases(cfg) -> list[dict]:
-  """[{name, steps, start, end, data (merged data config), model_overrides}] of a stage."""
-  phases = cfg.get('phases') or [{'steps': cfg.train.steps}]
-  out, start = [], 0
-  for i, ph in enumerate(phases):
-    ph = _as_dict(ph)
-    unknown = set(ph) - {'name', 'steps', 'data', 'model_overrides'}
-    if unknown:
-      raise ValueError(f'config.phases[{i}]: unknown keys {sorted(unknown)}')
-    steps = int(ph.get('steps', 0))
-    if steps < 1:
-      raise ValueError(f'config.phases[{i}].steps must be >= 1, got {ph.get("steps")!r}')
-    data = _as_dict(cfg.data)
-    data.update(_as_dict(ph.get('data')))
-    data['sources'] = [_resolve_source(dict(s), cfg.get('data_dir'))
-                       for s in data.get('sources', [])]
-    data = ml_collections.ConfigDict(data)
-    out.append({'name': ph.get('name', f'phase{i}'), 'steps': steps, 'start': start,
-                'end': start + steps, 'data': data,
-                'model_overrides': _as_dict(ph.get('model_overrides'))})
-    start += steps
-  return out
-
-
-def _resolve_source(src: dict, data_dir) -> dict:
-  path = src.get('path')
-  if isinstance(path, str) and '{data_dir}' in path:
-    if not data_dir:
-      raise ValueError(f'data source {src.get("name")!r} reads {path!r}: set --config.data_dir '
-                       'to the directory holding the training data')
-    src['path'] = path.replace('{data_dir}', str(data_dir).rstrip('/'))
-  return src
+from kimi_vl_jax.train.init import StateFactory, model_config
+from kimi_vl_jax.train.stage_config import resolve_phases
+from kimi_vl_jax.train.train_step import jit_train_step
 
 
 def pipeline_iterator_fn(tokenizer_cfg) -> Callable:
@@ -84,17 +45,6 @@ def pipeline_iterator_fn(tokenizer_cfg) -> Callable:
   return make
 
 
-def host_batch(batch: dict, blank_images: bool) -> tuple[dict, dict]:
-  """Splits a pipeline batch into the device part (BATCH_KEYS) and host-only extras."""
-  dev = {k: np.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
-  extra = {k: v for k, v in batch.items() if k not in BATCH_KEYS}
-  if blank_images and 'patches' in dev:
-    # Ablation: every image becomes the same constant (normalised 0 = the mean colour), so the
-    # model sees where images are but nothing of their content.
-    dev['patches'] = np.zeros_like(dev['patches'])
-  return dev, extra
-
-
 class Trainer:
   """Runs a stage config in a workdir (see the module docstring)."""
 
@@ -108,16 +58,6 @@ class Trainer:
     self.rules = rules_lib.get_rules(cfg.parallel.rules)
     self.is_main = jax.process_index() == 0
     self.blank_images = bool(cfg.train.get('blank_images', False))
-
-  # ------------------------------------------------------------------------------------------
-  def _jit_step(self, factory: StateFactory, mc, batch_example: dict):
-    opts = StepOptions.from_config(self.cfg.train)
-    model = KimiVL(mc, kernels=build_kernels(mc, self.mesh, self.rules))
-    step_fn = make_train_step(model, factory.tx, opts, trainable=factory.trainable,
-                              lr_fn=factory.lr_fn)
-    bsh = rules_lib.batch_sharding(self.mesh, self.rules)
-    return jax.jit(step_fn, in_shardings=(factory.shardings, {k: bsh for k in batch_example}),
-                   out_shardings=(factory.shardings, None), donate_argnums=0)
 
   def run(self) -> dict[str, Any]:
     cfg = self.cfg
@@ -164,9 +104,10 @@ class Trainer:
           raise RuntimeError(f'checkpoint at step {step} holds data state of phase {data_phase}'
                              f' but the run is in phase {p_idx} ({phase["name"]}) mid-way')
       first = next(iterator)
-      dev, extra = host_batch(first, self.blank_images)
+      spec = BatchSpec.from_config(phase['data'], mc)
+      dev, extra = spec.split(first, blank_images=self.blank_images)
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        jstep = self._jit_step(factory, mc, dev)
+        jstep = jit_train_step(factory, mc, cfg.train, spec)
       evaluator = evaluate.Evaluator.maybe_create(cfg, mc, self.mesh, self.rules, self.iterator_fn,
                                                   phase['data'], tokenizer, self.blank_images)
       bar = _progress(self.is_main, step, self.total_steps, phase['name'])
@@ -174,7 +115,8 @@ class Trainer:
       last_time, tokens_since, flops_since = time.time(), 0.0, 0.0
       log_every = int(cfg.train.get('log_every', 1))
       while step < phase['end']:
-        dev = pending if pending is not None else host_batch(next(iterator), self.blank_images)[0]
+        dev = (pending if pending is not None else
+               spec.split(next(iterator), blank_images=self.blank_images)[0])
         pending = None
         gb = rules_lib.shard_batch(dev, self.mesh, self.rules)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from kimi_vl_jax.config_dict import as_dict
 from kimi_vl_jax.parallel import mesh as mesh_lib
 
 VARIANTS = ('', 'tiny')
 
-# Full-scale numbers (REFERENCE.md sections 5 and 7). Rows per host x hosts = global batch.
+# Full-scale numbers (Kimi-VL report, arXiv 2504.07491, section 2.3). Rows per host x hosts =
+# global batch.
 A3B_HOSTS = 64                 # a v5p-256 slice: 128 chips, 64 hosts
 A3B_ROWS_PER_HOST = 16         # x 64 hosts = 1024 rows of 8K = 8.4M tokens per step
 A3B_GLOBAL_ROWS = A3B_HOSTS * A3B_ROWS_PER_HOST
@@ -121,3 +123,46 @@ def source(name: str, kind: str, path, weight: float = 1.0) -> dict:
 
 def tokens_to_steps(tokens: float, seq_len: int, global_rows: int) -> int:
   return max(1, int(round(tokens / (seq_len * global_rows))))
+
+
+def resolve_sources(sources, data_dir) -> list[dict]:
+  """Data source specs with `{data_dir}` in their `path` replaced by `data_dir` (copies)."""
+  out = []
+  for src in sources or []:
+    src = dict(src)
+    path = src.get('path')
+    if isinstance(path, str) and '{data_dir}' in path:
+      if not data_dir:
+        raise ValueError(f'data source {src.get("name")!r} reads {path!r}: set --config.data_dir '
+                         'to the directory holding the training data')
+      src['path'] = path.replace('{data_dir}', str(data_dir).rstrip('/'))
+    out.append(src)
+  return out
+
+
+def resolve_phases(cfg, *, resolve_paths: bool = True) -> list[dict]:
+  """[{name, steps, start, end, data (merged data config), model_overrides}] of a stage.
+
+  resolve_paths: substitute `config.data_dir` into the data source paths (needed to read data;
+  not to compile the step, whose shapes only depend on the sizes in `data`).
+  """
+  phases = cfg.get('phases') or [{'steps': cfg.train.steps}]
+  out, start = [], 0
+  for i, ph in enumerate(phases):
+    ph = as_dict(ph)
+    unknown = set(ph) - {'name', 'steps', 'data', 'model_overrides'}
+    if unknown:
+      raise ValueError(f'config.phases[{i}]: unknown keys {sorted(unknown)}')
+    steps = int(ph.get('steps', 0))
+    if steps < 1:
+      raise ValueError(f'config.phases[{i}].steps must be >= 1, got {ph.get("steps")!r}')
+    data = as_dict(cfg.data)
+    data.update(as_dict(ph.get('data')))
+    if resolve_paths:
+      data['sources'] = resolve_sources(data.get('sources'), cfg.get('data_dir'))
+    data = ml_collections.ConfigDict(data)
+    out.append({'name': ph.get('name', f'phase{i}'), 'steps': steps, 'start': start,
+                'end': start + steps, 'data': data,
+                'model_overrides': as_dict(ph.get('model_overrides'))})
+    start += steps
+  return out

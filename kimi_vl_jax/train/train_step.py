@@ -1,9 +1,10 @@
-"""The train state and the one train step shared by every LM stage (DESIGN.md "Train state").
+"""The train state and the one train step shared by every LM stage.
 
-`train_step(state, batch) -> (state, metrics)` is pure; the loop jits it with in/out shardings
-and a donated state. What differs between stages comes in from the config, never from branches
-here: the loss function (`losses.lm_loss` for all LM stages), the trainable mask (e.g. the LLM
-frozen while the vision tower and projector align) and the optimizer.
+`train_step(state, batch) -> (state, metrics)` is pure; `jit_train_step` jits it with in/out
+shardings and a donated state, for the loop and the AOT planner alike. What differs between
+stages comes in from the config, never from branches here: the loss function (`losses.lm_loss`
+for all LM stages), the trainable mask (e.g. the LLM frozen while the vision tower and projector
+align) and the optimizer.
 
 One step:
 1. split the global batch into `grad_accum` micro-batches and `lax.scan` over them, summing the
@@ -28,8 +29,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kimi_vl_jax.data.batch import BatchSpec
+from kimi_vl_jax.model.kimi_vl import KimiVL
 from kimi_vl_jax.model.moe import update_router_bias
-from kimi_vl_jax.optim.muon import path_str
+from kimi_vl_jax.optim.muon import path_str, trainable_fn
+from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.train import losses
 
 Array = jax.Array
@@ -216,15 +221,26 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
   return train_step
 
 
+def jit_train_step(factory, mc, train_cfg, batch: BatchSpec) -> Callable:
+  """The config's train step, jitted for `factory.mesh`: the state in and out with the factory's
+  shardings (donated), every batch array split by rows over the rule preset's `act_batch` axes.
+
+  factory: `train.init.StateFactory` of the run (optimizer, trainable mask, shardings);
+  mc: the phase's `KimiVLConfig`; train_cfg: the config's `train` section; batch: its BatchSpec.
+  Trace it (first call or `.lower`) under `rules.sharding_context(factory.mesh, factory.rules)`.
+  """
+  # The model of this phase, with the kernels (attention, expert dispatch, pipeline, context
+  # layout) its mesh and rules call for.
+  model = KimiVL(mc, kernels=build_kernels(mc, factory.mesh, factory.rules))
+  step_fn = make_train_step(model, factory.tx, StepOptions.from_config(train_cfg),
+                            trainable=factory.trainable, lr_fn=factory.lr_fn)
+  bsh = rules_lib.batch_sharding(factory.mesh, factory.rules)
+  return jax.jit(step_fn, in_shardings=(factory.shardings, {k: bsh for k in batch.keys}),
+                 out_shardings=(factory.shardings, None), donate_argnums=0)
+
+
 def trainable_tree(params, trainable_patterns=None, frozen_patterns=()) -> Any:
   """Pytree of bools: a leaf trains if it matches any `trainable_patterns` regex (None = all)
-  and none of `frozen_patterns` (the same rule as `optim.make_optimizer`)."""
-  import re
-  tr = None if trainable_patterns is None else [re.compile(p) for p in trainable_patterns]
-  fr = [re.compile(p) for p in frozen_patterns]
-
-  def one(path, _):
-    p = path_str(path)
-    return (tr is None or any(r.search(p) for r in tr)) and not any(r.search(p) for r in fr)
-
-  return jax.tree_util.tree_map_with_path(one, params)
+  and none of `frozen_patterns` (`optim.muon.trainable_fn`, the rule the optimizer groups by)."""
+  is_trainable = trainable_fn(trainable_patterns, frozen_patterns)
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_trainable(path_str(path)), params)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from kimi_vl_jax.data import batch as batch_lib
 from kimi_vl_jax.data import pipeline
 from kimi_vl_jax.data import sources
 
@@ -27,7 +28,7 @@ def _take(it, n):
 def _assert_same(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert set(x) == set(y) == set(pipeline.BATCH_KEYS)
+    assert set(x) == set(y) == set(batch_lib.KEYS)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
@@ -47,6 +48,10 @@ def test_batch_contract_and_determinism(small_chat_dataset, tok):
   for k, dt in dtypes.items():
     assert a[0][k].dtype == dt, k
     assert a[0][k].shape == shapes.get(k, (2, 96)), k
+  # The one definition of the contract agrees, for every batch.
+  spec = batch_lib.BatchSpec.from_config(_cfg(path))
+  for x in a:
+    spec.validate(x)
 
 
 @pytest.mark.parametrize('workers', [0, pytest.param(2, marks=pytest.mark.slow)])
@@ -72,6 +77,7 @@ def test_two_workers_text_only_deterministic(tmp_path, tok):
              num_workers=2)
   a = _take(pipeline.make_iterator(cfg, tok, seed=0), 3)
   assert a[0]['patches'].shape == (2, 0, 588) and a[0]['image_grid_hws'].shape == (2, 0, 2)
+  batch_lib.BatchSpec.from_config(cfg).validate(a[0])
   _assert_same(a, _take(pipeline.make_iterator(cfg, tok, seed=0), 3))
   texts = _all_texts(a, tok)
   docs = [f'document number {i}[EOS]' for i in range(50)]

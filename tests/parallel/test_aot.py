@@ -59,3 +59,65 @@ def test_compile_time_hbm_oom_becomes_a_does_not_fit_report():
   rep = aot.oom_report(err, 95 * aot.GiB)
   assert not rep['fits'] and abs(rep['temp'] / aot.GiB - 310.53) < 1e-6
   assert aot.oom_report(RuntimeError('INTERNAL: something else'), 95 * aot.GiB) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The train step of a stage config: no data needed, the batch contract, start-up validation.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _stage_config(variant: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'joint_sft_config', os.path.join(ROOT, 'configs', 'joint_sft.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
+def test_lowering_needs_no_data_dir_and_takes_the_batch_contract():
+  from kimi_vl_jax.data.batch import BatchSpec
+  from kimi_vl_jax.model.config import get_preset
+  from kimi_vl_jax.train.stage_config import resolve_phases
+  c = _stage_config('')  # the full recipe: its sources read `{data_dir}/...`, left unset here
+  with pytest.raises(ValueError, match='data_dir'):
+    resolve_phases(c)  # reading data needs it ...
+  c.model = 'tiny'     # ... compiling does not (tiny model: a cheap trace)
+  c.parallel = mesh_lib.default_config()
+  lowered, info = aot.lower_train_step(c, jax.devices(), global_batch=8)
+  batch = lowered.args_info[0][1]
+  data = resolve_phases(c, resolve_paths=False)[-1]['data']
+  want = BatchSpec.from_config(data, get_preset('tiny'), rows=8)
+  assert info['seq_len'] == want.seq_len and info['global_batch'] == 8
+  assert {k: (a.shape, a.dtype) for k, a in batch.items()} == want.shapes()
+
+
+def test_bad_parallel_config_stops_before_building_the_step(monkeypatch):
+  from kimi_vl_jax.train import init
+
+  def unreachable(*a, **k):
+    raise AssertionError('the state / step was built for an invalid parallel config')
+
+  monkeypatch.setattr(init, 'StateFactory', unreachable)
+  c = _stage_config('tiny')
+  c.parallel.expert = 8  # the tiny demo model has 8 experts, but rules 'dp' do not split them
+  with pytest.raises(ValueError, match=r"parallel.expert=8 but rules 'dp'"):
+    aot.lower_train_step(c, jax.devices())
+
+
+def test_cli_stops_on_a_bad_parallel_config_without_data_dir():
+  """The full SFT recipe (context=4 x expert=8 = 32 devices per slice) on an 8-chip slice."""
+  pytest.importorskip('libtpu')
+  import subprocess
+  import sys
+  import time
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  t0 = time.time()
+  out = subprocess.run(
+      [sys.executable, '-m', 'kimi_vl_jax.aot', f'--config={ROOT}/configs/joint_sft.py',
+       '--topology=v5e-8'], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert out.returncode != 0
+  assert 'data_dir' not in out.stderr
+  assert 'context=4' in out.stderr and 'the job has 8 devices' in out.stderr, out.stderr[-2000:]
+  assert time.time() - t0 < 60

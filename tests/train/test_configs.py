@@ -10,7 +10,7 @@ from kimi_vl_jax.main import LM_STAGES
 from kimi_vl_jax.model.config import PRESETS
 from kimi_vl_jax.optim import schedules
 from kimi_vl_jax.train.init import model_config
-from kimi_vl_jax.train.loop import resolve_phases
+from kimi_vl_jax.train.stage_config import resolve_phases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.model import summary
 from kimi_vl_jax.model.config import get_preset
 from kimi_vl_jax.model.kimi_vl import KimiVL, init_params
@@ -31,7 +32,7 @@ def test_matmul_params_match_active_parameter_count():
         n = n * t.num_experts_per_tok // t.n_routed_experts
       total += n
     assert metrics.lm_matmul_params_per_token(mc) == total, name
-  # Kimi-VL-A3B: ~2.92B active LLM parameters (REFERENCE.md 1) = matmul weights + the 0.34B
+  # Kimi-VL-A3B: ~2.92B active LLM parameters = matmul weights + the 0.34B
   # token embedding (a lookup, no FLOPs).
   a3b = metrics.lm_matmul_params_per_token(get_preset('kimi_vl_a3b'))
   assert abs(a3b + 163840 * 2048 - 2.92e9) < 0.01e9
@@ -56,7 +57,8 @@ def test_greedy_decoder_matches_naive_loop():
     p[1] = mc.media_placeholder_token_id  # one image token (a 2x2-patch image)
     exs.append({'ids': p, 'answer': '', 'grids': grid, 'coords': coords,
                 'patches': rng.normal(size=(4, mc.vision.patch_dim)).astype(np.float32)})
-  rows = evaluate._rows(exs, 16, 4, 1, mc.vision.patch_dim)
+  spec = BatchSpec(len(exs), 16, 4, 1, mc.vision.patch_dim, targets=False)
+  rows = evaluate.prompt_batch(exs, spec)
   out = jax.jit(evaluate.make_greedy_decoder(model, 4))(params, rows)
   for b, ex in enumerate(exs):
     ids = list(ex['ids'])
