@@ -140,8 +140,8 @@ def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, se
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg['read_threads']),
                                             prefetch_buffer_size=int(cfg['read_buffer_size'])))
   if kind == 'text':
-    it = packing.AccountIterDataset(it, layout)
-    it = packing.TextChunkIterDataset(it, cfg['seq_len'])
+    it = packing.account(it, layout)
+    it = packing.text_chunks(it, cfg['seq_len'])
   return it
 
 
@@ -171,7 +171,7 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
   ds = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, weights)
   limits = {'seq_len': cfg['seq_len'], 'max_patches': cfg['max_patches'],
             'max_images': cfg['max_images']}
-  ds = packing.AccountIterDataset(ds, layout, limits=limits, count_kept=True)
+  ds = packing.account(ds, layout, limits=limits, count_kept=True)
   pk = cfg['packing']
   ds = packing.pack_rows(ds, seq_len=cfg['seq_len'], max_patches=cfg['max_patches'],
                          max_images=cfg['max_images'], algorithm=pk['algorithm'],
@@ -182,7 +182,8 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
   # grain batches into shared memory in worker processes, which cannot hold zero-size arrays
   # (P = 0 or I = 0 in text-only configs): stack those batches with plain numpy instead.
   zero_size = cfg['max_patches'] == 0 or cfg['max_images'] == 0
-  ds = ds.batch(int(cfg['batch_size']), drop_remainder=True,
+  # The last partial batch is kept so its counts reach `_StatsIterator`, which drops it.
+  ds = ds.batch(int(cfg['batch_size']), drop_remainder=False,
                 batch_fn=_stack_batch if zero_size else None)
   if int(cfg['num_workers']) > 0:
     _ensure_absl_flags_parsed()
@@ -190,8 +191,9 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
         num_workers=int(cfg['num_workers']),
         per_worker_buffer_size=int(cfg['worker_buffer_size'])))
   names = [s.get('name') or f'source{i}' for i, s in enumerate(specs)]
-  ds = StatsIterDataset(ds, layout, names, weights, float(cfg['max_skip_rate']),
-                        int(cfg['skip_check_min_examples']))
+  ds = packing.StageIterDataset(ds, _StatsIterator, layout, names, weights,
+                                int(cfg['batch_size']), float(cfg['max_skip_rate']),
+                                int(cfg['skip_check_min_examples']))
   return ds.__iter__()
 
 
@@ -218,18 +220,34 @@ class _Finalize:
 
 
 class _StatsIterator(grain_dataset.DatasetIterator):
-  """Strips `_stats` from batches, keeps running totals (part of the state), checks skip rate."""
+  """Strips `_stats` from batches, keeps running totals (part of the state), checks skip rate.
 
-  def __init__(self, parent, layout, names, weights, max_skip_rate, min_seen):
+  A batch of fewer than `batch_size` rows (the end of a finite stream, per worker) or without
+  tokens (only a stats carrier, packing.py) is not yielded: its skips are counted, its examples
+  are not (`examples` counts what the trainer receives).
+  """
+
+  def __init__(self, parent, layout, names, weights, batch_size, max_skip_rate, min_seen):
     super().__init__(parent)
     self._layout, self._names, self._weights = layout, names, weights
+    self._batch_size = batch_size
     self._max_skip_rate, self._min_seen = max_skip_rate, min_seen
     self._totals = layout.zeros()
+    self._skips_only = np.zeros((layout.num_sources, layout.stride), np.int64)
+    self._skips_only[:, len(packing.KEPT_FIELDS):] = 1
+    self._skips_only = self._skips_only.reshape(-1)
 
   def __next__(self):
-    batch = next(self._parent)
-    batch = dict(batch)
-    self._totals += np.asarray(batch.pop('_stats')).sum(axis=0)
+    while True:
+      batch = dict(next(self._parent))
+      stats = np.asarray(batch.pop('_stats')).sum(axis=0)
+      full = len(batch['input_ids']) == self._batch_size and batch['segment_ids'].any()
+      self._totals += stats if full else stats * self._skips_only
+      self._check_skip_rate()
+      if full:
+        return batch
+
+  def _check_skip_rate(self):
     table = self._layout.as_table(self._totals)
     kept = int(table[:, 0].sum())
     skipped = int(table[:, len(packing.KEPT_FIELDS):].sum())
@@ -239,7 +257,6 @@ class _StatsIterator(grain_dataset.DatasetIterator):
           f'data pipeline: {skipped} of {seen} records skipped ({skipped / seen:.1%}), above '
           f'data.max_skip_rate={self._max_skip_rate:.1%}. Skips by source and reason: '
           f'{self.skip_counts()}. The log has each skipped record with its source and line.')
-    return batch
 
   def skip_counts(self) -> dict[str, dict[str, int]]:
     table = self._layout.as_table(self._totals)
@@ -277,17 +294,6 @@ class _StatsIterator(grain_dataset.DatasetIterator):
   def set_state(self, state):
     self._parent.set_state(state['parent'])
     self._totals = np.asarray(state['totals'], np.int64)
-
-
-class StatsIterDataset(grain.IterDataset):
-  """Final stage: see _StatsIterator."""
-
-  def __init__(self, parent, layout, names, weights, max_skip_rate, min_seen):
-    super().__init__(parent)
-    self._args = (layout, names, weights, max_skip_rate, min_seen)
-
-  def __iter__(self):
-    return _StatsIterator(self._parent.__iter__(), *self._args)
 
 
 def data_stats(iterator) -> dict[str, float]:
