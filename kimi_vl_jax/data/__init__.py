@@ -1,4 +1,4 @@
-"""The grain data pipeline (REFERENCE.md sections 3 and 5; DESIGN.md "Batch").
+"""The grain data pipeline (Kimi-VL report sections 2.3-2.5; batch contract: docs/architecture.md).
 
   tokenizer.py   SentencePiece (tiny, bundled) and Kimi tiktoken tokenizers, one interface
   chat.py        Kimi chat rendering with the assistant-only loss mask, captions, text documents

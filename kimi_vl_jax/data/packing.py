@@ -7,10 +7,10 @@ P patches; `image_grid_hws [I, 2]` to I images. An example fits a row only if al
 fit, so a row's patches are exactly the patches of its examples' images, in order: the k-th merged
 token (4 consecutive patches, merge order) fills the row's k-th `<|media_pad|>`.
 
-`finalize_row` then derives the batch contract (DESIGN.md): segment ids 1.. per example (and per
-document inside a concat-then-split text chunk), positions restarting at 0, `targets` = next token
-inside the segment (0 at a segment's last token), `loss_mask[t]` = `token_mask[t+1]` inside the
-segment, `patch_image_ids` from the packed grids.
+`finalize_row` then derives the batch contract (docs/architecture.md): segment ids 1.. per
+example (and per document inside a concat-then-split text chunk), positions restarting at 0,
+`targets` = next token inside the segment (0 at a segment's last token), `loss_mask[t]` =
+`token_mask[t+1]` inside the segment, `patch_image_ids` from the packed grids.
 
 Accounting travels with the data, so it is exact with any number of grain workers and restores
 with the iterator state: a bad or oversize example is dropped and its reason added to a pending

@@ -5,18 +5,20 @@ Entry points for the trainer:
   tok = make_tokenizer(cfg.tokenizer)
   it = make_iterator(cfg.data, tok, seed=0, process_index=jax.process_index(),
                      process_count=jax.process_count())
-  batch = next(it)            # dict of numpy arrays, DESIGN.md "Batch" (+ nothing else)
+  batch = next(it)            # dict of numpy arrays: the batch contract, docs/architecture.md
   data_stats(it)              # flat dict: kept / skipped counts by source and reason, realised mix
   it.get_state(), it.set_state(s)   # JSON-able; grain.checkpoint.CheckpointSave(it) works
 
-Per source (REFERENCE.md sections 3 and 5): records are sharded per host (`process_index::
-process_count`), shuffled per epoch, repeated, turned into examples by `sources.ExampleMaker`
-(`random_map`: image augmentation is seeded per record and epoch); text sources are concatenated
-then split into `seq_len` chunks. Sources are mixed by weight (grain's deterministic weighted
-interleave), oversize examples are dropped and counted, examples are packed into rows
-(`packing.py`), batched, and optionally prefetched by `num_workers` processes. Everything is a
-function of (config, seed, process_index, process_count, num_workers): changing `num_workers`
-changes the order (grain shards the sources per worker), as documented by grain.
+Per source (the report's on-the-fly shuffle, mix and pack, Kimi-VL section 2.5): records are sharded
+per host (`process_index::process_count`), shuffled per epoch, repeated, turned into examples by
+`sources.ExampleMaker` (`random_map`: image augmentation is seeded per record and epoch); text
+sources are concatenated then split into `seq_len` chunks. Sources are mixed by weight (grain's
+deterministic weighted interleave), oversize examples are dropped and counted, examples are packed
+into rows (`packing.py`), batched, and optionally prefetched by `num_workers` processes. Every
+skipped record is counted, also at the end of a finite run (`num_epochs`): see packing.py and
+`_StatsIterator`. Everything is a function of (config, seed, process_index, process_count,
+num_workers): changing `num_workers` changes the order (grain shards the sources per worker), as
+documented by grain.
 
 Config fields read from `data` (ConfigDict or dict; defaults in `default_config()`):
   sources: list of {name, kind: chat|caption|text, path, weight, root (default: the file's
@@ -118,10 +120,7 @@ def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, se
   """One source -> IterDataset of examples (or skip markers, for non-text kinds)."""
   name = spec.get('name') or f'source{i}'
   kind = spec.get('kind')
-  path = spec.get('path')
-  if not path:
-    raise ValueError(f'data.sources[{i}] ({name}): `path` is required')
-  path = build_demo.resolve_path(path, cfg['cache_dir'])
+  path = build_demo.resolve_path(spec['path'], cfg['cache_dir'])
   fmt = spec.get('format') or sources_lib.infer_format(path)
   root = spec.get('root') or os.path.dirname(os.path.abspath(path))
   src = sources_lib.open_source(path, fmt)
@@ -152,6 +151,7 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
   specs = [_as_dict(s) for s in cfg['sources']]
   if not specs:
     raise ValueError('data.sources is empty: give at least one {kind, path, weight}')
+  sources_lib.check_sources(specs, 'data.sources')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   for k in ('seq_len', 'batch_size'):

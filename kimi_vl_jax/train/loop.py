@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from kimi_vl_jax.data import sources as sources_lib
 from kimi_vl_jax.model.kimi_vl import KimiVL
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
@@ -36,7 +37,10 @@ BATCH_KEYS = ('input_ids', 'targets', 'loss_mask', 'segment_ids', 'positions', '
 
 
 def resolve_phases(cfg) -> list[dict]:
-  """[{name, steps, start, end, data (merged data config), model_overrides}] of a stage."""
+  """[{name, steps, start, end, data (merged data config), model_overrides}] of a stage.
+
+  Checks at start that every data source (phases and eval) is one the pipeline reads.
+  """
   phases = cfg.get('phases') or [{'steps': cfg.train.steps}]
   out, start = [], 0
   for i, ph in enumerate(phases):
@@ -49,6 +53,8 @@ def resolve_phases(cfg) -> list[dict]:
       raise ValueError(f'config.phases[{i}].steps must be >= 1, got {ph.get("steps")!r}')
     data = _as_dict(cfg.data)
     data.update(_as_dict(ph.get('data')))
+    sources_lib.check_sources(data.get('sources', []), f'config.phases[{i}].data.sources'
+                              if 'sources' in _as_dict(ph.get('data')) else 'config.data.sources')
     data['sources'] = [_resolve_source(dict(s), cfg.get('data_dir'))
                        for s in data.get('sources', [])]
     data = ml_collections.ConfigDict(data)
@@ -56,6 +62,8 @@ def resolve_phases(cfg) -> list[dict]:
                 'end': start + steps, 'data': data,
                 'model_overrides': _as_dict(ph.get('model_overrides'))})
     start += steps
+  eval_data = _as_dict(_as_dict(cfg.get('eval')).get('data'))
+  sources_lib.check_sources(eval_data.get('sources', []), 'config.eval.data.sources')
   return out
 
 
