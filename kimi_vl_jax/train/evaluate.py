@@ -107,6 +107,35 @@ def _rows(examples: list[dict], seq_len: int, max_patches: int, max_images: int,
           'patch_image_ids': pids, 'image_grid_hws': grids}
 
 
+def prompt_shapes(examples: list[dict], max_new_tokens: int) -> dict[str, int]:
+  """Row shapes that hold every prompt plus its answer: seq_len (a multiple of 16), max_patches,
+  max_images."""
+  longest = max(len(e['ids']) for e in examples)
+  return {'seq_len': int(math.ceil((longest + max_new_tokens) / 16) * 16),
+          'max_patches': max([0] + [e['patches'].shape[0] for e in examples
+                                    if e['patches'] is not None]),
+          'max_images': max([1] + [len(e['grids']) for e in examples])}
+
+
+def greedy_answers(decode, params, examples: list[dict], tok, *, shapes: dict[str, int],
+                   patch_dim: int, batch: int, blank_images: bool = False) -> list[str]:
+  """The decoded answer text (up to `<|im_end|>`) of each example (`load_answer_examples`),
+  `batch` prompts per `decode` call (`make_greedy_decoder`, jitted; the last batch is padded)."""
+  end_id = tok.special['<|im_end|>']
+  texts = []
+  for i in range(0, len(examples), batch):
+    chunk = examples[i:i + batch]
+    rows = _rows(chunk + [chunk[-1]] * (batch - len(chunk)), shapes['seq_len'],
+                 shapes['max_patches'], shapes['max_images'], patch_dim)
+    if blank_images:
+      rows['patches'] = np.zeros_like(rows['patches'])
+    out = np.asarray(decode(params, {k: jnp.asarray(v) for k, v in rows.items()}))
+    for gen in out[:len(chunk)]:
+      gen = list(gen)
+      texts.append(tok.decode(gen[:gen.index(end_id)] if end_id in gen else gen))
+  return texts
+
+
 def score_answers(examples: list[dict], texts: list[str]) -> dict[str, float]:
   """Exact-match accuracy (stripped, case-insensitive), overall and per example `kind`."""
   hits, by_kind = [], {}
@@ -181,11 +210,7 @@ class Evaluator:
                                            int(ev.get('answer_examples', 500)))
       self.max_new = int(ev.get('max_new_tokens', 8))
       self.answer_batch = int(ev.get('answer_batch', 64))
-      longest = max(len(e['ids']) for e in self.examples)
-      self.seq_len = int(math.ceil((longest + self.max_new) / 16) * 16)
-      self.max_patches = max([0] + [e['patches'].shape[0] for e in self.examples
-                                    if e['patches'] is not None])
-      self.max_images = max([1] + [len(e['grids']) for e in self.examples])
+      self.shapes = prompt_shapes(self.examples, self.max_new)
       self._decode = jax.jit(make_greedy_decoder(self.model, self.max_new))
       self.patch_dim = mc.vision.patch_dim
 
@@ -210,19 +235,9 @@ class Evaluator:
     return {'loss': ce / max(tok, 1.0), 'token_accuracy': cor / max(tok, 1.0)}
 
   def answers(self, params) -> dict[str, float]:
-    end_id = self.tok.special['<|im_end|>']
-    texts = []
-    for i in range(0, len(self.examples), self.answer_batch):
-      chunk = self.examples[i:i + self.answer_batch]
-      pad = self.answer_batch - len(chunk)
-      rows = _rows(chunk + [chunk[-1]] * pad, self.seq_len, self.max_patches, self.max_images,
-                   self.patch_dim)
-      if self.blank:
-        rows['patches'] = np.zeros_like(rows['patches'])
-      out = np.asarray(self._decode(params, {k: jnp.asarray(v) for k, v in rows.items()}))
-      for gen in out[:len(chunk)]:
-        gen = list(gen)
-        texts.append(self.tok.decode(gen[:gen.index(end_id)] if end_id in gen else gen))
+    texts = greedy_answers(self._decode, params, self.examples, self.tok, shapes=self.shapes,
+                           patch_dim=self.patch_dim, batch=self.answer_batch,
+                           blank_images=self.blank)
     return score_answers(self.examples, texts)
 
   def run(self, params) -> dict[str, float]:
