@@ -1,6 +1,7 @@
 """launch/colab_tiny.ipynb runs headless on CPU (nbclient) with the steps cut down, the install
 cell skipped and the repository on the kernel's path, and shows a loss plot and answers."""
 
+import json
 import os
 
 import pytest
@@ -20,6 +21,25 @@ def _load():
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
   return nb
+
+
+def test_colab_notebook_is_a_valid_notebook_that_runs_the_tiny_config():
+  with open(NOTEBOOK) as f:
+    nb = json.load(f)
+  assert nb['nbformat'] == 4 and nb['cells']
+  for c in nb['cells']:
+    assert c['cell_type'] in ('markdown', 'code') and isinstance(c['source'], list)
+    if c['cell_type'] == 'code':
+      assert c['outputs'] == [] and 'execution_count' in c
+  code = ''.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code')
+  assert 'os.path.join(REPO_DIR, "configs", "joint_sft.py")' in code
+  assert 'get_config("tiny")' in code and 'Trainer(cfg, WORKDIR).run()' in code
+  assert 'pip", "install", "-q", "-e", REPO_DIR' in code and 'git", "clone"' in code
+  # Every code cell is valid Python once IPython's ! and % lines are set aside.
+  for c in nb['cells']:
+    if c['cell_type'] == 'code':
+      src = ''.join(l for l in c['source'] if not l.lstrip().startswith(('!', '%')))
+      compile(src, 'cell', 'exec')
 
 
 def test_notebook_is_parameterised_and_names_only_real_fields():
