@@ -32,8 +32,9 @@ setuptools.setup(
         'easy-vqa',
     ],
     extras_require={
-        # libtpu lets the test suite compile for TPU topologies ahead of time (tests/parallel/test_aot.py).
-        'test': ['pytest', 'pytest-xdist', 'libtpu'],
+        # libtpu lets the test suite compile for TPU topologies ahead of time (tests/parallel/test_aot.py);
+        # nbclient, nbformat and ipykernel run launch/colab_tiny.ipynb headless (tests/launch).
+        'test': ['pytest', 'pytest-xdist', 'libtpu', 'nbclient', 'nbformat', 'ipykernel'],
         'tpu': ['jax[tpu]>=0.12,<0.13'],
     },
 )

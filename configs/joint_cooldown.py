@@ -1,4 +1,4 @@
-"""Joint cooldown (Kimi-VL report section 2.3; REFERENCE.md section 5).
+"""Joint cooldown (Kimi-VL report section 2.3; docs/recipe.md).
 
 0.6T tokens at 8K of high-quality text, high-quality multimodal data and synthetic QA (rephrased
 math / knowledge / code, image QA), every parameter training, the LR decayed linearly to a low

@@ -1,4 +1,4 @@
-"""Joint pre-training (Kimi-VL report section 2.3; REFERENCE.md section 5).
+"""Joint pre-training (Kimi-VL report section 2.3; docs/recipe.md).
 
 1.4T tokens of text + multimodal data at 8K, every parameter training, the multimodal share
 ramping up over the stage (set by the source weights of successive runs/phases); continues the

@@ -1,4 +1,4 @@
-"""Joint SFT (Kimi-VL report section 2.3; REFERENCE.md section 5).
+"""Joint SFT (Kimi-VL report section 2.4; docs/recipe.md).
 
 Text and multimodal ChatML conversations, loss on assistant turns only, packed rows; all
 parameters train. Two phases: one epoch at 32K tokens with LR 2e-5 -> 2e-6, then one epoch at

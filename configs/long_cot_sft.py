@@ -1,4 +1,4 @@
-"""Long-CoT SFT (Kimi-VL-Thinking warm-up; Kimi-VL report section 2.3, REFERENCE.md section 5).
+"""Long-CoT SFT (Kimi-VL-Thinking warm-up; Kimi-VL report section 2.4; docs/recipe.md).
 
 A small, verified set of long chain-of-thought conversations (planning, evaluation, reflection,
 exploration) on text and images; a lightweight SFT after joint SFT, before RL. Loss on assistant

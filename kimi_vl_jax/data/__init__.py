@@ -1,4 +1,4 @@
-"""The grain data pipeline (Kimi-VL report, arXiv 2504.07491, sections 2.3 and 3).
+"""The grain data pipeline (Kimi-VL report, arXiv 2504.07491, sections 2.3-2.5).
 
   batch.py       the batch contract: keys, shapes and dtypes from the config (BatchSpec)
 

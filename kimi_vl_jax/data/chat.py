@@ -1,4 +1,4 @@
-"""Kimi chat format (ChatML-like) rendering with the SFT loss mask (REFERENCE.md section 3).
+"""Kimi chat format (ChatML, Kimi-VL report section 2.4) rendering with the SFT loss mask.
 
 A conversation in the common `messages` form::
 

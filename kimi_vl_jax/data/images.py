@@ -1,15 +1,15 @@
 """Kimi-VL image preprocessing: native resolution, padded to the merge grid, patchified.
 
-Follows the released Kimi-VL image processor: if `(W//14)*(H//14)` exceeds the patch limit,
-scale both sides by `sqrt(limit / that)` (bicubic); zero-pad bottom/right to a multiple of 28
-(= patch 14 x merge 2); scale to [0, 1]; normalise with mean/std; cut into 14x14 patches.
+Follows the released Kimi-VL-A3B image processor: if `(W//14)*(H//14)` exceeds the patch
+limit, scale both sides by `sqrt(limit / that)` (bicubic); zero-pad bottom/right to a multiple of
+28 (= patch 14 x merge 2); scale to [0, 1]; normalise with mean/std; cut into 14x14 patches.
 The pixel padding happens before normalisation, as in the reference (padded pixels are
 `(0 - mean) / std`).
 
-Patches come out in **merge order** (the batch contract, `batch.py`): the four patches of each 2x2
-merge window consecutive (top-left, top-right, bottom-left, bottom-right), windows row-major; each
-patch flattened in (channel, y, x) order -> `[h*w, 3*14*14]`, plus `patch_coords [h*w, 2]`
-(row, col) and the grid `(h, w)` in patches.
+Patches come out in **merge order** (the batch contract, docs/architecture.md): the four patches
+of each 2x2 merge window consecutive (top-left, top-right, bottom-left, bottom-right), windows
+row-major; each patch flattened in (channel, y, x) order -> `[h*w, 3*14*14]`, plus
+`patch_coords [h*w, 2]` (row, col) and the grid `(h, w)` in patches.
 
 Unusual images are converted, not rejected: grayscale, palette, RGBA / LA (composited on white),
 CMYK, 16-bit and float images, EXIF orientation, tiny images (padded up to one 28x28 window) and huge

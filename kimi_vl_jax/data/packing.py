@@ -7,15 +7,18 @@ P patches; `image_grid_hws [I, 2]` to I images. An example fits a row only if al
 fit, so a row's patches are exactly the patches of its examples' images, in order: the k-th merged
 token (4 consecutive patches, merge order) fills the row's k-th `<|media_pad|>`.
 
-`finalize_row` then derives the batch contract (`batch.py`): segment ids 1.. per example (and per
-document inside a concat-then-split text chunk), positions restarting at 0, `targets` = next token
-inside the segment (0 at a segment's last token), `loss_mask[t]` = `token_mask[t+1]` inside the
-segment, `patch_image_ids` from the packed grids.
+`finalize_row` then derives the batch contract (docs/architecture.md): segment ids 1.. per
+example (and per document inside a concat-then-split text chunk), positions restarting at 0,
+`targets` = next token inside the segment (0 at a segment's last token), `loss_mask[t]` =
+`token_mask[t+1]` inside the segment, `patch_image_ids` from the packed grids.
 
 Accounting travels with the data, so it is exact with any number of grain workers and restores
 with the iterator state: a bad or oversize example is dropped and its reason added to a pending
 count vector, which rides on the next kept example (`stats`, a grain non-sequence meta feature);
 `finalize_row` sums a row's vectors into `_stats`, and the pipeline's last stage adds them up.
+When a finite stream ends with counts pending, they ride on a `stats_carrier` (an example with
+no tokens, patches or images), which the packer places in a row like any example, so every skip
+reaches the last stage.
 """
 
 from __future__ import annotations
@@ -64,8 +67,32 @@ class StatsLayout:
     return np.asarray(vec).reshape(self.num_sources, self.stride)
 
 
+class StageIterDataset(grain.IterDataset):
+  """An IterDataset whose iterator is `iterator_cls(parent iterator, *args)` (picklable)."""
+
+  def __init__(self, parent, iterator_cls, *args):
+    super().__init__(parent)
+    self._iterator_cls, self._args = iterator_cls, args
+
+  def __iter__(self):
+    return self._iterator_cls(self._parent.__iter__(), *self._args)
+
+
+def stats_carrier(stats: np.ndarray) -> dict:
+  """An example with no tokens, patches or images that carries a stats vector (source -1)."""
+  return {
+      'input_ids': np.zeros(0, np.int32), 'token_mask': np.zeros(0, np.int32),
+      'sub_seg': np.zeros(0, np.int32), 'patches': np.zeros((0, images_lib.PATCH_DIM), np.float32),
+      'patch_coords': np.zeros((0, 2), np.int32), 'image_grid_hws': np.zeros((0, 2), np.int32),
+      'source': -1, 'stats': stats,
+  }
+
+
 class _AccountIterator(grain_dataset.DatasetIterator):
-  """Drops skip markers (and, with limits, oversize examples); attaches pending counts."""
+  """Drops skip markers (and, with limits, oversize examples); attaches pending counts.
+
+  At the end of the parent, counts still pending leave on a `stats_carrier`.
+  """
 
   def __init__(self, parent, layout: StatsLayout, limits: dict | None, count_kept: bool):
     super().__init__(parent)
@@ -86,7 +113,13 @@ class _AccountIterator(grain_dataset.DatasetIterator):
 
   def __next__(self):
     while True:
-      e = next(self._parent)
+      try:
+        e = next(self._parent)
+      except StopIteration:
+        if not self._pending.any():
+          raise
+        stats, self._pending = self._pending, self._layout.zeros()
+        return stats_carrier(stats)
       if 'skip' in e:
         self._pending[self._layout.skip(e['source'], e['skip'])] += 1
         continue
@@ -100,7 +133,7 @@ class _AccountIterator(grain_dataset.DatasetIterator):
                         len(e['image_grid_hws']))
           continue
       stats = self._pending + e['stats'] if 'stats' in e else self._pending
-      if self._count_kept:
+      if self._count_kept and len(e['input_ids']):  # a stats carrier is no example
         s = e['source']
         stats[self._layout.kept(s, 'examples')] += 1
         stats[self._layout.kept(s, 'tokens')] += len(e['input_ids'])
@@ -116,16 +149,10 @@ class _AccountIterator(grain_dataset.DatasetIterator):
     self._pending = np.asarray(state['pending'], np.int64)
 
 
-class AccountIterDataset(grain.IterDataset):
+def account(parent: grain.IterDataset, layout: StatsLayout, limits: dict | None = None,
+            count_kept: bool = False) -> grain.IterDataset:
   """See _AccountIterator. limits: {'seq_len', 'max_patches', 'max_images'} or None."""
-
-  def __init__(self, parent, layout: StatsLayout, limits: dict | None = None,
-               count_kept: bool = False):
-    super().__init__(parent)
-    self._layout, self._limits, self._count_kept = layout, limits, count_kept
-
-  def __iter__(self):
-    return _AccountIterator(self._parent.__iter__(), self._layout, self._limits, self._count_kept)
+  return StageIterDataset(parent, _AccountIterator, layout, limits, count_kept)
 
 
 class _TextChunkIterator(grain_dataset.DatasetIterator):
@@ -133,7 +160,10 @@ class _TextChunkIterator(grain_dataset.DatasetIterator):
 
   State = parent state before the partly emitted document + how many of its tokens are out, so a
   restore re-reads that document and continues mid-document. A document's `stats` are added to
-  the chunk holding its first token.
+  the chunk holding its first token; a stats carrier alone at the end makes a chunk of no tokens.
+
+  grain's ConcatThenSplitIterDataset does the same split but cannot carry the accounting vector
+  (its meta features are duplicated into every piece of a split document), hence this one.
   """
 
   def __init__(self, parent, chunk_len: int):
@@ -153,7 +183,7 @@ class _TextChunkIterator(grain_dataset.DatasetIterator):
           self._doc = next(self._parent)
         except StopIteration:
           self._doc = None
-          if n == 0:
+          if stats is None:
             raise
           break
         self._off = 0
@@ -192,19 +222,9 @@ class _TextChunkIterator(grain_dataset.DatasetIterator):
       self._off = int(state['offset'])
 
 
-class TextChunkIterDataset(grain.IterDataset):
-  """Concatenate-then-split of text documents into `chunk_len` chunks (see _TextChunkIterator).
-
-  grain's ConcatThenSplitIterDataset does the same split but cannot carry the accounting vector
-  (its meta features are duplicated into every piece of a split document), hence this one.
-  """
-
-  def __init__(self, parent, chunk_len: int):
-    super().__init__(parent)
-    self._chunk_len = chunk_len
-
-  def __iter__(self):
-    return _TextChunkIterator(self._parent.__iter__(), self._chunk_len)
+def text_chunks(parent: grain.IterDataset, chunk_len: int) -> grain.IterDataset:
+  """Concatenate-then-split of text documents into `chunk_len` chunks (see _TextChunkIterator)."""
+  return StageIterDataset(parent, _TextChunkIterator, chunk_len)
 
 
 def pack_rows(ds: grain.IterDataset, *, seq_len: int, max_patches: int, max_images: int,

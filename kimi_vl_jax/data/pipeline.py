@@ -9,14 +9,16 @@ Entry points for the trainer:
   data_stats(it)              # flat dict: kept / skipped counts by source and reason, realised mix
   it.get_state(), it.set_state(s)   # JSON-able; grain.checkpoint.CheckpointSave(it) works
 
-Per source (Kimi-VL report sections 2.3, 3): records are sharded per host (`process_index::
-process_count`), shuffled per epoch, repeated, turned into examples by `sources.ExampleMaker`
-(`random_map`: image augmentation is seeded per record and epoch); text sources are concatenated
-then split into `seq_len` chunks. Sources are mixed by weight (grain's deterministic weighted
-interleave), oversize examples are dropped and counted, examples are packed into rows
-(`packing.py`), batched, and optionally prefetched by `num_workers` processes. Everything is a
-function of (config, seed, process_index, process_count, num_workers): changing `num_workers`
-changes the order (grain shards the sources per worker), as documented by grain.
+Per source (the report's on-the-fly shuffle, mix and pack, Kimi-VL section 2.5): records are sharded
+per host (`process_index::process_count`), shuffled per epoch, repeated, turned into examples by
+`sources.ExampleMaker` (`random_map`: image augmentation is seeded per record and epoch); text
+sources are concatenated then split into `seq_len` chunks. Sources are mixed by weight (grain's
+deterministic weighted interleave), oversize examples are dropped and counted, examples are packed
+into rows (`packing.py`), batched, and optionally prefetched by `num_workers` processes. Every
+skipped record is counted, also at the end of a finite run (`num_epochs`): see packing.py and
+`_StatsIterator`. Everything is a function of (config, seed, process_index, process_count,
+num_workers): changing `num_workers` changes the order (grain shards the sources per worker), as
+documented by grain.
 
 Config fields read from `data` (ConfigDict or dict; defaults in `default_config()`):
   sources: list of {name, kind: chat|caption|text, path, weight, root (default: the file's
@@ -106,10 +108,7 @@ def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, se
   """One source -> IterDataset of examples (or skip markers, for non-text kinds)."""
   name = spec.get('name') or f'source{i}'
   kind = spec.get('kind')
-  path = spec.get('path')
-  if not path:
-    raise ValueError(f'data.sources[{i}] ({name}): `path` is required')
-  path = build_demo.resolve_path(path, cfg['cache_dir'])
+  path = build_demo.resolve_path(spec['path'], cfg['cache_dir'])
   fmt = spec.get('format') or sources_lib.infer_format(path)
   root = spec.get('root') or os.path.dirname(os.path.abspath(path))
   src = sources_lib.open_source(path, fmt)
@@ -128,8 +127,8 @@ def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, se
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg['read_threads']),
                                             prefetch_buffer_size=int(cfg['read_buffer_size'])))
   if kind == 'text':
-    it = packing.AccountIterDataset(it, layout)
-    it = packing.TextChunkIterDataset(it, cfg['seq_len'])
+    it = packing.account(it, layout)
+    it = packing.text_chunks(it, cfg['seq_len'])
   return it
 
 
@@ -140,6 +139,7 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
   specs = [as_dict(s) for s in cfg['sources']]
   if not specs:
     raise ValueError('data.sources is empty: give at least one {kind, path, weight}')
+  sources_lib.check_sources(specs, 'data.sources')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   for k in ('seq_len', 'batch_size'):
@@ -159,7 +159,7 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
   ds = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, weights)
   limits = {'seq_len': cfg['seq_len'], 'max_patches': cfg['max_patches'],
             'max_images': cfg['max_images']}
-  ds = packing.AccountIterDataset(ds, layout, limits=limits, count_kept=True)
+  ds = packing.account(ds, layout, limits=limits, count_kept=True)
   pk = cfg['packing']
   ds = packing.pack_rows(ds, seq_len=cfg['seq_len'], max_patches=cfg['max_patches'],
                          max_images=cfg['max_images'], algorithm=pk['algorithm'],
@@ -170,7 +170,8 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
   # grain batches into shared memory in worker processes, which cannot hold zero-size arrays
   # (P = 0 or I = 0 in text-only configs): stack those batches with plain numpy instead.
   zero_size = cfg['max_patches'] == 0 or cfg['max_images'] == 0
-  ds = ds.batch(int(cfg['batch_size']), drop_remainder=True,
+  # The last partial batch is kept so its counts reach `_StatsIterator`, which drops it.
+  ds = ds.batch(int(cfg['batch_size']), drop_remainder=False,
                 batch_fn=_stack_batch if zero_size else None)
   if int(cfg['num_workers']) > 0:
     _ensure_absl_flags_parsed()
@@ -178,8 +179,9 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
         num_workers=int(cfg['num_workers']),
         per_worker_buffer_size=int(cfg['worker_buffer_size'])))
   names = [s.get('name') or f'source{i}' for i, s in enumerate(specs)]
-  ds = StatsIterDataset(ds, layout, names, weights, float(cfg['max_skip_rate']),
-                        int(cfg['skip_check_min_examples']))
+  ds = packing.StageIterDataset(ds, _StatsIterator, layout, names, weights,
+                                int(cfg['batch_size']), float(cfg['max_skip_rate']),
+                                int(cfg['skip_check_min_examples']))
   return ds.__iter__()
 
 
@@ -206,18 +208,34 @@ class _Finalize:
 
 
 class _StatsIterator(grain_dataset.DatasetIterator):
-  """Strips `_stats` from batches, keeps running totals (part of the state), checks skip rate."""
+  """Strips `_stats` from batches, keeps running totals (part of the state), checks skip rate.
 
-  def __init__(self, parent, layout, names, weights, max_skip_rate, min_seen):
+  A batch of fewer than `batch_size` rows (the end of a finite stream, per worker) or without
+  tokens (only a stats carrier, packing.py) is not yielded: its skips are counted, its examples
+  are not (`examples` counts what the trainer receives).
+  """
+
+  def __init__(self, parent, layout, names, weights, batch_size, max_skip_rate, min_seen):
     super().__init__(parent)
     self._layout, self._names, self._weights = layout, names, weights
+    self._batch_size = batch_size
     self._max_skip_rate, self._min_seen = max_skip_rate, min_seen
     self._totals = layout.zeros()
+    self._skips_only = np.zeros((layout.num_sources, layout.stride), np.int64)
+    self._skips_only[:, len(packing.KEPT_FIELDS):] = 1
+    self._skips_only = self._skips_only.reshape(-1)
 
   def __next__(self):
-    batch = next(self._parent)
-    batch = dict(batch)
-    self._totals += np.asarray(batch.pop('_stats')).sum(axis=0)
+    while True:
+      batch = dict(next(self._parent))
+      stats = np.asarray(batch.pop('_stats')).sum(axis=0)
+      full = len(batch['input_ids']) == self._batch_size and batch['segment_ids'].any()
+      self._totals += stats if full else stats * self._skips_only
+      self._check_skip_rate()
+      if full:
+        return batch
+
+  def _check_skip_rate(self):
     table = self._layout.as_table(self._totals)
     kept = int(table[:, 0].sum())
     skipped = int(table[:, len(packing.KEPT_FIELDS):].sum())
@@ -227,7 +245,6 @@ class _StatsIterator(grain_dataset.DatasetIterator):
           f'data pipeline: {skipped} of {seen} records skipped ({skipped / seen:.1%}), above '
           f'data.max_skip_rate={self._max_skip_rate:.1%}. Skips by source and reason: '
           f'{self.skip_counts()}. The log has each skipped record with its source and line.')
-    return batch
 
   def skip_counts(self) -> dict[str, dict[str, int]]:
     table = self._layout.as_table(self._totals)
@@ -265,17 +282,6 @@ class _StatsIterator(grain_dataset.DatasetIterator):
   def set_state(self, state):
     self._parent.set_state(state['parent'])
     self._totals = np.asarray(state['totals'], np.int64)
-
-
-class StatsIterDataset(grain.IterDataset):
-  """Final stage: see _StatsIterator."""
-
-  def __init__(self, parent, layout, names, weights, max_skip_rate, min_seen):
-    super().__init__(parent)
-    self._args = (layout, names, weights, max_skip_rate, min_seen)
-
-  def __iter__(self):
-    return _StatsIterator(self._parent.__iter__(), *self._args)
 
 
 def data_stats(iterator) -> dict[str, float]:

@@ -29,7 +29,33 @@ from kimi_vl_jax.data import images as images_lib
 log = logging.getLogger(__name__)
 
 KINDS = ('chat', 'caption', 'text')
+# Modalities no source kind parses yet: a source whose name or path announces one would only
+# yield skipped records (video records are frames with timestamps; they come with video support).
+UNREADABLE_MODALITIES = ('video',)
 EMPTY_PATCHES = np.zeros((0, images_lib.PATCH_DIM), np.float32)
+
+
+def check_sources(specs, field: str) -> None:
+  """Raises ValueError (naming `field[i]`) unless every source spec is one the pipeline reads.
+
+  Each spec needs a `path` and a `kind` in KINDS, and its name and path must not announce a
+  modality in UNREADABLE_MODALITIES. Trainers call this at start for every phase and eval set.
+  """
+  for i, spec in enumerate(specs):
+    spec = dict(spec)
+    name = spec.get('name') or f'source{i}'
+    where = f'{field}[{i}] ({name!r})'
+    if spec.get('kind') not in KINDS:
+      raise ValueError(f'{where}: unknown kind {spec.get("kind")!r}; use one of {KINDS}')
+    if not spec.get('path'):
+      raise ValueError(f'{where}: `path` is required')
+    said = f'{name} {spec["path"]}'.lower()
+    for modality in UNREADABLE_MODALITIES:
+      if modality in said:
+        raise ValueError(
+            f'{where} reads {spec["path"]!r}: its name/path says {modality}, which no source '
+            f'kind {KINDS} parses yet (its records would all be skipped as bad_schema); remove '
+            f'it from {field} or convert it to one of those kinds')
 
 
 class LineSource:

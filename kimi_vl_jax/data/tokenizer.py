@@ -1,10 +1,11 @@
-"""Tokenizers behind one small interface (REFERENCE.md section 3).
+"""Tokenizers behind one small interface.
 
 Two implementations:
 
 * `KimiTokenizer`: the real Kimi tokenizer, a tiktoken BPE (`tiktoken.model`, 163,584 ranks) with
-  the pre-tokenizer split `KIMI_PAT` and the special-token table of REFERENCE.md (ids exact;
-  the other ids 163584..163839 are `<|reserved_token_i|>`), loaded from a user-given path.
+  the pre-tokenizer split `KIMI_PAT` and the special-token table of the released
+  `tokenizer_config.json` (ids exact; the other ids 163584..163839 are `<|reserved_token_i|>`),
+  loaded from a user-given path.
 * `SentencePieceTokenizer`: a small SentencePiece model for the tiny configs. The bundled
   `assets/tiny_spm.model` (vocab 1024, built by `python -m kimi_vl_jax.data.train_spm`) carries every
   Kimi special token as a user-defined piece at the top of the vocab, `<|media_pad|>` = 1023 as in
@@ -25,7 +26,7 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-# Special tokens of the real Kimi tokenizer (REFERENCE.md section 3), name -> id.
+# Special tokens of the real Kimi tokenizer (its `tokenizer_config.json`), name -> id.
 KIMI_SPECIAL_TOKENS: dict[str, int] = {
     '[BOS]': 163584,
     '[EOS]': 163585,
@@ -45,7 +46,7 @@ KIMI_NUM_BASE_TOKENS = 163584
 KIMI_NUM_SPECIAL = 256
 KIMI_VOCAB_SIZE = KIMI_NUM_BASE_TOKENS + KIMI_NUM_SPECIAL  # 163840
 
-# The pre-tokenizer split of the Kimi tokenizer (REFERENCE.md section 3), joined with '|'.
+# The pre-tokenizer split of the Kimi tokenizer (its `tokenization_moonshot.py`), joined with '|'.
 KIMI_PAT = '|'.join([
     r"""[\p{Han}]+""",
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",

@@ -99,6 +99,35 @@ def prompt_batch(examples: list[dict], spec: BatchSpec) -> dict[str, np.ndarray]
   return rows
 
 
+def prompt_spec(examples: list[dict], max_new_tokens: int, patch_dim: int, rows: int
+                ) -> BatchSpec:
+  """The prompt `BatchSpec` of `rows` rows that holds every prompt plus its answer: seq_len (a
+  multiple of 16), max_patches and max_images of the largest example."""
+  longest = max(len(e['ids']) for e in examples)
+  return BatchSpec(rows, int(math.ceil((longest + max_new_tokens) / 16) * 16),
+                   max([0] + [e['patches'].shape[0] for e in examples
+                              if e['patches'] is not None]),
+                   max([1] + [len(e['grids']) for e in examples]), patch_dim, targets=False)
+
+
+def greedy_answers(decode, params, examples: list[dict], tok, *, spec: BatchSpec,
+                   blank_images: bool = False) -> list[str]:
+  """The decoded answer text (up to `<|im_end|>`) of each example (`load_answer_examples`),
+  `spec.rows` prompts per `decode` call (`make_greedy_decoder`, jitted; the last batch is
+  padded)."""
+  end_id = tok.special['<|im_end|>']
+  texts = []
+  for i in range(0, len(examples), spec.rows):
+    chunk = examples[i:i + spec.rows]
+    rows, _ = spec.split(prompt_batch(chunk + [chunk[-1]] * (spec.rows - len(chunk)), spec),
+                         blank_images=blank_images)
+    out = np.asarray(decode(params, {k: jnp.asarray(v) for k, v in rows.items()}))
+    for gen in out[:len(chunk)]:
+      gen = list(gen)
+      texts.append(tok.decode(gen[:gen.index(end_id)] if end_id in gen else gen))
+  return texts
+
+
 def score_answers(examples: list[dict], texts: list[str]) -> dict[str, float]:
   """Exact-match accuracy (stripped, case-insensitive), overall and per example `kind`."""
   hits, by_kind = [], {}
@@ -176,14 +205,9 @@ class Evaluator:
                                            int(ev.get('answer_examples', 500)))
       self.max_new = int(ev.get('max_new_tokens', 8))
       self.answer_batch = int(ev.get('answer_batch', 64))
-      longest = max(len(e['ids']) for e in self.examples)
-      self.seq_len = int(math.ceil((longest + self.max_new) / 16) * 16)
-      self.max_patches = max([0] + [e['patches'].shape[0] for e in self.examples
-                                    if e['patches'] is not None])
-      self.max_images = max([1] + [len(e['grids']) for e in self.examples])
+      self.prompt_spec = prompt_spec(self.examples, self.max_new, mc.vision.patch_dim,
+                                     self.answer_batch)
       self._decode = jax.jit(make_greedy_decoder(self.model, self.max_new))
-      self.prompt_spec = BatchSpec(self.answer_batch, self.seq_len, self.max_patches,
-                                   self.max_images, mc.vision.patch_dim, targets=False)
 
   @classmethod
   def maybe_create(cls, cfg, mc, mesh, rules, iterator_fn, data_cfg, tokenizer, blank_images):
@@ -205,17 +229,8 @@ class Evaluator:
     return {'loss': ce / max(tok, 1.0), 'token_accuracy': cor / max(tok, 1.0)}
 
   def answers(self, params) -> dict[str, float]:
-    end_id = self.tok.special['<|im_end|>']
-    texts = []
-    for i in range(0, len(self.examples), self.answer_batch):
-      chunk = self.examples[i:i + self.answer_batch]
-      pad = self.answer_batch - len(chunk)
-      rows, _ = self.prompt_spec.split(prompt_batch(chunk + [chunk[-1]] * pad, self.prompt_spec),
-                                       blank_images=self.blank)
-      out = np.asarray(self._decode(params, {k: jnp.asarray(v) for k, v in rows.items()}))
-      for gen in out[:len(chunk)]:
-        gen = list(gen)
-        texts.append(self.tok.decode(gen[:gen.index(end_id)] if end_id in gen else gen))
+    texts = greedy_answers(self._decode, params, self.examples, self.tok, spec=self.prompt_spec,
+                           blank_images=self.blank)
     return score_answers(self.examples, texts)
 
   def run(self, params) -> dict[str, float]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ml_collections
 
 from kimi_vl_jax.config_dict import as_dict
+from kimi_vl_jax.data import sources as sources_lib
 from kimi_vl_jax.parallel import mesh as mesh_lib
 
 VARIANTS = ('', 'tiny')
@@ -144,7 +145,9 @@ def resolve_phases(cfg, *, resolve_paths: bool = True) -> list[dict]:
   """[{name, steps, start, end, data (merged data config), model_overrides}] of a stage.
 
   resolve_paths: substitute `config.data_dir` into the data source paths (needed to read data;
-  not to compile the step, whose shapes only depend on the sizes in `data`).
+  not to compile the step, whose shapes only depend on the sizes in `data`). Every data source
+  (phases and eval) is checked to be one the pipeline reads (`data.sources.check_sources`), so a
+  config naming unreadable data stops at start.
   """
   phases = cfg.get('phases') or [{'steps': cfg.train.steps}]
   out, start = [], 0
@@ -158,6 +161,8 @@ def resolve_phases(cfg, *, resolve_paths: bool = True) -> list[dict]:
       raise ValueError(f'config.phases[{i}].steps must be >= 1, got {ph.get("steps")!r}')
     data = as_dict(cfg.data)
     data.update(as_dict(ph.get('data')))
+    sources_lib.check_sources(data.get('sources', []), f'config.phases[{i}].data.sources'
+                              if 'sources' in as_dict(ph.get('data')) else 'config.data.sources')
     if resolve_paths:
       data['sources'] = resolve_sources(data.get('sources'), cfg.get('data_dir'))
     data = ml_collections.ConfigDict(data)
@@ -165,4 +170,6 @@ def resolve_phases(cfg, *, resolve_paths: bool = True) -> list[dict]:
                 'end': start + steps, 'data': data,
                 'model_overrides': as_dict(ph.get('model_overrides'))})
     start += steps
+  eval_data = as_dict(as_dict(cfg.get('eval')).get('data'))
+  sources_lib.check_sources(eval_data.get('sources', []), 'config.eval.data.sources')
   return out

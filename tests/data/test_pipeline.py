@@ -207,3 +207,49 @@ def test_config_errors_are_clear(small_chat_dataset, tok):
     pipeline.make_iterator(_cfg(path, max_patches=10), tok)
   with pytest.raises(FileNotFoundError):
     pipeline.make_iterator(_cfg(path.replace('chat.jsonl', 'missing.jsonl')), tok)
+
+
+def _corpus_with_bad_tail(tmp_path):
+  """36 records, 8 bad: 5 in the middle and the last 3 (skipped after the last kept example)."""
+  write_png(str(tmp_path / 'ok.png'), (28, 28))
+  bad = ['{"messages": [', {'messages': [{'role': 'robot', 'content': 'x'},
+                                         {'role': 'assistant', 'content': 'y'}]},
+         vqa_record('nope.png', 'q', 'a'), vqa_record('../x.png', 'q', 'a'),
+         {'messages': [{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': ''}]}]
+  good = [vqa_record('ok.png', f'question {i}?', f'answer {i}') if i % 2 else
+          {'messages': [{'role': 'user', 'content': f'hi {i}'},
+                        {'role': 'assistant', 'content': f'hello {i}'}]} for i in range(28)]
+  lines = good[:10] + bad + good[10:] + bad[:3]
+  assert len(lines) == 36
+  return write_jsonl(str(tmp_path / 'data.jsonl'), lines)
+
+
+@pytest.mark.parametrize('workers', [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize('batch_size', [1, 3])
+def test_finite_run_counts_every_skip(tmp_path, tok, workers, batch_size):
+  """Skips after the last emitted row, and in a dropped partial last batch, are counted."""
+  path = _corpus_with_bad_tail(tmp_path)
+  cfg = _cfg(path, num_epochs=1, shuffle=False, max_skip_rate=1.0, batch_size=batch_size,
+             num_workers=workers, packing=dict(num_bins=2))
+  it = pipeline.make_iterator(cfg, tok)
+  texts = _all_texts(it, tok)
+  stats = pipeline.data_stats(it)
+  assert stats['skipped/chat'] == 8, pipeline.skip_counts(it)
+  assert pipeline.skip_counts(it) == {'chat': {'malformed_json': 2, 'unknown_role': 2,
+                                               'missing_image': 2, 'path_escape': 1,
+                                               'empty_assistant': 1}}
+  # `examples` counts what the trainer received (a dropped partial batch is not trained on).
+  assert stats['examples/chat'] == len(texts) <= 28
+  if batch_size == 1:
+    assert len(texts) == 28
+
+
+def test_finite_text_source_counts_every_skip(tmp_path, tok):
+  docs = [{'text': f'document number {i}'} for i in range(20)]
+  path = write_jsonl(str(tmp_path / 't.jsonl'), docs + ['{"text": 3}', 'not json', '{"x": 1}'])
+  cfg = _cfg(None, sources=[dict(name='t', kind='text', path=path)], max_patches=0, max_images=0,
+             num_epochs=1, shuffle=False, max_skip_rate=1.0, batch_size=1)
+  it = pipeline.make_iterator(cfg, tok)
+  for _ in it:
+    pass
+  assert pipeline.skip_counts(it) == {'t': {'bad_schema': 2, 'malformed_json': 1}}

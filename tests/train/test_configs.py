@@ -1,11 +1,13 @@
 """Every stage config builds in both variants, and its phases agree with its LR schedule."""
 
+import glob
 import importlib.util
 import os
 
 import jax
 import pytest
 
+from kimi_vl_jax.data import sources
 from kimi_vl_jax.main import LM_STAGES
 from kimi_vl_jax.model.config import PRESETS
 from kimi_vl_jax.optim import schedules
@@ -77,4 +79,50 @@ def test_bad_variant_and_missing_data_dir():
     _load('joint_sft').get_config('huge')
   c = _load('joint_sft').get_config('')
   with pytest.raises(ValueError, match='data_dir'):
+    resolve_phases(c)
+
+
+CONFIG_FILES = sorted(os.path.basename(p)[:-3]
+                      for p in glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+def _all_sources(c):
+  """(field, spec) of every data source a config names: data, each phase's data, eval data."""
+  out = [('data.sources', s) for s in c.data.sources]
+  for i, ph in enumerate(c.get('phases') or []):
+    out += [(f'phases[{i}].data.sources', s) for s in ph.get('data', {}).get('sources', [])]
+  out += [('eval.data.sources', s) for s in c.eval.get('data', {}).get('sources', [])]
+  return out
+
+
+@pytest.mark.parametrize('stage', CONFIG_FILES)
+@pytest.mark.parametrize('variant', ['', 'tiny'])
+def test_every_config_names_only_data_the_pipeline_reads(stage, variant):
+  c = _load(stage).get_config(variant)
+  named = _all_sources(c)
+  assert named
+  for field, s in named:
+    assert s['kind'] in sources.KINDS, (field, s)
+    assert 'video' not in f"{s['name']} {s['path']}".lower(), (field, s)
+  c.data_dir = '/data'
+  resolve_phases(c)  # the check a run does at start
+  for field in {f for f, _ in named}:
+    sources.check_sources([s for f, s in named if f == field], field)
+
+
+def test_a_source_the_pipeline_cannot_read_stops_the_run_at_start():
+  c = _load('long_context').get_config('')
+  c.data_dir = '/data'
+  c.data.sources = list(c.data.sources) + [
+      {'name': 'long_video', 'kind': 'chat', 'path': '{data_dir}/long/video.array_record',
+       'weight': 0.05}]
+  with pytest.raises(ValueError, match=r"config.data.sources\[5\] \('long_video'\).*video"):
+    resolve_phases(c)
+  c = _load('joint_sft').get_config('tiny')
+  c.eval.data = {'sources': [{'name': 'clips', 'kind': 'chat', 'path': 'demo:video/test.jsonl'}]}
+  with pytest.raises(ValueError, match=r'config.eval.data.sources\[0\].*video'):
+    resolve_phases(c)
+  c = _load('joint_sft').get_config('tiny')
+  c.phases[1]['data']['sources'] = [{'name': 'x', 'kind': 'audio', 'path': 'demo:a.jsonl'}]
+  with pytest.raises(ValueError, match=r"phases\[1\].data.sources\[0\].*unknown kind 'audio'"):
     resolve_phases(c)
