@@ -2,7 +2,7 @@
 
 The state is never materialised on one host: its shapes come from `jax.eval_shape`, its
 shardings from the logical axis names through the rule preset (`parallel/rules.py`), and it is
-created by a jitted function with those `out_shardings` (STYLE.md "Training code"). Sources:
+created by a jitted function with those `out_shardings`. Sources:
 
   init_from = 'scratch'        random init (`model.kimi_vl.init_params`)
             | 'hf:DIR'         an HF Kimi-VL directory (`checkpoint.hf.load`)
@@ -133,7 +133,7 @@ class StateFactory:
       abstract_params = self.abstract.params
       if kind == 'hf':
         from kimi_vl_jax.checkpoint import hf
-        loaded_cfg, params = hf.load(path, dtype=self.mc.param_dtype)
+        _, params = hf.load(path, dtype=self.mc.param_dtype)
         self._check_same_shapes(params, f'HF checkpoint {path}')
         params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s.sharding), params,
                               abstract_params)

@@ -16,7 +16,8 @@ A stage config (`configs/<stage>.py: get_config(arg)`) is an `ml_collections.Con
   parallel         mesh + rule preset (parallel/mesh.py `default_config`)
   checkpoint       interval, keep (last N), keep_every (K), async_save
   train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate, log_every,
-                   blank_images (ablation: zero every image), tensorboard, peak_flops
+                   blank_images (ablation: zero every image), tensorboard, peak_flops,
+                   profile_steps ('START,STOP': jax.profiler trace of those steps)
   eval             every, batches, data, answer_file, answer_examples, answer_batch,
                    max_new_tokens (train/evaluate.py)
 
@@ -32,7 +33,7 @@ from kimi_vl_jax.parallel import mesh as mesh_lib
 
 VARIANTS = ('', 'tiny')
 
-# Full-scale numbers (REFERENCE.md sections 5 and 7). Rows per host x hosts = global batch.
+# Full-scale numbers (Kimi-VL report section 2.3). Rows per host x hosts = global batch.
 A3B_HOSTS = 64                 # a v5p-256 slice: 128 chips, 64 hosts
 A3B_ROWS_PER_HOST = 16         # x 64 hosts = 1024 rows of 8K = 8.4M tokens per step
 A3B_GLOBAL_ROWS = A3B_HOSTS * A3B_ROWS_PER_HOST
@@ -98,6 +99,7 @@ def base(stage: str, arg: str) -> ml_collections.ConfigDict:
       'blank_images': False,
       'tensorboard': True,
       'peak_flops': ml_collections.config_dict.placeholder(float),
+      'profile_steps': ml_collections.config_dict.placeholder(str),
   })
   c.eval = ml_collections.ConfigDict({
       'every': 0, 'batches': 2 if tiny else 16, 'data': {},
