@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -218,9 +218,9 @@ class Trainer:
       log.add(self.step, metrics, batch,
               _data_metrics(iterator) if end or self.step % self.log_every == 0 else None)
       batch = None
+      log.flush(keep=1)  # all but this step's: fetched one step late
       stop = self.preemption.reached(self.step)
       self._checkpoint(state, iterator, p_idx, force=end or stop)
-      log.flush(keep=1)  # all but this step's: fetched one step late
       self._maybe_eval(evaluator, state, log, bar, end)
       if stop:
         self._stop(log)
