@@ -31,7 +31,7 @@ def test_matmul_params_match_active_parameter_count():
         n = n * t.num_experts_per_tok // t.n_routed_experts
       total += n
     assert metrics.lm_matmul_params_per_token(mc) == total, name
-  # Kimi-VL-A3B: ~2.92B active LLM parameters (REFERENCE.md 1) = matmul weights + the 0.34B
+  # Kimi-VL-A3B: ~2.92B active LLM parameters (the kimi_vl_a3b preset) = matmul weights + the 0.34B
   # token embedding (a lookup, no FLOPs).
   a3b = metrics.lm_matmul_params_per_token(get_preset('kimi_vl_a3b'))
   assert abs(a3b + 163840 * 2048 - 2.92e9) < 0.01e9
