@@ -7,8 +7,12 @@
 `--config=FILE[:ARG]` names a stage config (`get_config(ARG)`; ARG '' = the full Kimi-VL-A3B,
 'tiny' = the CPU variant); `--config.a.b=v` overrides single fields. The config's `stage` picks
 what runs; every language-model stage (joint pre-training, cooldown, long context, joint SFT,
-long-CoT SFT) runs the shared loop `train.loop.Trainer`. Re-running the same command resumes from
-the newest complete checkpoint in the workdir.
+long-CoT SFT) runs the shared loop `train.loop.Trainer`, which first checks the parallel config
+against the devices and the model (`parallel.mesh.validate`: a bad one stops here, before anything
+compiles, naming the field to change). Re-running the same command resumes from the newest
+complete checkpoint in the workdir. On SIGTERM (TPU maintenance, spot VMs) the run saves a
+checkpoint at the current step and exits with status 0 (`summary.json` has `preempted_at`); the
+same command resumes it.
 """
 
 from __future__ import annotations

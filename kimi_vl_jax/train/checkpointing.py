@@ -1,9 +1,9 @@
 """Train checkpoints: orbax CheckpointManager holding the train state and the data iterator.
 
-One directory per run, `workdir/checkpoints/<step>/` (DESIGN.md "Checkpoints"), each with
+One directory per run, `workdir/checkpoints/<step>/`, each with
   state/   the TrainState (params, optimizer state, step, rng, counters), orbax StandardSave
   data/    the data iterator state (grain's checkpoint handler, one JSON file per process)
-  meta/    JSON: phase index of the data state, config fingerprint
+  meta/    JSON: phase index of the data state, stage name
 
 Saves are asynchronous (the step loop continues while arrays are written). Orbax writes each
 step into a temporary directory and renames it when complete, so `latest_step()` never lists a

@@ -16,7 +16,6 @@ checkpoint (handled by the loop).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax

@@ -1,5 +1,5 @@
 """The one training loop every LM stage runs (joint pre-training, cooldown, long context, SFT,
-long-CoT SFT; Kimi-VL report, arXiv 2504.07491, section 2.3), driven entirely by the stage config.
+long-CoT SFT; Kimi-VL report arXiv 2504.07491 section 2.3), driven entirely by the stage config.
 
 A run is a sequence of *phases* (`config.phases`): each has its own number of steps, data
 overrides (e.g. `seq_len` 8K -> 32K -> 128K) and model overrides (e.g. RoPE base 50000 ->
@@ -8,7 +8,12 @@ schedule run on across phases. A single-phase stage just lists one phase.
 
 Restarts: the loop resumes from the newest complete checkpoint in `workdir/checkpoints` (state,
 data iterator position and phase), so re-running the same command after a crash continues the
-run exactly: on CPU the losses after a restart are bitwise those of an uninterrupted run.
+run exactly: on CPU the losses after a restart are bitwise those of an uninterrupted run. A
+SIGTERM (TPU maintenance, spot VMs; `train/preemption.py`) saves a checkpoint at the current step
+and ends the run cleanly; the same command resumes it.
+
+Metrics are fetched from the device one step late (`metrics.StepLog`), so the host reads and
+shards the next batch while the device runs the current step.
 """
 
 from __future__ import annotations
@@ -25,11 +30,10 @@ from absl import logging
 from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
-from kimi_vl_jax.train import checkpointing, evaluate, metrics as metrics_lib
+from kimi_vl_jax.train import checkpointing, evaluate, metrics as metrics_lib, preemption
 from kimi_vl_jax.train.init import StateFactory, model_config
 from kimi_vl_jax.train.stage_config import resolve_phases
 from kimi_vl_jax.train.train_step import jit_train_step
-
 
 def pipeline_iterator_fn(tokenizer_cfg) -> Callable:
   """`(data_cfg, seed) -> (iterator, tokenizer)` over the grain pipeline (`data/pipeline.py`):
@@ -46,13 +50,24 @@ def pipeline_iterator_fn(tokenizer_cfg) -> Callable:
 
 
 class Trainer:
-  """Runs a stage config in a workdir (see the module docstring)."""
+  """Runs a stage config in a workdir (see the module docstring).
+
+  `run` = `_start` (optimizer, checkpoint manager, metric writer) -> `_resume_step` -> per phase
+  `_open_phase` (iterator, restored state, compiled step, evaluator) and `_run_phase` (the step
+  loop: `_train_step`, `_checkpoint`, `_maybe_eval`) -> `_finish` (summary, loss curve).
+  """
 
   def __init__(self, cfg, workdir: str, iterator_fn: Callable | None = None):
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    self.phases = resolve_phases(cfg)
+    validate_parallel(cfg, self.phases)
+    self.log_every = int(cfg.train.get('log_every', 1))
+    if self.log_every < 1:
+      raise ValueError(f'config.train.log_every must be >= 1, got {self.log_every}')
+    self.profile = metrics_lib.ProfileWindow(cfg.train.get('profile_steps'),
+                                             os.path.join(self.workdir, 'profile'))
     os.makedirs(self.workdir, exist_ok=True)
     self.iterator_fn = iterator_fn or pipeline_iterator_fn(cfg.get('tokenizer'))
-    self.phases = resolve_phases(cfg)
     self.total_steps = self.phases[-1]['end']
     self.mesh = mesh_lib.make_mesh(cfg.parallel)
     self.rules = rules_lib.get_rules(cfg.parallel.rules)
@@ -60,114 +75,166 @@ class Trainer:
     self.blank_images = bool(cfg.train.get('blank_images', False))
 
   def run(self) -> dict[str, Any]:
-    cfg = self.cfg
-    ck = cfg.checkpoint
-    mc0 = model_config(cfg, self.phases[0]['model_overrides'])
-    factory = StateFactory(cfg, mc0, self.mesh)
+    """Trains every phase from the newest checkpoint (or from `init_from`); returns a summary.
+    A SIGTERM stops it after a checkpoint at the current step (`summary['preempted_at']`)."""
+    self._start()
+    state = self._resume_step()
+    try:
+      with preemption.Preemption() as self.preemption:
+        for p_idx, phase in enumerate(self.phases):
+          if phase['end'] <= self.step:
+            continue
+          state = self._run_phase(p_idx, phase, state)
+          if 'preempted_at' in self.summary:
+            break
+    finally:
+      self.profile.close()
+    return self._finish(state)
+
+  def _start(self) -> None:
+    """Optimizer and state layout, checkpoint manager, metric writer, MFU reference."""
+    cfg, ck = self.cfg, self.cfg.checkpoint
+    self.factory = StateFactory(cfg, model_config(cfg, self.phases[0]['model_overrides']),
+                                self.mesh)
     if self.is_main:
-      logging.info('%s', factory.optimizer_summary)
+      print(self.factory.optimizer_summary, flush=True)  # shown whatever the log verbosity
       with open(os.path.join(self.workdir, 'config.txt'), 'w') as f:
         f.write(str(cfg))
-    manager = checkpointing.make_manager(
+    self.manager = checkpointing.make_manager(
         os.path.join(self.workdir, 'checkpoints'), interval=int(ck.interval),
         keep=ck.get('keep', 3), keep_every=int(ck.get('keep_every', 0) or 0),
         async_save=bool(ck.get('async_save', True)))
-    writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main,
-                                      tensorboard=bool(cfg.train.get('tensorboard', True)))
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main,
+                                           tensorboard=bool(cfg.train.get('tensorboard', True)))
     peak, peak_src = metrics_lib.peak_flops_per_device(cfg.train.get('peak_flops'))
-    peak_total = peak * jax.device_count()
+    self.peak_total = peak * jax.device_count()
     logging.info('MFU reference: %.3g FLOP/s per device (%s)', peak, peak_src)
+    self.t_start = time.time()
 
-    resume_step = checkpointing.latest_step(manager)
-    data_phase, state = None, None
-    if resume_step is not None:
-      meta = checkpointing.restore_meta(manager, resume_step)
-      data_phase = meta.get('phase')
-      logging.info('resuming from %s step %d', manager.directory, resume_step)
-    else:
-      state = factory.create()
-    step = resume_step or 0
-    t_start = time.time()
-    summary: dict[str, Any] = {'resumed_from': resume_step}
-    last_phase_ctx = None
+  def _resume_step(self):
+    """Sets `self.step` from the newest complete checkpoint; returns a fresh state when there
+    is none, else None (the state is restored with its phase's iterator, `_open_phase`)."""
+    self.resume_step = checkpointing.latest_step(self.manager)
+    self.summary: dict[str, Any] = {'resumed_from': self.resume_step}
+    self.step = self.resume_step or 0
+    if self.resume_step is None:
+      return self.factory.create()
+    self.data_phase = checkpointing.restore_meta(self.manager, self.resume_step).get('phase')
+    if self.is_main:
+      print(f'resuming from {self.manager.directory} step {self.resume_step}', flush=True)
+    return None
 
-    for p_idx, phase in enumerate(self.phases):
-      if phase['end'] <= step:
-        continue
-      mc = model_config(cfg, phase['model_overrides'])
-      iterator, tokenizer = self.iterator_fn(phase['data'], seed=int(cfg.seed) + 1000 * p_idx)
-      if state is None:  # resume: restore the state (and the iterator, if it is this phase's)
-        same = data_phase == p_idx
-        state = checkpointing.restore(manager, resume_step, factory.abstract,
-                                      iterator if same else None)
-        if not same and step != phase['start']:
-          raise RuntimeError(f'checkpoint at step {step} holds data state of phase {data_phase}'
-                             f' but the run is in phase {p_idx} ({phase["name"]}) mid-way')
-      first = next(iterator)
-      spec = BatchSpec.from_config(phase['data'], mc)
-      dev, extra = spec.split(first, blank_images=self.blank_images)
+  def _open_phase(self, p_idx: int, phase: dict, state):
+    """(state, iterator, first device batch, jitted step, evaluator, model config) of a phase;
+    on resume the state (and the iterator position, if it is this phase's) is restored."""
+    cfg = self.cfg
+    mc = model_config(cfg, phase['model_overrides'])
+    iterator, tokenizer = self.iterator_fn(phase['data'], seed=int(cfg.seed) + 1000 * p_idx)
+    if state is None:
+      same = self.data_phase == p_idx
+      state = checkpointing.restore(self.manager, self.resume_step, self.factory.abstract,
+                                    iterator if same else None)
+      if not same and self.step != phase['start']:
+        raise RuntimeError(f'checkpoint at step {self.step} holds data state of phase '
+                           f'{self.data_phase} but the run is in phase {p_idx} ({phase["name"]}) '
+                           'mid-way')
+    self.batch_spec = BatchSpec.from_config(phase['data'], mc)
+    first, _ = self.batch_spec.split(next(iterator), blank_images=self.blank_images)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      jstep = jit_train_step(self.factory, mc, cfg.train, self.batch_spec)
+    evaluator = evaluate.Evaluator.maybe_create(cfg, mc, self.mesh, self.rules, self.iterator_fn,
+                                                phase['data'], tokenizer, self.blank_images)
+    return state, iterator, first, jstep, evaluator, mc
+
+  def _run_phase(self, p_idx: int, phase: dict, state):
+    """The step loop of one phase. Each step is dispatched before the previous step's metrics
+    are fetched, so the host reads the next batch while the device computes."""
+    state, iterator, batch, jstep, evaluator, mc = self._open_phase(p_idx, phase, state)
+    bar = _progress(self.is_main, self.step, self.total_steps, phase['name'])
+    log = metrics_lib.StepLog(self.writer, bar, mc, self.peak_total, self.log_every, p_idx)
+    while self.step < phase['end']:
+      if batch is None:
+        batch = self.batch_spec.split(next(iterator), blank_images=self.blank_images)[0]
+      state, metrics = self._train_step(jstep, state, batch)
+      end = self.step == phase['end']
+      log.add(self.step, metrics, batch,
+              _data_metrics(iterator) if end or self.step % self.log_every == 0 else None)
+      batch = None
+      log.flush(keep=1)  # all but this step's: fetched one step late
+      stop = self.preemption.reached(self.step)
+      self._checkpoint(state, iterator, p_idx, force=end or stop)
+      self._maybe_eval(evaluator, state, log, bar, end)
+      if stop:
+        self._stop(log)
+        break
+    log.flush()
+    bar.close()
+    return state
+
+  def _train_step(self, jstep, state, batch: dict):
+    """Dispatches one step (asynchronously) and advances `self.step`; inside the profile
+    window (`train.profile_steps`) the step is traced."""
+    self.profile.before(self.step + 1)
+    gb = rules_lib.shard_batch(batch, self.mesh, self.rules)
+    with jax.profiler.StepTraceAnnotation('train', step_num=self.step + 1):
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        jstep = jit_train_step(factory, mc, cfg.train, spec)
-      evaluator = evaluate.Evaluator.maybe_create(cfg, mc, self.mesh, self.rules, self.iterator_fn,
-                                                  phase['data'], tokenizer, self.blank_images)
-      bar = _progress(self.is_main, step, self.total_steps, phase['name'])
-      pending = dev
-      last_time, tokens_since, flops_since = time.time(), 0.0, 0.0
-      log_every = int(cfg.train.get('log_every', 1))
-      while step < phase['end']:
-        dev = (pending if pending is not None else
-               spec.split(next(iterator), blank_images=self.blank_images)[0])
-        pending = None
-        gb = rules_lib.shard_batch(dev, self.mesh, self.rules)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-          state, m = jstep(state, gb)
-        step += 1
-        tokens_since += float((dev['segment_ids'] > 0).sum()) * jax.process_count()
-        flops_since += metrics_lib.batch_flops(mc, dev) * jax.process_count()
-        m = jax.device_get(m)
-        rec = {k: v for k, v in m.items()}
-        if step % log_every == 0 or step == phase['end']:
-          now = time.time()
-          dt = max(now - last_time, 1e-9)
-          rec.update(tokens_per_s=tokens_since / dt, mfu=flops_since / dt / peak_total,
-                     step_time_s=dt / max(1, log_every if step % log_every == 0 else 1),
-                     phase=p_idx)
-          rec.update(_data_metrics(iterator, extra))
-          last_time, tokens_since, flops_since = now, 0.0, 0.0
-          bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                          mfu=f"{rec['mfu']:.2%}", skip=int(m['counters/skipped_steps']),
-                          refresh=False)
-        writer.write(step, rec)
-        bar.update(1)
-        meta = {'phase': p_idx, 'stage': cfg.stage}
-        checkpointing.save(manager, step, state, iterator, meta, force=step == phase['end'])
-        if evaluator and evaluator.due(step, phase['end'] == step):
-          res = evaluator.run(state.params)
-          writer.write(step, res, kind='eval')
-          bar.write(f'eval @ step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in res.items()))
-          summary['eval'] = res
-      bar.close()
-      last_phase_ctx = (mc, evaluator)
-    manager.wait_until_finished()
-    manager.close()
+        state, metrics = jstep(state, gb)
+    self.step += 1
+    self.profile.after(self.step, metrics)
+    return state, metrics
+
+  def _checkpoint(self, state, iterator, p_idx: int, force: bool) -> None:
+    meta = {'phase': p_idx, 'stage': self.cfg.stage}
+    checkpointing.save(self.manager, self.step, state, iterator, meta, force=force)
+
+  def _maybe_eval(self, evaluator, state, log, bar, phase_end: bool) -> None:
+    if not (evaluator and evaluator.due(self.step, phase_end)):
+      return
+    log.flush()
+    res = evaluator.run(state.params)
+    self.writer.write(self.step, res, kind='eval')
+    bar.write(f'eval @ step {self.step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in res.items()))
+    self.summary['eval'] = res
+
+  def _stop(self, log) -> None:
+    """Preempted: the checkpoint at this step is saved (forced); flush and leave the loop."""
+    log.flush()
+    self.summary['preempted_at'] = self.step
+    msg = (f'preempted (SIGTERM): checkpoint at step {self.step} of {self.total_steps}; '
+           'run the same command again to resume')
+    logging.warning('%s', msg)
+    if self.is_main:
+      print(msg, flush=True)
+
+  def _finish(self, state) -> dict[str, Any]:
+    """Waits for the last checkpoint; summary (counters, losses, loss-curve PNG)."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+    summary = self.summary
     if state is not None:
       summary['counters'] = {k: int(v) for k, v in jax.device_get(state.counters).items()}
-    summary['final_step'] = step
-    summary['wall_time_s'] = time.time() - t_start
+    summary['final_step'] = self.step
+    summary['wall_time_s'] = time.time() - self.t_start
     if self.is_main:
       summary['loss_curve'] = metrics_lib.plot_loss_curve(self.workdir)
       train = metrics_lib.read_metrics(self.workdir)
       if train:
         summary['first_loss'], summary['last_loss'] = train[0]['loss'], train[-1]['loss']
-    writer.close()
-    del last_phase_ctx
+    self.writer.close()
     return summary
 
 
-def _data_metrics(iterator, extra: dict) -> dict:
+def validate_parallel(cfg, phases: list[dict] | None = None) -> None:
+  """`parallel.mesh.validate` for every phase (its data and model overrides): a bad parallel
+  config stops here, before anything compiles, with a message naming the field to change."""
+  for phase in phases or resolve_phases(cfg):
+    mesh_lib.validate({'parallel': cfg.parallel, 'data': phase['data']},
+                      model_config(cfg, phase['model_overrides']))
+
+
+def _data_metrics(iterator) -> dict:
   """The pipeline's realised mix and skip counts (`data.pipeline.data_stats`), when the iterator
   reports them (test iterators may not)."""
-  del extra
   fn = getattr(iterator, 'stats', None)
   if not callable(fn):
     return {}

@@ -1,7 +1,7 @@
 """Losses of the language-model stages: masked next-token cross-entropy (+ optional z-loss).
 
 Every LM stage of Kimi-VL (joint pre-training, cooldown, long context, SFT, long-CoT SFT;
-REFERENCE.md section 5) trains the same objective, next-token prediction; they differ in which
+Kimi-VL report section 2.3) trains the same objective, next-token prediction; they differ in which
 tokens count (SFT: assistant turns only), which the data pipeline encodes in `loss_mask`.
 
 The loss is returned as a *sum* over masked tokens together with the token count, so that

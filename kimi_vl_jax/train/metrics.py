@@ -139,6 +139,98 @@ class MetricWriter:
       self._tb.close()
 
 
+class StepLog:
+  """The train records of one phase, written one step late.
+
+  `add` takes a step's metrics as the jitted step returned them (device arrays, not yet
+  computed); `flush(keep=1)` after the next step is dispatched fetches and writes all but the
+  newest, so the host never waits for the step it just queued and prepares the next batch while
+  the device computes. Every step gets a record (its device metrics); log steps (every
+  `log_every`-th and the phase's last) add throughput, MFU and the data pipeline's statistics
+  (taken when the step's batch was read) and update the progress bar.
+  """
+
+  def __init__(self, writer: MetricWriter, bar, config: KimiVLConfig, peak_flops_total: float,
+               log_every: int, phase: int):
+    self.writer, self.bar, self.config = writer, bar, config
+    self.peak_total, self.log_every, self.phase = peak_flops_total, log_every, phase
+    self.pending: list[tuple[int, Any, float, float, dict | None]] = []
+    self.last_time, self.tokens, self.flops = time.time(), 0.0, 0.0
+
+  def add(self, step: int, metrics: dict, batch: dict[str, np.ndarray],
+          data_stats: dict | None) -> None:
+    """`batch`: the step's host batch (this host's rows); `data_stats` None = not a log step."""
+    n = jax.process_count()
+    tokens = float((batch['segment_ids'] > 0).sum()) * n
+    self.pending.append((step, metrics, tokens, batch_flops(self.config, batch) * n, data_stats))
+
+  def flush(self, keep: int = 0) -> None:
+    """Fetches (one `device_get`) and writes every pending record but the newest `keep`."""
+    n = len(self.pending) - keep
+    if n <= 0:
+      return
+    todo, self.pending = self.pending[:n], self.pending[n:]
+    fetched = jax.device_get([t[1] for t in todo])
+    for (step, _, tokens, flops, data_stats), m in zip(todo, fetched):
+      self._write(step, m, tokens, flops, data_stats)
+
+  def _write(self, step, m, tokens, flops, data_stats) -> None:
+    rec = dict(m)
+    self.tokens += tokens
+    self.flops += flops
+    if data_stats is not None:
+      now = time.time()
+      dt = max(now - self.last_time, 1e-9)
+      rec.update(tokens_per_s=self.tokens / dt, mfu=self.flops / dt / self.peak_total,
+                 step_time_s=dt / max(1, self.log_every if step % self.log_every == 0 else 1),
+                 phase=self.phase)
+      rec.update(data_stats)
+      self.last_time, self.tokens, self.flops = now, 0.0, 0.0
+      self.bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                           mfu=f"{rec['mfu']:.2%}", skip=int(m['counters/skipped_steps']),
+                           refresh=False)
+    self.writer.write(step, rec)
+    self.bar.update(1)
+
+
+class ProfileWindow:
+  """`train.profile_steps` = 'START,STOP' (or 'STEP', or a (start, stop) pair): a `jax.profiler`
+  trace of steps START..STOP (1-based, as in `metrics.jsonl`) under `directory`
+  (`plugins/profile/<run>/<host>.xplane.pb`, what TensorBoard's profile plugin reads)."""
+
+  def __init__(self, spec, directory: str):
+    self.directory, self.active, self.done = directory, False, False
+    self.start = self.stop = None
+    if spec in (None, '', ()):
+      return
+    try:
+      parts = [int(p) for p in (spec.split(',') if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+      parts = []
+    if len(parts) not in (1, 2) or not 1 <= parts[0] <= parts[-1]:
+      raise ValueError(f'config.train.profile_steps={spec!r}: expected "START,STOP" (or "STEP")'
+                       ' with 1 <= START <= STOP')
+    self.start, self.stop = parts[0], parts[-1]
+
+  def before(self, step: int) -> None:
+    """Called before step `step` (1-based) is dispatched."""
+    if self.start is not None and not (self.active or self.done) and (
+        self.start <= step <= self.stop):
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, outputs) -> None:
+    """Called once step `step` is dispatched; ends the trace after the window's last step."""
+    if self.active and step >= self.stop:
+      jax.block_until_ready(outputs)
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active, self.done = False, True
+
+
 def _to_py(v):
   v = np.asarray(v)
   if v.ndim == 0:

@@ -16,7 +16,8 @@ A stage config (`configs/<stage>.py: get_config(arg)`) is an `ml_collections.Con
   parallel         mesh + rule preset (parallel/mesh.py `default_config`)
   checkpoint       interval, keep (last N), keep_every (K), async_save
   train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate, log_every,
-                   blank_images (ablation: zero every image), tensorboard, peak_flops
+                   blank_images (ablation: zero every image), tensorboard, peak_flops,
+                   profile_steps ('START,STOP': jax.profiler trace of those steps)
   eval             every, batches, data, answer_file, answer_examples, answer_batch,
                    max_new_tokens (train/evaluate.py)
 
@@ -101,6 +102,7 @@ def base(stage: str, arg: str) -> ml_collections.ConfigDict:
       'blank_images': False,
       'tensorboard': True,
       'peak_flops': ml_collections.config_dict.placeholder(float),
+      'profile_steps': ml_collections.config_dict.placeholder(str),
   })
   c.eval = ml_collections.ConfigDict({
       'every': 0, 'batches': 2 if tiny else 16, 'data': {},

@@ -49,7 +49,8 @@ class TrainState:
   step: int32 number of completed train steps (skipped ones included).
   params: plain (unboxed) parameter tree, router biases included (docs/param_tree.md).
   opt_state: the optax state.
-  rng: uint32 [2] raw PRNG key, split once per step (for stochastic parts of a loss).
+  rng: uint32 [2] raw PRNG key (from the seed) for stochastic parts of a loss; no loss has one
+    yet, so the step carries it unchanged.
   counters: int32 scalars named in COUNTERS.
   """
   step: Array
@@ -166,7 +167,6 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
     return grads, aux
 
   def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict]:
-    rng, _ = jax.random.split(state.rng)
     grads, aux = accumulate(state.params, batch)
     n_tok = jnp.maximum(aux['tokens'], 1.0)
     grads = jax.tree.map(lambda g: (g / n_tok).astype(g.dtype), grads)
@@ -193,7 +193,8 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
     counters['nonfinite_loss'] = counters['nonfinite_loss'] + (~loss_ok).astype(jnp.int32)
     counters['nonfinite_grads'] = counters['nonfinite_grads'] + (~grads_ok).astype(jnp.int32)
     new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                           opt_state=keep(new_opt, state.opt_state), rng=rng, counters=counters)
+                           opt_state=keep(new_opt, state.opt_state), rng=state.rng,
+                           counters=counters)
 
     metrics = {
         'loss': loss,
