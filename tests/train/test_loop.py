@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src.array import ArrayImpl
 
+from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.model.config import get_preset
 from kimi_vl_jax.train import loop as loop_lib
 from kimi_vl_jax.train.metrics import read_metrics
@@ -27,9 +28,12 @@ class _Rows:
   """A checkpointable iterator of identical packed batches (8 rows: one per data shard)."""
 
   def __init__(self, data_cfg, *, seed):
-    del data_cfg, seed
+    del seed
     self.i = 0
-    self.batch = packed_batch(get_preset('tiny'), B=8)
+    # The helper's small rows, zero-padded to the batch shape of the phase's data config.
+    self.batch = BatchSpec.from_config(data_cfg, get_preset('tiny')).zeros()
+    for k, v in packed_batch(get_preset('tiny'), B=8).items():
+      self.batch[k][tuple(slice(0, n) for n in v.shape)] = v
 
   def __iter__(self):
     return self
