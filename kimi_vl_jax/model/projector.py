@@ -1,4 +1,4 @@
-"""Kimi-VL's multimodal projector: MoonViT patches -> language-model tokens (REFERENCE.md 1, 2.6).
+"""Kimi-VL's multimodal projector: MoonViT patches -> language-model tokens (Kimi-VL report section 2.1).
 
 Per-patch LayerNorm over the vision width, then each 2x2 window of patches is concatenated into
 one 4*Dv vector (pixel-shuffle style token compression, paper section 2.1), then a two-layer MLP
@@ -23,7 +23,7 @@ Array = jax.Array
 def merge_patches(x: Array, merge_kernel: tuple[int, int] = (2, 2)) -> Array:
   """[B, P, Dv] -> [B, P / (kh*kw), kh*kw*Dv] by grouping consecutive patches.
 
-  Requires the patches in merge order (DESIGN.md): the kh*kw patches of a window consecutive in
+  Requires the patches in merge order (the batch contract, docs/architecture.md): the kh*kw patches of a window consecutive in
   row-offset-then-column-offset order (top-left, top-right, bottom-left, bottom-right for 2x2),
   which is the concatenation order of Kimi-VL's `patch_merger` ([h/2, 2, w/2, 2, D] ->
   [h/2, w/2, (2, 2), D]). Feature k*Dv + c of a merged token is channel c of its k-th patch.

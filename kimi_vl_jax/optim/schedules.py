@@ -1,6 +1,6 @@
 """Learning-rate schedules: warmup + cosine / linear decay, and multi-phase schedules.
 
-Kimi-VL's stages each encode an LR schedule (REFERENCE.md section 5). Most are one warmup + decay;
+Kimi-VL's stages each encode an LR schedule (Kimi-VL report sections 2.3-2.4; docs/recipe.md). Most are one warmup + decay;
 joint SFT is two phases: 1 epoch at 32K with 2e-5 -> 2e-6, then 1 epoch at 128K re-warmed to
 1e-5 and decayed to 1e-6. `multi_phase` chains such phases with `optax.join_schedules`, each phase
 counting its own steps from 0.

@@ -1,4 +1,4 @@
-"""Tokenizers: the tiny SentencePiece model and the Kimi tiktoken loader (REFERENCE.md s.3)."""
+"""Tokenizers: the tiny SentencePiece model and the Kimi tiktoken loader (`data/tokenizer.py`)."""
 
 import base64
 import json

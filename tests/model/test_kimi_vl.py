@@ -120,5 +120,5 @@ def test_summary_counts_of_the_real_config():
   assert abs(counts['total'] / 16.4e9 - 1) < 0.01
   assert abs(counts['vision_tower'] / 417e6 - 1) < 0.01
   assert abs(counts['projector'] / 31e6 - 1) < 0.02
-  # REFERENCE.md: LM ~2.92B active + vision 0.417B + projector 0.031B.
+  # Kimi-VL-A3B: LM ~2.92B active + vision 0.417B + projector 0.031B.
   assert abs(counts['active'] / (2.92e9 + 0.417e9 + 0.031e9) - 1) < 0.01

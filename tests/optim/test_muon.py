@@ -1,6 +1,6 @@
 """Moonlight Muon + AdamW (kimi_vl_jax/optim/muon.py) against a plain numpy version of the update.
 
-The numpy reference below is written from REFERENCE.md section 5 with each tensor's matrix view
+The numpy reference below is written from the Moonlight Muon update (Kimi-VL report section 2.2; docs/recipe.md) with each tensor's matrix view
 given explicitly (not computed by the code under test).
 """
 

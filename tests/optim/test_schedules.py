@@ -1,4 +1,4 @@
-"""LR schedules: warmup + cosine / linear, multi-phase with re-warm (joint SFT, REFERENCE.md 5)."""
+"""LR schedules: warmup + cosine / linear, multi-phase with re-warm (joint SFT, docs/recipe.md)."""
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ projector, DeepSeek-V3 language model, separate LM head), fp32, eager attention,
              routed_scaling 2.446, rope_theta 10000, rms eps 1e-5) with a random non-zero
              e_score_correction_bias;
   * media placeholder id 1023 (`image_token_id`).
-The weights are written in the **Kimi-VL HF layout** (REFERENCE.md section 4): `vision_tower.*` and
+The weights are written in the **Kimi-VL HF layout** (docs/param_tree.md): `vision_tower.*` and
 `multi_modal_projector.*` converted from K2.5 names (q/k row permutation documented in
 make_vision_fixtures.py), `language_model.model.*` with per-expert MLP keys (transformers fuses
 experts into `gate_up_proj [E, 2F, D]` / `down_proj [E, D, F]` in memory) and

@@ -7,7 +7,7 @@ Run with the PyTorch reference venv (torch + transformers >= 5.23), from anywher
 The reference implementation is transformers' `Kimi_K25VisionModel` (one frame, t = 1) and
 `Kimi_K25MultimodalProjection`: the same MoonViT function as Kimi-VL's original `moonvit.py`, with
 different parameter names and a different RoPE layout. The weights are saved in the **Kimi-VL HF
-layout** (REFERENCE.md section 4), converted from the K2.5 layout as follows:
+layout** (docs/param_tree.md), converted from the K2.5 layout as follows:
 
   K2.5 (transformers)                          Kimi-VL (saved)
   patch_embed.proj.{weight,bias}               vision_tower.patch_embed.proj.{weight,bias}
