@@ -18,7 +18,7 @@ from kimi_vl_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'train', 'resume_config.py')
-STEPS = 14
+STEPS = 20  # phases a (steps 1-10) and b (11-20); checkpoints every 3 steps
 
 
 def _cmd(workdir):
@@ -60,13 +60,14 @@ def _assert_same_losses(ref, run):
 
 
 def _wait_for(proc, ready, what):
-  deadline = time.time() + 600
+  deadline = time.time() + 1800  # a tiny run takes 4 min on an idle 2-core CPU, 14 on a busy one
   while time.time() < deadline:
     if ready():
       return
     if proc.poll() is not None:
       pytest.fail(f'the run finished before it could be {what}; make it longer')
     time.sleep(0.2)
+  proc.kill()
   pytest.fail(f'the run did not get far enough to be {what} in time')
 
 
@@ -84,11 +85,11 @@ def test_sigkill_and_resume_is_bitwise(tmp_path, reference):
 
   proc = subprocess.Popen(_cmd(run_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  # Kill once the checkpoint at step 9 (mid phase b, so the data iterator position is restored)
-  # is complete and at least one more step ran.
+  # Kill once the checkpoint at step 12 (mid phase b, so the data iterator position is
+  # restored) is complete and at least one more step ran; 7 steps are left to catch it.
   def ready():
     done = read_metrics(run_dir)
-    return 9 in _complete_steps(run_dir) and done and done[-1]['step'] >= 10
+    return 12 in _complete_steps(run_dir) and done and done[-1]['step'] >= 13
   _wait_for(proc, ready, 'killed')
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -122,10 +123,10 @@ def test_sigterm_checkpoints_exits_and_resumes_bitwise(tmp_path, reference):
   with open(log, 'w') as f:
     proc = subprocess.Popen(_cmd(run_dir), cwd=ROOT, env=_env(), stdout=f,
                             stderr=subprocess.STDOUT)
-    # Signal once phase a (steps 1-7) is logged, while phase b compiles: the run stops after
-    # step 8, mid phase b (so the data iterator position is saved with the state) and off the
+    # Signal once phase a (steps 1-10) is logged, while phase b compiles: the run stops after
+    # step 11, mid phase b (so the data iterator position is saved with the state) and off the
     # checkpoint interval (3).
-    _wait_for(proc, lambda: (read_metrics(run_dir) or [{'step': 0}])[-1]['step'] >= 7,
+    _wait_for(proc, lambda: (read_metrics(run_dir) or [{'step': 0}])[-1]['step'] >= STEPS // 2,
               'preempted')
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
@@ -133,7 +134,7 @@ def test_sigterm_checkpoints_exits_and_resumes_bitwise(tmp_path, reference):
   assert proc.returncode == 0, out[-3000:]
   with open(os.path.join(run_dir, 'summary.json')) as f:
     stopped = json.load(f)['preempted_at']
-  assert 7 < stopped < STEPS
+  assert STEPS // 2 < stopped < STEPS
   assert f'preempted (SIGTERM): checkpoint at step {stopped}' in out
   assert max(_complete_steps(run_dir)) == stopped           # saved at that step, interval or not
   assert read_metrics(run_dir)[-1]['step'] == stopped       # every step it ran is logged
