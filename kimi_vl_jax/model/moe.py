@@ -159,21 +159,59 @@ def swiglu_blocked(xs: Array, w_gate: Array, w_up: Array, w_down: Array, group_s
   return out.reshape(nb * b, D)[dest]
 
 
+def inverse_permutation(perm: Array) -> Array:
+  """`inv` [n] with `inv[perm[i]] = i`, for a permutation `perm` [n] (a 1-D integer scatter)."""
+  n = perm.shape[0]
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(n, dtype=perm.dtype), unique_indices=True)
+
+
+@jax.custom_vjp
+def permute_rows(x: Array, perm: Array, inv: Array) -> Array:
+  """`x[perm]` for a permutation `perm` of x's rows whose inverse is `inv`.
+
+  Forward and backward are both row gathers: the cotangent goes back as `g[inv]` (autodiff would
+  transpose the gather into a scatter-add). Un-permuting is `permute_rows(y, inv, perm)`.
+  """
+  return x[perm]
+
+
+def _permute_rows_fwd(x, perm, inv):
+  return x[perm], (perm, inv)
+
+
+def _permute_rows_bwd(res, g):
+  perm, inv = res
+  return g[inv], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def sort_by_expert(x: Array, flat_e: Array, K: int) -> tuple[Array, Array, Array]:
+  """The T*K assignments (token-major, expert ids `flat_e` [T*K]) of tokens x [T, D] sorted by
+  expert: (rows [T*K, D], order, inv) with `rows = repeat(x, K)[order]`; `permute_rows(y, inv,
+  order)` puts per-row results back in token-major order. The K copies of a token are a
+  broadcast, so the gradient sums them with a reshape instead of a scatter-add."""
+  order = jnp.argsort(flat_e, stable=True)
+  inv = inverse_permutation(order)
+  return permute_rows(jnp.repeat(x, K, axis=0), order, inv), order, inv
+
+
 def routed_experts_dropless(x: Array, topk_idx: Array, topk_weights: Array, w_gate: Array,
                             w_up: Array, w_down: Array, *, token_mask: Array | None = None,
                             capacity_factor: float | None = None, dtype=jnp.float32,
                             grouped: Callable = swiglu_grouped) -> Array:
   """Every assignment is computed: sort the T*K (token, expert) pairs by expert, run grouped
-  matmuls (`ragged_dot`, or `grouped`), unsort and combine with the router weights (in fp32)."""
+  matmuls (`ragged_dot`, or `grouped`), unsort (a gather by the inverse permutation) and combine
+  with the router weights (in fp32)."""
   del capacity_factor
   T, K = topk_idx.shape
   E = w_gate.shape[0]
   flat_e = topk_idx.reshape(-1)                                    # [T*K], token-major
-  order = jnp.argsort(flat_e, stable=True)                         # assignments grouped by expert
-  xs = jnp.asarray(x, dtype)[order // K]                              # [T*K, D]
+  xs, order, inv = sort_by_expert(jnp.asarray(x, dtype), flat_e, K)   # [T*K, D] by expert
   group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   ys = grouped(xs, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype), group_sizes)
-  ys = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(T, K, -1)
+  ys = permute_rows(ys, inv, order).reshape(T, K, -1)
   weights = topk_weights.astype(jnp.float32)
   if token_mask is not None:
     weights = weights * token_mask[:, None]

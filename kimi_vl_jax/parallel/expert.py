@@ -11,15 +11,27 @@ one of these dispatches and the mesh's 'expert' axis is larger than 1:
   received, and sends the results back the same way. Static shapes, GShard-style.
 * `'ep_dropless'`: nothing is dropped. Each device sends every assignment to its expert's shard
   in a buffer `[ep, t*K, D]` sized for the worst case (all local assignments to one shard) with the
-  expert id of each row (padding rows get a zero-weight dummy expert); the receiver sorts rows by
-  expert and runs grouped matmuls (`ragged_dot`). This is the path that runs on XLA:CPU, which
-  lacks `ragged_all_to_all`; it moves ep times more bytes than needed.
+  expert id of each row (padding rows get the empty id L); the receiver sorts rows by expert and
+  runs grouped matmuls (`ragged_dot`) over the real rows only (the empty ones sort last, past
+  the sum of the group sizes, where `ragged_dot` computes nothing). This is the path that runs on
+  XLA:CPU, which lacks `ragged_all_to_all`; it moves ep times more bytes than needed.
 * `'ep_ragged'`: dropless, for TPU. Assignments sorted by expert go out once each with
   `jax.lax.ragged_all_to_all` (offsets from an all-gathered [ep, ep] table of send counts), into a
   receive buffer sized for the worst case, then grouped matmuls and the reverse exchange. XLA:CPU
   cannot run it ("ragged-all-to-all is not supported"); its bookkeeping is tested on CPU with an
   all_gather-based stand-in (dispatch 'ragged_emulated') and it compiles for TPU
-  topologies ahead of time (tests/parallel/test_expert.py).
+  topologies ahead of time (tests/parallel/test_expert.py). The unused rows of the receive buffer
+  are empty (id L) and, as above, not multiplied.
+
+The single-device dropless names ('dropless', 'dropless_blocked') also run here on an expert axis
+larger than 1 (`local_dispatch`): left to XLA's sharding propagation, the grouped matmul over all
+experts would all-gather every expert's weights in every layer and sort the global token list.
+They take 'ragged' where the backend has `ragged_all_to_all` and 'dropless' on CPU; both are
+exactly the single-device dropless computation. 'capacity' stays with XLA (its per-expert
+capacity is global, which the per-shard 'ep_capacity' is not).
+
+Sorting and un-sorting rows are gathers both ways (`moe.permute_rows`: the inverse permutation's
+gather instead of a scatter, and no scatter-add in the backward pass).
 
 All run under `shard_map` over the whole mesh: tokens stay split the way the activations are
 (the mesh axes of `act_batch` and `act_len` in the rules in force), expert weights enter split
@@ -50,18 +62,16 @@ Array = jax.Array
 EXPERT_AXIS = 'expert'
 
 
-def _pad_expert(w: Array, dtype) -> Array:
-  """Stacked weights [L, ...] plus a zero dummy expert L (for padding rows): [L + 1, ...]."""
-  return jnp.concatenate([w.astype(dtype), jnp.zeros((1,) + w.shape[1:], dtype)])
-
-
 def _local_swiglu(rows: Array, ids: Array, L: int, w_gate, w_up, w_down, dtype):
-  """rows [m, D] for local experts `ids` [m] (L = dummy) -> [m, D] in the same order."""
+  """rows [m, D] for local experts `ids` [m] -> [m, D] in the same order. Rows with id L are
+  empty (buffer padding, masked tokens): they sort last, beyond sum(group sizes), where
+  `ragged_dot` computes nothing and returns 0, so only the real rows are multiplied."""
   order = jnp.argsort(ids, stable=True)
-  sizes = jnp.bincount(ids, length=L + 1).astype(jnp.int32)
-  out = moe.swiglu_grouped(rows[order], _pad_expert(w_gate, dtype), _pad_expert(w_up, dtype),
-                           _pad_expert(w_down, dtype), sizes)                # sorted rows
-  return jnp.zeros_like(out).at[order].set(out, unique_indices=True)
+  inv = moe.inverse_permutation(order)
+  sizes = jnp.bincount(ids, length=L + 1)[:L].astype(jnp.int32)             # no dummy group
+  out = moe.swiglu_grouped(moe.permute_rows(rows, order, inv), w_gate.astype(dtype),
+                           w_up.astype(dtype), w_down.astype(dtype), sizes)  # sorted rows
+  return moe.permute_rows(out, inv, order)
 
 
 def _capacity_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *, ep: int,
@@ -94,7 +104,7 @@ def _dropless_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down,
   onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
   row = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), dest[:, None], 1)[:, 0] - 1
   send = jnp.zeros((ep, n, D), dtype).at[dest, row].set(x.astype(dtype)[jnp.arange(n) // K])
-  # Padding rows and masked tokens go to dummy expert L (zero weights, result discarded).
+  # Padding rows and masked tokens get id L: empty, never multiplied (`_local_swiglu`).
   ids = jnp.full((ep, n), L, jnp.int32).at[dest, row].set(jnp.where(valid, local_e, L))
   recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0).reshape(ep * n, D)
   recv_ids = jax.lax.all_to_all(ids, EXPERT_AXIS, 0, 0).reshape(ep * n)
@@ -142,8 +152,7 @@ def _ragged_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *
   valid = jnp.repeat(token_mask, K)
   # Masked tokens are sent nowhere: give them expert id E (sorted last, never counted).
   flat_e = jnp.where(valid, topk_idx.reshape(-1), L * ep)
-  order = jnp.argsort(flat_e, stable=True)
-  rows = x.astype(dtype)[order // K]                                        # [n, D] by expert
+  rows, order, inv = moe.sort_by_expert(x.astype(dtype), flat_e, K)        # [n, D] by expert
   ids = flat_e[order]
   send_sizes = jnp.bincount(ids // L, length=ep + 1)[:ep].astype(jnp.int32)  # to each shard
   input_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
@@ -162,7 +171,7 @@ def _ragged_shard(x, topk_idx, topk_weights, token_mask, w_gate, w_up, w_down, *
   back = exchange(out, jnp.zeros((n, D), dtype), recv_offsets, recv_sizes,
                   jax.lax.all_gather(input_offsets, EXPERT_AXIS)[:, me], send_sizes,
                   axis_name=EXPERT_AXIS)                                    # [n, D] by expert
-  ys = jnp.zeros_like(back).at[order].set(back, unique_indices=True).reshape(t, K, D)
+  ys = moe.permute_rows(back, inv, order).reshape(t, K, D)
   return moe.combine(ys, topk_weights * valid.reshape(t, K), dtype)
 
 
@@ -175,6 +184,15 @@ _BODIES = {
 }
 # TextConfig.moe_impl -> dispatch.
 DISPATCHES = {'ep_capacity': 'capacity', 'ep_dropless': 'dropless', 'ep_ragged': 'ragged'}
+# Single-device names whose exact computation an expert-parallel dispatch reproduces.
+LOCAL_DROPLESS = ('dropless', 'dropless_blocked')
+
+
+def local_dispatch(mesh: Mesh) -> str:
+  """The dispatch running the single-device dropless names on `mesh`: 'ragged' (each row sent
+  once) except on XLA:CPU, which has no `ragged_all_to_all`, where it is 'dropless'."""
+  platform = mesh.devices.flat[0].platform
+  return 'dropless' if platform == 'cpu' else 'ragged'
 
 
 @dataclasses.dataclass(frozen=True)

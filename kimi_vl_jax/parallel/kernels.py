@@ -9,9 +9,11 @@ Built once from the model config, the mesh and the logical-axis rules, and hande
   sharded attention to XLA's propagation).
 * `sequence_layout`: `context.LoadBalancedLayout` when that context-parallel attention runs and
   `KimiVLConfig.context_load_balance` is set.
-* `routed_experts`: `expert.ExpertParallel` when `TextConfig.moe_impl` is an expert-parallel name
-  ('ep_capacity', 'ep_dropless', 'ep_ragged') and the mesh's 'expert' axis is larger than 1; else
-  the single-device function of that name.
+* `routed_experts`: `expert.ExpertParallel` when the mesh's 'expert' axis is larger than 1 and
+  `TextConfig.moe_impl` is an expert-parallel name ('ep_capacity', 'ep_dropless', 'ep_ragged') or
+  a single-device dropless one ('dropless', 'dropless_blocked': 'ep_ragged', or 'ep_dropless' on
+  CPU; the same numbers, without all-gathering every expert's weights); else the single-device
+  function of that name.
 * `pipeline`: `pipeline.Pipeline` when `KimiVLConfig.pipeline_stages > 1` (with or without a mesh:
   the schedule runs on one device too).
 * `attention`: the per-device kernel of `KimiVLConfig.attention_impl`, as on one device.
@@ -51,9 +53,11 @@ def build_kernels(config: KimiVLConfig, mesh: Mesh | None = None,
                                                        ring=t.context_parallel == 'ring')
     if config.context_load_balance:
       new['sequence_layout'] = context.LoadBalancedLayout(mesh, rules, C)
-  if (t.moe_impl in expert.DISPATCHES and mesh is not None
-      and mesh.shape.get(expert.EXPERT_AXIS, 1) > 1):
-    new['routed_experts'] = expert.ExpertParallel(mesh, rules, expert.DISPATCHES[t.moe_impl])
+  if mesh is not None and mesh.shape.get(expert.EXPERT_AXIS, 1) > 1:
+    if t.moe_impl in expert.DISPATCHES:
+      new['routed_experts'] = expert.ExpertParallel(mesh, rules, expert.DISPATCHES[t.moe_impl])
+    elif t.moe_impl in expert.LOCAL_DROPLESS:
+      new['routed_experts'] = expert.ExpertParallel(mesh, rules, expert.local_dispatch(mesh))
   if config.pipeline_stages > 1:
     new['pipeline'] = pipeline.Pipeline(config.pipeline_stages, config.pipeline_microbatches,
                                         config.pipeline_repeats, config.remat_policy)

@@ -1,6 +1,7 @@
 """Expert-parallel routed experts (shard_map + all_to_all over 'expert') on 8 CPU devices."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +147,129 @@ def test_ep_ragged_compiles_for_tpu_with_ragged_all_to_all():
     lowered = jax.jit(lambda x, i, w, a, b, c, m: ep(x, i, w, a, b, c, token_mask=m)).lower(*args)
     compiled = lowered.compile()
   assert 'ragged-all-to-all' in compiled.as_text()
+
+
+# --------------------------------------------------------------------------------------------
+# No wasted work: expert weights stay split, empty rows are not multiplied, un-permuting gathers.
+
+def _all_gather_shapes(hlo: str) -> list[tuple[int, ...]]:
+  return [tuple(int(d) for d in m.group(1).split(',') if d)
+          for m in re.finditer(r'= \w+\[([\d,]*)\]\S* all-gather\(', hlo)]
+
+
+def test_dropless_on_an_expert_axis_never_all_gathers_expert_weights():
+  """moe_impl='dropless' (the default) on data 2 x expert 4: the MoE layer's forward and backward
+  run expert-parallel; no all-gather produces an expert weight ([., D, F] / [., F, D])."""
+  config = _config('dropless')
+  t = config.text
+  mesh = _mesh(data=2, expert=4)
+  kernels = build_kernels(config, mesh, 'dp_ep')
+  r = np.random.default_rng(7)
+  x = jnp.asarray(r.normal(size=(8, 8, t.hidden_size)).astype(np.float32))
+  seg = jnp.asarray(np.array([[1] * 6 + [0] * 2] * 8, np.int32))
+  params = moe.MoE(t).init(jax.random.key(0), x, seg)
+  ref_fn = moe.MoE(t).apply
+  loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(apply(p, x, seg)[0]))  # noqa: E731
+  ref = jax.grad(loss(ref_fn))(params, x)
+  with rules_lib.sharding_context(mesh, 'dp_ep'):
+    fn = jax.jit(jax.grad(loss(moe.MoE(t, kernels=kernels).apply)))
+    got = fn(params, x)
+    hlo = fn.lower(params, x).compile().as_text()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, ref)
+  D, F = t.hidden_size, t.moe_intermediate_size
+  weight_like = [s for s in _all_gather_shapes(hlo) if s[-2:] in ((D, F), (F, D))]
+  assert not weight_like, weight_like
+  assert 'all-to-all' in hlo
+  assert kernels.routed_experts == expert.ExpertParallel(mesh, rules_lib.get_rules('dp_ep'),
+                                                         'dropless')   # CPU: no ragged a2a
+
+
+@pytest.mark.parametrize('dispatch', ['dropless', 'ragged_emulated'])
+def test_empty_receive_rows_are_not_multiplied(dispatch, monkeypatch):
+  """The grouped matmuls' group sizes cover the real assignments only: summed over the 8
+  devices, exactly the unmasked (token, expert) pairs, not the ep x worst-case buffers."""
+  seen = []
+  real = moe.swiglu_grouped
+
+  def counting(xs, w_gate, w_up, w_down, group_sizes):
+    assert group_sizes.shape == (w_gate.shape[0],)      # one group per local expert, no dummy
+    jax.debug.callback(lambda s, m: seen.append((int(s), int(m))), group_sizes.sum(),
+                       xs.shape[0])
+    return real(xs, w_gate, w_up, w_down, group_sizes)
+
+  monkeypatch.setattr(moe, 'swiglu_grouped', counting)
+  x, idx, w, mask, ws = _inputs(8, skew=True)
+  ref = moe.routed_experts_dropless(x, idx, w, *ws, token_mask=mask)
+  got = _ep(dispatch, _mesh(data=2, expert=4), 'dp_ep', x, idx, w, *ws, token_mask=mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  assert len(seen) == 8
+  assert sum(s for s, _ in seen) == int(mask.sum()) * K
+  assert sum(m for _, m in seen) == 8 * 4 * (N // 8) * K    # the buffers: ep x worst case
+
+
+def test_permute_rows_gathers_both_ways():
+  r = np.random.default_rng(9)
+  x = jnp.asarray(r.normal(size=(12, 5)).astype(np.float32))
+  perm = jnp.asarray(r.permutation(12).astype(np.int32))
+  inv = moe.inverse_permutation(perm)
+  np.testing.assert_array_equal(np.asarray(perm)[np.asarray(inv)], np.arange(12))
+  np.testing.assert_array_equal(moe.permute_rows(x, perm, inv), np.asarray(x)[np.asarray(perm)])
+  g = jax.grad(lambda x: jnp.sum(jnp.sin(moe.permute_rows(x, perm, inv))))(x)
+  np.testing.assert_allclose(g, jnp.cos(x), rtol=1e-6)
+  # The dropless MoE's forward and backward: the only scatters left are integer bookkeeping
+  # (expert counts, the inverse permutation), none moves rows of activations.
+  x, idx, w, mask, ws = _inputs(0)
+  grad = jax.grad(lambda x, *ws: jnp.sum(moe.routed_experts_dropless(x, idx, w, *ws)),
+                  argnums=(0, 1, 2, 3))
+  eqns = re.findall(r'(\w+):(\w+)\[[\d,]*\] = (scatter[\w-]*)', str(jax.make_jaxpr(grad)(x, *ws)))
+  assert eqns and all(dtype.startswith(('i', 'u')) for _, dtype, _ in eqns), eqns
+
+
+_TPU_SCRIPT = r'''
+import dataclasses, re
+import flax.linen as nn
+import jax, jax.numpy as jnp
+from kimi_vl_jax import aot
+from kimi_vl_jax.model import moe
+from kimi_vl_jax.model.config import tiny
+from kimi_vl_jax.parallel import mesh as mesh_lib, rules as rules_lib
+from kimi_vl_jax.parallel.kernels import build_kernels
+
+c = mesh_lib.default_config()
+c.data, c.expert = 2, 4
+mesh = mesh_lib.make_mesh(c, devices=aot.topology_devices(aot.topology('v5e-8')))
+t = dataclasses.replace(tiny().text, moe_impl='dropless')
+kernels = build_kernels(tiny().replace(text=t), mesh, 'dp_ep')
+B, T = 8, 64
+boxed = jax.eval_shape(lambda: moe.MoE(t).init(jax.random.key(0), jnp.zeros((B, T, t.hidden_size)),
+                                                 jnp.ones((B, T), jnp.int32)))['params']
+params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), rules_lib.param_shardings(boxed, mesh, 'dp_ep'))
+rows = rules_lib.batch_sharding(mesh, 'dp_ep')
+x = jax.ShapeDtypeStruct((B, T, t.hidden_size), jnp.float32, sharding=rows)
+seg = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows)
+layer = moe.MoE(t, kernels=kernels)
+loss = lambda p, x, s: jnp.sum(jnp.sin(layer.apply({'params': p}, x, s)[0]))
+with rules_lib.sharding_context(mesh, 'dp_ep'):
+  hlo = jax.jit(jax.grad(loss)).lower(params, x, seg).compile().as_text()
+D, F = t.hidden_size, t.moe_intermediate_size
+gathers = [m.group(1) for m in re.finditer(r'= \w+\[([\d,]*)\]\S* all-gather\(', hlo)]
+print('WEIGHT_GATHERS', [g for g in gathers if g.endswith((f',{D},{F}', f',{F},{D}'))])
+print('RAGGED', 'ragged-all-to-all' in hlo)
+'''
+
+
+def test_dropless_on_tpu_runs_ragged_and_never_all_gathers_expert_weights():
+  """Compiled for a v5e-8 (data 2 x expert 4) ahead of time, in a subprocess (libtpu): the
+  default moe_impl='dropless' becomes the 'ragged' dispatch; no all-gather of expert weights
+  (XLA's propagation of the grouped matmul all-gathers [E, D, F] over 'expert' in every layer)."""
+  pytest.importorskip('libtpu')
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD='1', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _TPU_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'WEIGHT_GATHERS []' in out.stdout, out.stdout
+  assert 'RAGGED True' in out.stdout, out.stdout
