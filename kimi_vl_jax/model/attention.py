@@ -1,9 +1,10 @@
 """Masked dot-product attention shared by MLA (causal, packed segments) and MoonViT (per image).
 
 Masks are built from segment ids, never materialised by callers: query i may attend key j iff
-`q_segment_ids[i] == kv_segment_ids[j]` (and `q_pos >= kv_pos` when causal). Padding tokens carry
-segment id 0 and attend only to other padding, so no softmax row is ever empty (no NaN).
-Softmax in fp32.
+`q_segment_ids[i] == kv_segment_ids[j] > 0` (and `q_pos >= kv_pos` when causal). Padding tokens
+carry segment id 0 and attend to nothing: their output is 0 (not NaN; a real token always sees
+itself, so its softmax row is never empty). Nothing real depends on padding outputs, and with
+nothing to attend to the blockwise kernel skips padding blocks entirely. Softmax in fp32.
 
 `AttentionKernel` picks how the masked attention is computed on one device: 'dense' (the functions
 above: `[B, N, T, S]` fp32 scores) or 'flash' (`flash.py`: blockwise, online softmax, recomputing
@@ -34,7 +35,8 @@ def segment_mask(q_segment_ids: Array, kv_segment_ids: Array, *, causal: bool,
   position order inside a segment); `q_positions` / `kv_positions` override the index, which is
   what context parallelism needs when the local shard is a permuted slice of the sequence.
   """
-  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  mask = ((q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+          & (q_segment_ids > 0)[:, :, None])
   if causal:
     if q_positions is None:
       q_positions = jnp.arange(q_segment_ids.shape[1])[None, :]
@@ -45,11 +47,13 @@ def segment_mask(q_segment_ids: Array, kv_segment_ids: Array, *, causal: bool,
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
-  """q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv], mask [B, T, S] -> [B, T, N, Hv]."""
+  """q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv], mask [B, T, S] -> [B, T, N, Hv]; a query
+  whose mask row is empty (padding) gets 0."""
   logits = jnp.einsum('BTNH,BSNH->BNTS', q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('BNTS,BSNH->BTNH', probs, v)
+  out = jnp.einsum('BNTS,BSNH->BTNH', probs, v)
+  return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(out.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +61,12 @@ class AttentionKernel:
   """The attention computation selected by `KimiVLConfig.attention_impl` (hashable, so modules can
   hold it as a field): 'dense' (`attention.segment_mask` + `dot_product_attention`) or 'flash'
   (`flash.flash_attention`, blocks of block_q x block_kv, O(T x block) memory). Same arguments and
-  result either way."""
+  result either way. `fold_rows` (flash only): decide block skipping row by row, for calls that
+  run per device (see `flash.flash_attention`)."""
   impl: str = 'dense'
   block_q: int = 512
   block_kv: int = 512
+  fold_rows: bool = False
 
   def __post_init__(self):
     if self.impl not in ('dense', 'flash'):
@@ -73,7 +79,8 @@ class AttentionKernel:
     if self.impl == 'flash':
       return flash.flash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
                                    scale=scale, q_positions=q_positions, kv_positions=kv_positions,
-                                   block_q=self.block_q, block_kv=self.block_kv)
+                                   block_q=self.block_q, block_kv=self.block_kv,
+                                   fold_rows=self.fold_rows)
     mask = segment_mask(q_segment_ids, kv_segment_ids, causal=causal,
                         q_positions=q_positions, kv_positions=kv_positions)
     return dot_product_attention(q, k, v, mask, scale)

@@ -1,8 +1,9 @@
 """Blockwise (flash) attention in pure JAX: O(T x block) memory for the forward and the gradient.
 
 Same contract as `attention.segment_mask` + `attention.dot_product_attention`: query i attends key
-j iff their segment ids are equal (and, when causal, `q_index[i] >= kv_index[j]`), softmax in fp32,
-padding (segment 0) attends to padding only, so every real row has a non-empty softmax.
+j iff their segment ids are equal and positive (and, when causal, `q_index[i] >= kv_index[j]`),
+softmax in fp32. Padding (segment 0) attends to nothing and nothing attends to it: its output
+is 0 (every real row has a non-empty softmax, since a token sees itself).
 
 Algorithm (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023, Alg. 1 and 2):
 
@@ -13,11 +14,17 @@ Algorithm (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023, Alg. 1 a
   key blocks carries dK_j, dV_j over an inner scan over query blocks, which adds its share to
   dQ_i. With `D = rowsum(dO * O)`: dV += P^T dO, dS = P * (dO V^T - D), dQ += dS K, dK += dS^T Q.
 * block skipping: a [nq, nk] table says which (query block, key block) pairs can hold an
-  unmasked entry for any row of the batch (segment id ranges overlap, and for causal the last
-  query index reaches the first key index); the others are skipped with `lax.cond`, so a causal
-  row costs about half the blocks and a row of many small images only its diagonal band.
-  The table is a conservative test: a block it keeps may still be fully masked for some rows,
-  which the per-element mask handles exactly.
+  unmasked entry for any row of the batch (the ranges of the blocks' non-padding segment ids
+  overlap, and for causal the last query index reaches the first key index); the others are
+  skipped with `lax.cond`, so a causal row costs about half the blocks, a row of many small
+  images only its diagonal band, and a block of padding nothing. The table is a conservative
+  test: a block it keeps may still be fully masked for some rows, which the per-element mask
+  handles exactly.
+* `fold_rows=True` (a per-device call, e.g. MoonViT's): the rows are folded into one sequence
+  (segment ids made distinct per row) before the table is built, so a block pair is live only
+  for the row that needs it and an all-padding row costs nothing. Under XLA's automatic sharding
+  of the batch the folded sequence would be gathered, so callers on a mesh fold inside
+  `shard_map` (parallel/local_attention.py).
 
 Lengths that are not multiples of the block sizes are padded internally (padded queries get
 segment -1 and are sliced off, padded keys -2, so nothing real sees them).
@@ -44,12 +51,13 @@ _Q_PAD, _KV_PAD = -1, -2  # segment ids of internal padding: never equal to each
 def flash_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, *,
                     causal: bool, scale: float, q_positions: Array | None = None,
                     kv_positions: Array | None = None, block_q: int = 512,
-                    block_kv: int = 512) -> Array:
+                    block_kv: int = 512, fold_rows: bool = False) -> Array:
   """q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv], segment ids [B, T] / [B, S] -> [B, T, N, Hv].
 
   `q_positions` / `kv_positions` ([B or 1, T] / [B or 1, S], default the sequence index) order the
   tokens for the causal test, as in `attention.segment_mask` (context parallelism passes each
-  token's original sequence index). The result has v's dtype.
+  token's original sequence index). The result has v's dtype. `fold_rows`: skip blocks row by
+  row (see the module docstring); the same result.
   """
   B, T, N, H = q.shape
   S = k.shape[1]
@@ -69,9 +77,15 @@ def flash_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segme
   qs = _pad(q_segment_ids.astype(jnp.int32), Tp, _Q_PAD)
   ks = _pad(kv_segment_ids.astype(jnp.int32), Sp, _KV_PAD)
   q_pos, kv_pos = _pad(q_pos, Tp, 0), _pad(kv_pos, Sp, 0)
-  out = _flash(_pad(q, Tp, 0), _pad(k, Sp, 0), _pad(v, Sp, 0), qs, ks, q_pos, kv_pos,
-               causal, float(scale), bq, bk)
-  return out[:, :T]
+  q, k, v = _pad(q, Tp, 0), _pad(k, Sp, 0), _pad(v, Sp, 0)
+  if fold_rows and B > 1:
+    # One row of B * Tp queries and B * Sp keys; row b's positive ids move up by b * (max + 1).
+    offset = (jnp.maximum(qs.max(), ks.max()) + 1) * jnp.arange(B, dtype=jnp.int32)[:, None]
+    qs, ks = (jnp.where(x > 0, x + offset, x).reshape(1, -1) for x in (qs, ks))
+    q_pos, kv_pos = q_pos.reshape(1, -1), kv_pos.reshape(1, -1)
+    q, k, v = (x.reshape((1, -1) + x.shape[2:]) for x in (q, k, v))
+  out = _flash(q, k, v, qs, ks, q_pos, kv_pos, causal, float(scale), bq, bk)
+  return out.reshape((B, Tp) + out.shape[2:])[:, :T]
 
 
 def _positions(pos: Array | None, B: int, T: int, name: str) -> Array:
@@ -104,15 +118,21 @@ def live_blocks(qs: Array, ks: Array, q_pos: Array, kv_pos: Array, causal: bool,
                 bk: int) -> Array:
   """[T/bq, S/bk] bool: may the (query block, key block) pair hold an unmasked entry in any row?
 
-  Segment ids of a block span [min, max]; two blocks can share a segment only if the spans
-  overlap. Causal: the largest query index must reach the smallest key index.
+  The positive (non-padding) segment ids of a block span [lo, hi]; two blocks can share a
+  segment only if the spans overlap; a block of padding only has an empty span and is never
+  live. Causal: the largest query index must reach the smallest key index.
   """
-  def span(x, b, fn):
-    return fn(x.reshape(x.shape[0], -1, b), axis=-1)                          # [B, nblocks]
-  live = ((span(qs, bq, jnp.min)[:, :, None] <= span(ks, bk, jnp.max)[:, None, :])
-          & (span(ks, bk, jnp.min)[:, None, :] <= span(qs, bq, jnp.max)[:, :, None]))
+  big = jnp.iinfo(jnp.int32).max
+
+  def span(x, b):                                                             # [B, nblocks] x 2
+    x = x.reshape(x.shape[0], -1, b)
+    return jnp.where(x > 0, x, big).min(-1), jnp.where(x > 0, x, 0).max(-1)
+  (q_lo, q_hi), (k_lo, k_hi) = span(qs, bq), span(ks, bk)
+  live = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
   if causal:
-    live &= span(q_pos, bq, jnp.max)[:, :, None] >= span(kv_pos, bk, jnp.min)[:, None, :]
+    q_last = q_pos.reshape(q_pos.shape[0], -1, bq).max(-1)
+    k_first = kv_pos.reshape(kv_pos.shape[0], -1, bk).min(-1)
+    live &= q_last[:, :, None] >= k_first[:, None, :]
   return live.any(axis=0)
 
 
@@ -135,7 +155,7 @@ def _varying_like(xs, *refs):
 def _block_logits(q, k, qs, ks, qp, kp, causal: bool, scale: float):
   """Scores and mask of one block pair: q [B, bq, N, H], k [B, bk, N, H] -> s, mask
   [B, N, bq, bk] (s fp32, masked entries set to the most negative float)."""
-  mask = qs[:, :, None] == ks[:, None, :]
+  mask = (qs[:, :, None] == ks[:, None, :]) & (qs > 0)[:, :, None]
   if causal:
     mask &= qp[:, :, None] >= kp[:, None, :]
   mask = mask[:, None]
@@ -150,7 +170,7 @@ def online_softmax_fold(carry, q: Array, k: Array, v: Array, q_segment_ids: Arra
 
   carry: m, l [B, N, tq], acc [B, N, tq, Hv]; q [B, tq, N, H], k / v [B, tk, N, .], segment ids
   [B, tq] / [B, tk], positions [B or 1, tq] / [B or 1, tk]. Masked scores contribute exactly 0, so
-  a block entirely masked for a row leaves the row unchanged. The running max is only a numerical
+  a block entirely masked for a row leaves the row unchanged (a padding row keeps l = 0). The running max is only a numerical
   shift (the result does not depend on it), hence `stop_gradient` where the fold is differentiated
   by autodiff (ring attention, `parallel/context.py`). `out = acc / l` once every block is in.
   """
@@ -188,7 +208,7 @@ def _forward(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
             jnp.zeros((B, N, bq, Hv), jnp.float32))
     init = _varying_like(init, q, k, v, qs, ks, qp, kp)
     (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_blocks + (live_i,))
-    seen = l > 0                                           # False only for internal padding rows
+    seen = l > 0                                           # False for padding rows
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
     return jnp.einsum('BNTH->BTNH', out).astype(v.dtype), lse

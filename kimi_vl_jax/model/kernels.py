@@ -6,9 +6,13 @@ the vision tower, the decoder layers, MLA and the MoE):
 
 * `attention`: the per-device kernel, `(q, k, v, q_segment_ids, kv_segment_ids, *, causal,
   scale, q_positions, kv_positions) -> out` (`attention.AttentionKernel`, dense or flash by
-  `KimiVLConfig.attention_impl`). MoonViT uses it directly, the decoder through:
+  `KimiVLConfig.attention_impl`); the decoder uses it through `causal_attention`:
 * `causal_attention`: `(q, k, v, segment_ids, scale, *, kernel, layout) -> out`, the decoder's
   attention over the (possibly context-sharded) sequence; default `attention.causal_attention`.
+* `vision_attention`: the same signature, MoonViT's per-image attention. Its rows are
+  independent, so it skips blocks row by row (`AttentionKernel(fold_rows=True)`, per device:
+  one device here, inside `shard_map` over the batch axes on a mesh), and an all-padding row of
+  patches costs no attention. None: `attention`.
 * `routed_experts`: `(x, topk_idx, topk_weights, w_gate, w_up, w_down, *, token_mask,
   capacity_factor, dtype) -> y`; default `moe.local_routed_experts(text.moe_impl)`.
 * `pipeline`: `(layer_fn, params, x, positions, segment_ids, *, combine_aux) -> (x, aux)` runs the
@@ -40,6 +44,7 @@ class Kernels:
   """See the module docstring. Every field is hashable (functions, frozen dataclasses)."""
   attention: attention_lib.AttentionKernel = attention_lib.AttentionKernel()
   causal_attention: Callable = attention_lib.causal_attention
+  vision_attention: Callable | None = None
   routed_experts: Callable = moe.routed_experts_dropless
   pipeline: Callable | None = None
   sequence_layout: Any = None
@@ -59,9 +64,10 @@ def check_names(config: KimiVLConfig) -> None:
 
 
 def default_kernels(config: KimiVLConfig) -> Kernels:
-  """The single-device computation `config` selects: its attention kernel and the routed-experts
-  function of `text.moe_impl`; the layer stacks run as `nn.scan`s (a pipeline schedule gives the
-  same numbers) and rows stay in sequence order."""
+  """The single-device computation `config` selects: its attention kernel (MoonViT's skipping
+  blocks row by row) and the routed-experts function of `text.moe_impl`; the layer stacks run as
+  `nn.scan`s (a pipeline schedule gives the same numbers) and rows stay in sequence order."""
   check_names(config)
-  return Kernels(attention=attention_lib.attention_kernel(config),
+  kernel = attention_lib.attention_kernel(config)
+  return Kernels(attention=kernel, vision_attention=dataclasses.replace(kernel, fold_rows=True),
                  routed_experts=moe.local_routed_experts(config.text.moe_impl))

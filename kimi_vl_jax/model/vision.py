@@ -19,6 +19,7 @@ F MLP width, K interpolation taps.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -144,7 +145,8 @@ class MoonViTBlock(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  kernel: attention.AttentionKernel = attention.AttentionKernel()
+  # `(q, k, v, q_segment_ids, kv_segment_ids, *, causal, scale) -> out`, e.g. an AttentionKernel.
+  kernel: Callable = attention.AttentionKernel()
 
   @nn.compact
   def __call__(self, x: Array, side: tuple[Array, Array]) -> tuple[Array, None]:
@@ -200,8 +202,8 @@ class MoonViT(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   scan_layers: bool = True
   remat_policy: str = 'none'
-  # Its `attention` kernel (dense or flash, `KimiVLConfig.attention_impl`) computes the per-image
-  # attention; the default is dense.
+  # Its `vision_attention` kernel (else `attention`; dense or flash, `KimiVLConfig.attention_impl`)
+  # computes the per-image attention; the default is dense.
   kernels: Kernels = Kernels()
 
   @nn.compact
@@ -231,7 +233,8 @@ class MoonViT(nn.Module):
 
     angles = rope_2d_angles(patch_coords, cfg.head_dim, cfg.rope_theta)
 
-    args = (cfg, self.dtype, self.param_dtype, self.kernels.attention)
+    kernel = self.kernels.vision_attention or self.kernels.attention
+    args = (cfg, self.dtype, self.param_dtype, kernel)
     blocks = layer_stack(MoonViTBlock, args, length=cfg.num_layers, scan=self.scan_layers,
                          remat=self.remat_policy, broadcast=1, name='blocks')
     for block in blocks if isinstance(blocks, list) else [blocks]:

@@ -295,7 +295,8 @@ def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, sc
     (to both query chunks), for j > i only query chunk 2C-1-i sees anything (both key chunks), so
     every step is exactly half a block on every shard: 2C + 2 chunk-pairs per shard instead of 4C.
 
-  Every row sees its own token in step 0 (same segment, equal index), so l > 0 at the end.
+  Every real row sees its own token in step 0 (same segment, equal index), so l > 0 at the end;
+  padding rows see nothing (l = 0) and get 0.
   """
   C, t = context, q.shape[1]
   n = t // 2
@@ -344,5 +345,5 @@ def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, sc
   if C > 1:
     (carry, _), _ = jax.lax.scan(step, (carry, (k, v, kv_segment_ids)), jnp.arange(1, C))
   _, l, acc = carry
-  out = acc / l[..., None]                                                     # [b, N, t, Hv]
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]                              # [b, N, t, Hv]
   return jnp.einsum('BNTH->BTNH', out).astype(v.dtype)

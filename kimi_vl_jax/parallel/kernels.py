@@ -17,6 +17,9 @@ Built once from the model config, the mesh and the logical-axis rules, and hande
 * `pipeline`: `pipeline.Pipeline` when `KimiVLConfig.pipeline_stages > 1` (with or without a mesh:
   the schedule runs on one device too).
 * `attention`: the per-device kernel of `KimiVLConfig.attention_impl`, as on one device.
+* `vision_attention`: with `attention_impl='flash'`, `local_attention.LocalAttention`: MoonViT's
+  kernel under `shard_map` over the batch axes, skipping blocks per device and row by row (an
+  all-padding row of patches costs no attention); dense: as on one device.
 
 Without a mesh (mesh=None) everything but the pipeline is the single-device computation.
 """
@@ -30,7 +33,7 @@ from jax.sharding import Mesh
 
 from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.kernels import Kernels, default_kernels
-from kimi_vl_jax.parallel import context, expert, pipeline
+from kimi_vl_jax.parallel import context, expert, local_attention, pipeline
 from kimi_vl_jax.parallel import rules as rules_lib
 
 
@@ -53,6 +56,9 @@ def build_kernels(config: KimiVLConfig, mesh: Mesh | None = None,
                                                        ring=t.context_parallel == 'ring')
     if config.context_load_balance:
       new['sequence_layout'] = context.LoadBalancedLayout(mesh, rules, C)
+  if mesh is not None and config.attention_impl == 'flash':
+    new['vision_attention'] = local_attention.LocalAttention(
+        mesh, rules, dataclasses.replace(kernels.attention, fold_rows=True))
   if mesh is not None and mesh.shape.get(expert.EXPERT_AXIS, 1) > 1:
     if t.moe_impl in expert.DISPATCHES:
       new['routed_experts'] = expert.ExpertParallel(mesh, rules, expert.DISPATCHES[t.moe_impl])

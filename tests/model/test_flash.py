@@ -193,3 +193,67 @@ def test_config_rejects_unknown_impl():
   with pytest.raises(ValueError, match='attention_block_q'):
     get_preset('tiny', attention_block_q=0)
 
+
+
+# ------------------------------------------------------------------------------------------
+# Padding costs nothing: executed block pairs, counted at run time.
+
+def count_blocks(monkeypatch) -> list:
+  """Counts the block pairs flash attention computes, forward and backward, while they run (a
+  callback inside the taken branch of each block's `lax.cond`)."""
+  calls = []
+  real = flash._block_logits
+
+  def counting(q, *args, **kw):
+    jax.debug.callback(lambda: calls.append(1))
+    return real(q, *args, **kw)
+
+  monkeypatch.setattr(flash, '_block_logits', counting)
+  return calls
+
+
+def _image_rows():
+  """Row 0: images of 20 and 12 patches, then 32 padding slots; row 1: all padding."""
+  return jnp.asarray([[1] * 20 + [2] * 12 + [0] * 32, [0] * 64], jnp.int32)
+
+
+@pytest.mark.parametrize('fold_rows', [False, True])
+def test_padding_blocks_are_skipped(fold_rows, monkeypatch):
+  calls = count_blocks(monkeypatch)
+  seg = _image_rows()
+  q, k, v = _qkv(2, 64, 64, 2, 8, 8, seed=5)
+  attend = jax.jit(lambda q, k, v, seg: flash.flash_attention(
+      q, k, v, seg, seg, causal=False, scale=0.3, block_q=16, block_kv=16, fold_rows=fold_rows))
+  out = attend(q, k, v, seg)
+  jax.effects_barrier()
+  # Queries 0..31 x keys 0..31 only: 2 x 2 of the 4 x 4 blocks, whatever row 1 holds.
+  assert len(calls) == 4, len(calls)
+  alone = flash.flash_attention(q[:1], k[:1], v[:1], seg[:1], seg[:1], causal=False, scale=0.3,
+                                block_q=16, block_kv=16)
+  np.testing.assert_array_equal(out[:1], alone)
+  np.testing.assert_array_equal(out[:, 32:], 0.0)          # padding attends to nothing: 0
+  np.testing.assert_array_equal(out[1], 0.0)
+  _check(q, k, v, seg, seg, causal=False, bq=16, bk=16)    # == dense, values and gradients
+
+
+def test_all_padding_row_costs_nothing_row_by_row(monkeypatch):
+  """Row 0 needs the diagonal blocks of its images, row 1 (one image of 48) a bigger square:
+  with the table taken over the batch every row runs the union; folded, each row its own."""
+  seg = jnp.asarray([[1] * 16 + [2] * 16 + [0] * 32, [1] * 48 + [0] * 16], jnp.int32)
+  q, k, v = _qkv(2, 64, 64, 2, 8, 8, seed=6)
+  counts = {}
+  for fold in (False, True):
+    calls = count_blocks(monkeypatch)
+    jax.grad(lambda q: flash.flash_attention(q, k, v, seg, seg, causal=False, scale=0.3,
+                                             block_q=16, block_kv=16, fold_rows=fold).sum())(q)
+    jax.effects_barrier()
+    counts[fold] = len(calls)
+  # Forward + backward. Batch-wide table: the union, 3 x 3 block pairs, each computed for both
+  # rows (36 row-blocks); folded: row 0's 2 and row 1's 9, each for its own row (22).
+  assert counts == {False: 18, True: 22}, counts
+  ends = jnp.asarray([[0] * 64, [1] * 48 + [0] * 16], jnp.int32)
+  calls = count_blocks(monkeypatch)
+  flash.flash_attention(q, k, v, ends, ends, causal=False, scale=0.3, block_q=16, block_kv=16,
+                        fold_rows=True)
+  jax.effects_barrier()
+  assert len(calls) == 9                                    # row 1's 3 x 3, row 0 nothing

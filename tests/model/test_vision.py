@@ -326,3 +326,45 @@ def test_bf16_compute_runs_and_stays_close():
   err = np.abs(out.astype(np.float32)[0][vision.hf_order(grids)] - ref)
   # LayerNorm outputs are O(1); bf16 keeps ~3 significant digits through two blocks.
   assert err.max() < 0.08 and err.mean() < 0.01, (err.max(), err.mean())  # measured 0.032, 0.004
+
+
+# ------------------------------------------------------------------------------------------
+# Padding costs no attention.
+
+def test_all_padding_row_costs_no_attention(monkeypatch):
+  """Flash MoonViT (the default kernels: blocks skipped row by row): a second, all-padding row
+  adds no executed block pair (counted at run time) and changes nothing in the first."""
+  from kimi_vl_jax.model import flash
+  from kimi_vl_jax.model.kernels import default_kernels
+  calls = []
+  real = flash._block_logits
+
+  def counting(*args, **kw):
+    jax.debug.callback(lambda: calls.append(1))
+    return real(*args, **kw)
+
+  monkeypatch.setattr(flash, '_block_logits', counting)
+  config = fixture()[0].replace(attention_impl='flash', attention_block_q=16,
+                                attention_block_kv=16)
+  # Unscanned layers: flax's nn.scan refuses a callback inside its body.
+  model = vision.MoonViT(config.vision, scan_layers=False, kernels=default_kernels(config))
+  p = vision.unstack_block_params(params(), config.vision)
+  fn = jax.jit(lambda *a: model.apply({'params': p}, *a))
+  arrays = fixture()[2]
+  pixels, grids = case_pixels(arrays, 'packed_4x8_10x6')          # 32 + 60 patches
+  one = pad_batch(vision.pack_hf_images(pixels, grids), n_pad=36, n_img_pad=2,
+                  rng=np.random.default_rng(1))                      # P = 128
+  text_only = {k: np.zeros_like(v) for k, v in one.items()}
+  two = {k: np.concatenate([one[k], text_only[k]]) for k in one}
+  counts = []
+  for batch in (one, two):
+    del calls[:]
+    out = fn(batch['patches'], batch['patch_coords'], batch['patch_image_ids'],
+             batch['image_grid_hws'])
+    jax.effects_barrier()
+    counts.append(len(calls))
+    got = np.asarray(out)[0][:92][vision.hf_order(grids)]
+    assert np.abs(got - arrays['packed_4x8_10x6/vision_out']).max() < TOL
+    assert np.isfinite(np.asarray(out)).all()
+  # Per layer: image 1 (blocks 0-1) 2 x 2 pairs, image 2 (blocks 2-5) 4 x 4; padding none.
+  assert counts == [20 * config.vision.num_layers] * 2, counts
