@@ -99,7 +99,7 @@ def rope_cos_sin(positions: Array, inv_freq: np.ndarray, attention_factor: float
 class MLA(nn.Module):
   """MLA self-attention: x [B, T, D], positions [B, T], segment_ids [B, T] -> [B, T, D].
 
-  Causal within each segment; segment id 0 marks padding (it only sees other padding). Parameter
+  Causal within each segment; segment id 0 marks padding (it attends to nothing). Parameter
   layout: docs/param_tree.md (`self_attn/...`), heads kept in checkpoint order.
   """
   config: TextConfig

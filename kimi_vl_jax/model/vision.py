@@ -166,7 +166,7 @@ class MoonViTBlock(nn.Module):
     q = apply_rope_2d(q, angles)
     k = apply_rope_2d(k, angles)
     q = constrain(q, ('act_batch', 'act_patches', 'act_heads', 'act_kv'))
-    # Bidirectional attention inside each image; padding attends to padding only.
+    # Bidirectional attention inside each image; padding attends to nothing (output 0).
     o = self.kernel(q, k, v, image_ids, image_ids, causal=False, scale=h ** -0.5)  # [B, P, N, H]
     x = x + dense((n, h), (d,), ('vit_heads', 'vit_kv', 'vit_embed'), name='wo')(o)
     x = constrain(x, _ACT_AXES)
