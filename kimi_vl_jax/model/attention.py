@@ -61,12 +61,12 @@ class AttentionKernel:
   """The attention computation selected by `KimiVLConfig.attention_impl` (hashable, so modules can
   hold it as a field): 'dense' (`attention.segment_mask` + `dot_product_attention`) or 'flash'
   (`flash.flash_attention`, blocks of block_q x block_kv, O(T x block) memory). Same arguments and
-  result either way. `fold_rows` (flash only): decide block skipping row by row, for calls that
+  result either way. `per_row` (flash only): decide block skipping row by row, for calls that
   run per device (see `flash.flash_attention`)."""
   impl: str = 'dense'
   block_q: int = 512
   block_kv: int = 512
-  fold_rows: bool = False
+  per_row: bool = False
 
   def __post_init__(self):
     if self.impl not in ('dense', 'flash'):
@@ -80,7 +80,7 @@ class AttentionKernel:
       return flash.flash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
                                    scale=scale, q_positions=q_positions, kv_positions=kv_positions,
                                    block_q=self.block_q, block_kv=self.block_kv,
-                                   fold_rows=self.fold_rows)
+                                   per_row=self.per_row)
     mask = segment_mask(q_segment_ids, kv_segment_ids, causal=causal,
                         q_positions=q_positions, kv_positions=kv_positions)
     return dot_product_attention(q, k, v, mask, scale)

@@ -20,11 +20,13 @@ Algorithm (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023, Alg. 1 a
   images only its diagonal band, and a block of padding nothing. The table is a conservative
   test: a block it keeps may still be fully masked for some rows, which the per-element mask
   handles exactly.
-* `fold_rows=True` (a per-device call, e.g. MoonViT's): the rows are folded into one sequence
-  (segment ids made distinct per row) before the table is built, so a block pair is live only
-  for the row that needs it and an all-padding row costs nothing. Under XLA's automatic sharding
-  of the batch the folded sequence would be gathered, so callers on a mesh fold inside
-  `shard_map` (parallel/local_attention.py).
+* `per_row=True` (a per-device call, e.g. MoonViT's): the live (row, query block, key block)
+  triples are listed (`jnp.nonzero` of the per-row table, a static-size list) and a `while_loop`
+  visits only the first `count` of them, forward and backward, each on its own row: no iteration
+  is spent on a dead pair, a block live for one row is computed for that row only, and an
+  all-padding row costs nothing. The accumulators (and dQ, dK, dV) are whole `[B, ...]` buffers
+  updated in place. Under XLA's automatic sharding of the batch the dynamic row index would
+  gather the batch, so callers on a mesh run it inside `shard_map` (parallel/local_attention.py).
 
 Lengths that are not multiples of the block sizes are padded internally (padded queries get
 segment -1 and are sliced off, padded keys -2, so nothing real sees them).
@@ -51,13 +53,13 @@ _Q_PAD, _KV_PAD = -1, -2  # segment ids of internal padding: never equal to each
 def flash_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, *,
                     causal: bool, scale: float, q_positions: Array | None = None,
                     kv_positions: Array | None = None, block_q: int = 512,
-                    block_kv: int = 512, fold_rows: bool = False) -> Array:
+                    block_kv: int = 512, per_row: bool = False) -> Array:
   """q [B, T, N, H], k [B, S, N, H], v [B, S, N, Hv], segment ids [B, T] / [B, S] -> [B, T, N, Hv].
 
   `q_positions` / `kv_positions` ([B or 1, T] / [B or 1, S], default the sequence index) order the
   tokens for the causal test, as in `attention.segment_mask` (context parallelism passes each
-  token's original sequence index). The result has v's dtype. `fold_rows`: skip blocks row by
-  row (see the module docstring); the same result.
+  token's original sequence index). The result has v's dtype. `per_row`: visit only the live
+  block pairs, row by row (see the module docstring); the same result.
   """
   B, T, N, H = q.shape
   S = k.shape[1]
@@ -78,14 +80,8 @@ def flash_attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segme
   ks = _pad(kv_segment_ids.astype(jnp.int32), Sp, _KV_PAD)
   q_pos, kv_pos = _pad(q_pos, Tp, 0), _pad(kv_pos, Sp, 0)
   q, k, v = _pad(q, Tp, 0), _pad(k, Sp, 0), _pad(v, Sp, 0)
-  if fold_rows and B > 1:
-    # One row of B * Tp queries and B * Sp keys; row b's positive ids move up by b * (max + 1).
-    offset = (jnp.maximum(qs.max(), ks.max()) + 1) * jnp.arange(B, dtype=jnp.int32)[:, None]
-    qs, ks = (jnp.where(x > 0, x + offset, x).reshape(1, -1) for x in (qs, ks))
-    q_pos, kv_pos = q_pos.reshape(1, -1), kv_pos.reshape(1, -1)
-    q, k, v = (x.reshape((1, -1) + x.shape[2:]) for x in (q, k, v))
-  out = _flash(q, k, v, qs, ks, q_pos, kv_pos, causal, float(scale), bq, bk)
-  return out.reshape((B, Tp) + out.shape[2:])[:, :T]
+  flash = _flash_listed if per_row else _flash
+  return flash(q, k, v, qs, ks, q_pos, kv_pos, causal, float(scale), bq, bk)[:, :T]
 
 
 def _positions(pos: Array | None, B: int, T: int, name: str) -> Array:
@@ -117,6 +113,13 @@ def _unblocks(x: Array) -> Array:
 def live_blocks(qs: Array, ks: Array, q_pos: Array, kv_pos: Array, causal: bool, bq: int,
                 bk: int) -> Array:
   """[T/bq, S/bk] bool: may the (query block, key block) pair hold an unmasked entry in any row?
+  (`row_live_blocks` taken over the batch.)"""
+  return row_live_blocks(qs, ks, q_pos, kv_pos, causal, bq, bk).any(axis=0)
+
+
+def row_live_blocks(qs: Array, ks: Array, q_pos: Array, kv_pos: Array, causal: bool, bq: int,
+                    bk: int) -> Array:
+  """[B, T/bq, S/bk] bool: may the (query block, key block) pair hold an unmasked entry in row b?
 
   The positive (non-padding) segment ids of a block span [lo, hi]; two blocks can share a
   segment only if the spans overlap; a block of padding only has an empty span and is never
@@ -133,7 +136,7 @@ def live_blocks(qs: Array, ks: Array, q_pos: Array, kv_pos: Array, causal: bool,
     q_last = q_pos.reshape(q_pos.shape[0], -1, bq).max(-1)
     k_first = kv_pos.reshape(kv_pos.shape[0], -1, bk).min(-1)
     live &= q_last[:, :, None] >= k_first[:, None, :]
-  return live.any(axis=0)
+  return live
 
 
 def _vma(x) -> frozenset:
@@ -276,3 +279,104 @@ def _flash_bwd(causal, scale, bq, bk, res, dout):
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
+
+
+# ------------------------------------------------------------------------------------------
+# per_row=True: a while_loop over the listed live (row, query block, key block) triples.
+
+def live_list(qs, ks, qp, kp, causal: bool, bq: int, bk: int) -> tuple[Array, tuple]:
+  """(count, (rows, query blocks, key blocks)): the live triples of `row_live_blocks` in
+  row-major order, in static-size int32 arrays [B * T/bq * S/bk] of which the first `count`
+  hold them."""
+  live = row_live_blocks(qs, ks, qp, kp, causal, bq, bk)                      # [B, I, J]
+  _, nq, nk = live.shape
+  (flat,) = jnp.nonzero(live.reshape(-1), size=live.size, fill_value=0)
+  flat = flat.astype(jnp.int32)
+  return live.sum().astype(jnp.int32), (flat // (nq * nk), flat // nk % nq, flat % nk)
+
+
+def _rows(x, r, start, size, axis=1):
+  """x[r:r+1] sliced to [start, start + size) along `axis` (the block of one row)."""
+  idx = [jnp.zeros((), jnp.int32)] * x.ndim
+  idx[0], idx[axis] = r, start
+  shape = list(x.shape)
+  shape[0], shape[axis] = 1, size
+  return jax.lax.dynamic_slice(x, idx, shape)
+
+
+def _put(x, update, r, start, axis=1):
+  idx = [jnp.zeros((), jnp.int32)] * x.ndim
+  idx[0], idx[axis] = r, start
+  return jax.lax.dynamic_update_slice(x, update.astype(x.dtype), idx)
+
+
+def _forward_listed(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
+  """`_forward` visiting only the listed live triples, each for its own row."""
+  B, Tp, N, _ = q.shape
+  Hv = v.shape[-1]
+  qs, ks, qp, kp, q = jax.lax.optimization_barrier((qs, ks, qp, kp, q))
+  count, (rows, qb, kb) = live_list(qs, ks, qp, kp, causal, bq, bk)
+
+  def step(n, carry):
+    m, l, acc = carry
+    r, i0, j0 = rows[n], qb[n] * bq, kb[n] * bk
+    block = (_rows(m, r, i0, bq, 2), _rows(l, r, i0, bq, 2), _rows(acc, r, i0, bq, 2))
+    block = online_softmax_fold(
+        block, _rows(q, r, i0, bq), _rows(k, r, j0, bk), _rows(v, r, j0, bk),
+        _rows(qs, r, i0, bq), _rows(ks, r, j0, bk), _rows(qp, r, i0, bq), _rows(kp, r, j0, bk),
+        causal=causal, scale=scale)
+    return tuple(_put(x, u, r, i0, 2) for x, u in zip(carry, block))
+
+  init = (jnp.full((B, N, Tp), _NEG, jnp.float32), jnp.zeros((B, N, Tp), jnp.float32),
+          jnp.zeros((B, N, Tp, Hv), jnp.float32))
+  init = _varying_like(init, q, k, v, qs, ks, qp, kp)
+  m, l, acc = jax.lax.fori_loop(0, count, step, init)
+  seen = l > 0                                                   # False for padding rows
+  out = acc / jnp.where(seen, l, 1.0)[..., None]
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+  return jnp.einsum('BNTH->BTNH', out).astype(v.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash_listed(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
+  return _forward_listed(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk)[0]
+
+
+def _flash_listed_fwd(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk):
+  out, lse = _forward_listed(q, k, v, qs, ks, qp, kp, causal, scale, bq, bk)
+  return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+
+def _flash_listed_bwd(causal, scale, bq, bk, res, dout):
+  """`_flash_bwd`'s block step over the listed live triples; dQ, dK, dV accumulate in place."""
+  q, k, v, qs, ks, qp, kp, out, lse = res
+  qs, ks, qp, kp, dout = jax.lax.optimization_barrier((qs, ks, qp, kp, dout))
+  count, (rows, qb, kb) = live_list(qs, ks, qp, kp, causal, bq, bk)
+  delta = jnp.einsum('BTNH,BTNH->BNT', dout.astype(jnp.float32), out.astype(jnp.float32))
+
+  def step(n, carry):
+    dq, dk, dv = carry
+    r, i0, j0 = rows[n], qb[n] * bq, kb[n] * bk
+    qi, doi, kj, vj = (_rows(q, r, i0, bq), _rows(dout, r, i0, bq), _rows(k, r, j0, bk),
+                       _rows(v, r, j0, bk))
+    s, mask = _block_logits(qi, kj, _rows(qs, r, i0, bq), _rows(ks, r, j0, bk),
+                            _rows(qp, r, i0, bq), _rows(kp, r, j0, bk), causal, scale)
+    p = jnp.where(mask, jnp.exp(s - _rows(lse, r, i0, bq, 2)[..., None]), 0.0)
+    dv_j = jnp.einsum('BNTS,BTNH->BSNH', p.astype(doi.dtype), doi,
+                      preferred_element_type=jnp.float32)
+    dp = jnp.einsum('BTNH,BSNH->BNTS', doi, vj, preferred_element_type=jnp.float32)
+    ds = (p * (dp - _rows(delta, r, i0, bq, 2)[..., None]) * scale).astype(q.dtype)
+    dq_i = jnp.einsum('BNTS,BSNH->BTNH', ds, kj, preferred_element_type=jnp.float32)
+    dk_j = jnp.einsum('BNTS,BTNH->BSNH', ds, qi, preferred_element_type=jnp.float32)
+    return (_put(dq, _rows(dq, r, i0, bq) + dq_i, r, i0),
+            _put(dk, _rows(dk, r, j0, bk) + dk_j, r, j0),
+            _put(dv, _rows(dv, r, j0, bk) + dv_j, r, j0))
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+          jnp.zeros(v.shape, jnp.float32))
+  init = _varying_like(init, *res, dout)
+  dq, dk, dv = jax.lax.fori_loop(0, count, step, init)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
+
+
+_flash_listed.defvjp(_flash_listed_fwd, _flash_listed_bwd)

@@ -10,7 +10,7 @@ the vision tower, the decoder layers, MLA and the MoE):
 * `causal_attention`: `(q, k, v, segment_ids, scale, *, kernel, layout) -> out`, the decoder's
   attention over the (possibly context-sharded) sequence; default `attention.causal_attention`.
 * `vision_attention`: the same signature, MoonViT's per-image attention. Its rows are
-  independent, so it skips blocks row by row (`AttentionKernel(fold_rows=True)`, per device:
+  independent, so it skips blocks row by row (`AttentionKernel(per_row=True)`, per device:
   one device here, inside `shard_map` over the batch axes on a mesh), and an all-padding row of
   patches costs no attention. None: `attention`.
 * `routed_experts`: `(x, topk_idx, topk_weights, w_gate, w_up, w_down, *, token_mask,
@@ -69,5 +69,5 @@ def default_kernels(config: KimiVLConfig) -> Kernels:
   `nn.scan`s (a pipeline schedule gives the same numbers) and rows stay in sequence order."""
   check_names(config)
   kernel = attention_lib.attention_kernel(config)
-  return Kernels(attention=kernel, vision_attention=dataclasses.replace(kernel, fold_rows=True),
+  return Kernels(attention=kernel, vision_attention=dataclasses.replace(kernel, per_row=True),
                  routed_experts=moe.local_routed_experts(config.text.moe_impl))

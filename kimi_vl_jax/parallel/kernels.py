@@ -58,7 +58,7 @@ def build_kernels(config: KimiVLConfig, mesh: Mesh | None = None,
       new['sequence_layout'] = context.LoadBalancedLayout(mesh, rules, C)
   if mesh is not None and config.attention_impl == 'flash':
     new['vision_attention'] = local_attention.LocalAttention(
-        mesh, rules, dataclasses.replace(kernels.attention, fold_rows=True))
+        mesh, rules, dataclasses.replace(kernels.attention, per_row=True))
   if mesh is not None and mesh.shape.get(expert.EXPERT_AXIS, 1) > 1:
     if t.moe_impl in expert.DISPATCHES:
       new['routed_experts'] = expert.ExpertParallel(mesh, rules, expert.DISPATCHES[t.moe_impl])

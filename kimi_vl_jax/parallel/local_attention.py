@@ -7,7 +7,7 @@ every device as soon as any row anywhere needs it, so a device holding text-only
 padding in MoonViT) would run attention over the images of the others. `LocalAttention` runs the
 per-device kernel inside `shard_map` with the rows split over the mesh axes of `act_batch` (those
 dividing the batch, as `rules.fit_spec` does), so the block table is each device's own; with
-`fold_rows` (MoonViT's kernel) it is decided row by row, and an all-padding row costs nothing.
+`per_row` (MoonViT's kernel) it is decided row by row, and an all-padding row costs nothing.
 Same arguments and result as the kernel it wraps. `parallel.kernels.build_kernels` puts it in
 `Kernels.vision_attention` on a mesh when `attention_impl='flash'` (dense attention computes every
 score anyway).

@@ -20,11 +20,12 @@ def _dense(q, k, v, qs, ks, causal, scale, q_pos=None, kv_pos=None):
   return attention.dot_product_attention(q, k, v, mask, scale)
 
 
-def _check(q, k, v, qs, ks, *, causal, q_pos=None, kv_pos=None, bq=8, bk=16, scale=0.3):
+def _check(q, k, v, qs, ks, *, causal, q_pos=None, kv_pos=None, bq=8, bk=16, scale=0.3,
+           per_row=False):
   """Values and (q, k, v) gradients of a non-linear loss agree with the dense computation."""
   fl = lambda q, k, v: flash.flash_attention(  # noqa: E731
       q, k, v, qs, ks, causal=causal, scale=scale, q_positions=q_pos, kv_positions=kv_pos,
-      block_q=bq, block_kv=bk)
+      block_q=bq, block_kv=bk, per_row=per_row)
   de = lambda q, k, v: _dense(q, k, v, qs, ks, causal, scale, q_pos, kv_pos)  # noqa: E731
   np.testing.assert_allclose(fl(q, k, v), de(q, k, v), rtol=1e-5, atol=1e-5)
   w = jnp.asarray(np.random.default_rng(1).normal(size=v.shape[:1] + q.shape[1:3]
@@ -217,13 +218,13 @@ def _image_rows():
   return jnp.asarray([[1] * 20 + [2] * 12 + [0] * 32, [0] * 64], jnp.int32)
 
 
-@pytest.mark.parametrize('fold_rows', [False, True])
-def test_padding_blocks_are_skipped(fold_rows, monkeypatch):
+@pytest.mark.parametrize('per_row', [False, True])
+def test_padding_blocks_are_skipped(per_row, monkeypatch):
   calls = count_blocks(monkeypatch)
   seg = _image_rows()
   q, k, v = _qkv(2, 64, 64, 2, 8, 8, seed=5)
   attend = jax.jit(lambda q, k, v, seg: flash.flash_attention(
-      q, k, v, seg, seg, causal=False, scale=0.3, block_q=16, block_kv=16, fold_rows=fold_rows))
+      q, k, v, seg, seg, causal=False, scale=0.3, block_q=16, block_kv=16, per_row=per_row))
   out = attend(q, k, v, seg)
   jax.effects_barrier()
   # Queries 0..31 x keys 0..31 only: 2 x 2 of the 4 x 4 blocks, whatever row 1 holds.
@@ -233,27 +234,41 @@ def test_padding_blocks_are_skipped(fold_rows, monkeypatch):
   np.testing.assert_array_equal(out[:1], alone)
   np.testing.assert_array_equal(out[:, 32:], 0.0)          # padding attends to nothing: 0
   np.testing.assert_array_equal(out[1], 0.0)
-  _check(q, k, v, seg, seg, causal=False, bq=16, bk=16)    # == dense, values and gradients
+  _check(q, k, v, seg, seg, causal=False, bq=16, bk=16, per_row=per_row)   # == dense
+
+
+def test_per_row_listed_blocks_equal_dense():
+  """The while_loop over listed live triples: causal packed rows with padding and a ragged
+  length, local queries against full keys (context-parallel shape), MLA head dims."""
+  q, k, v = _qkv(2, 37, 37, 3, 8, 5)
+  seg = jnp.asarray([[1] * 10 + [2] * 20 + [0] * 7, [1] * 37], jnp.int32)
+  _check(q, k, v, seg, seg, causal=True, per_row=True)
+  index = np.arange(64)
+  q_index = np.concatenate([index[8:16], index[48:56]])
+  q, k, v = _qkv(2, 16, 64, 2, 24, 16, seed=4)
+  kv_seg = jnp.asarray([[1] * 20 + [2] * 40 + [0] * 4, [1] * 64], jnp.int32)
+  _check(q, k, v, kv_seg[:, q_index], kv_seg, causal=True, q_pos=jnp.asarray(q_index)[None],
+         kv_pos=jnp.asarray(index)[None], bq=8, bk=16, per_row=True)
 
 
 def test_all_padding_row_costs_nothing_row_by_row(monkeypatch):
   """Row 0 needs the diagonal blocks of its images, row 1 (one image of 48) a bigger square:
-  with the table taken over the batch every row runs the union; folded, each row its own."""
+  with the table taken over the batch every row runs the union; per row, each row its own."""
   seg = jnp.asarray([[1] * 16 + [2] * 16 + [0] * 32, [1] * 48 + [0] * 16], jnp.int32)
   q, k, v = _qkv(2, 64, 64, 2, 8, 8, seed=6)
   counts = {}
-  for fold in (False, True):
+  for per_row in (False, True):
     calls = count_blocks(monkeypatch)
     jax.grad(lambda q: flash.flash_attention(q, k, v, seg, seg, causal=False, scale=0.3,
-                                             block_q=16, block_kv=16, fold_rows=fold).sum())(q)
+                                             block_q=16, block_kv=16, per_row=per_row).sum())(q)
     jax.effects_barrier()
-    counts[fold] = len(calls)
+    counts[per_row] = len(calls)
   # Forward + backward. Batch-wide table: the union, 3 x 3 block pairs, each computed for both
-  # rows (36 row-blocks); folded: row 0's 2 and row 1's 9, each for its own row (22).
+  # rows (36 row-blocks); per row: row 0's 2 and row 1's 9, each for its own row (22).
   assert counts == {False: 18, True: 22}, counts
   ends = jnp.asarray([[0] * 64, [1] * 48 + [0] * 16], jnp.int32)
   calls = count_blocks(monkeypatch)
   flash.flash_attention(q, k, v, ends, ends, causal=False, scale=0.3, block_q=16, block_kv=16,
-                        fold_rows=True)
+                        per_row=True)
   jax.effects_barrier()
   assert len(calls) == 9                                    # row 1's 3 x 3, row 0 nothing

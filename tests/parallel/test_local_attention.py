@@ -82,7 +82,7 @@ def test_each_device_runs_only_its_rows_blocks(calls):
 def test_rows_that_do_not_split_stay_whole_and_positions_pass_through():
   mesh = _mesh(data=8)
   kern = local_attention.LocalAttention(mesh, rules_lib.get_rules('dp'),
-                                        attention.AttentionKernel('flash', 8, 8, fold_rows=True))
+                                        attention.AttentionKernel('flash', 8, 8, per_row=True))
   q, k, v, seg = _inputs()
   q, k, v, seg = q[:3], k[:3], v[:3], seg[:3]           # 3 rows: not split over data=8
   assert local_attention.row_axes(mesh, rules_lib.get_rules('dp'), 3) == ()
