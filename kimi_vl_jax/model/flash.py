@@ -173,9 +173,10 @@ def online_softmax_fold(carry, q: Array, k: Array, v: Array, q_segment_ids: Arra
 
   carry: m, l [B, N, tq], acc [B, N, tq, Hv]; q [B, tq, N, H], k / v [B, tk, N, .], segment ids
   [B, tq] / [B, tk], positions [B or 1, tq] / [B or 1, tk]. Masked scores contribute exactly 0, so
-  a block entirely masked for a row leaves the row unchanged (a padding row keeps l = 0). The running max is only a numerical
-  shift (the result does not depend on it), hence `stop_gradient` where the fold is differentiated
-  by autodiff (ring attention, `parallel/context.py`). `out = acc / l` once every block is in.
+  a block entirely masked for a row leaves the row unchanged (a padding row keeps l = 0). The
+  running max is only a numerical shift (the result does not depend on it), hence
+  `stop_gradient` where the fold is differentiated by autodiff (ring attention,
+  `parallel/context.py`). `out = acc / l` once every block is in (0 where l = 0).
   """
   m, l, acc = carry
   s, mask = _block_logits(q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal,
