@@ -10,9 +10,10 @@ then one token per step over the latent cache) and the decoder the trainer's eva
 (`train/evaluate.make_greedy_decoder`: a full forward over the whole row for every new token) run
 alternately, `--repeats` times each, after a warm-up call that compiles them; the best time
 counts. Decode tokens/s = rows x (new - 1) / (time(new) - time(1)) for the sampler (prefill
-excluded) and rows x new / time for the old decoder, whose every step costs the same full-row
-forward: where that would take long (`--old_max_steps`), it runs fewer steps over the same row
-and the time per token is extrapolated linearly (said in the output).
+excluded) and rows x steps / time for the old decoder, whose every step is the same full forward
+over the whole row (prompt + new tokens): it runs min(new, max(2, `--old_row_tokens` / (rows x
+row length))) steps over that row, since its time per step does not depend on the step (the
+output says how many).
 
 `plan` (no TPU needed): compiles the decode step of Kimi-VL-A3B (bf16 parameters and cache) for
 each TPU topology and context length with libtpu (`kimi_vl_jax/aot_decode.py`) and prints the
@@ -32,14 +33,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _timed(fn) -> float:
+def _timed(fn, keep: list | None = None) -> float:
   import jax
   t0 = time.perf_counter()
-  jax.block_until_ready(fn())
+  out = jax.block_until_ready(fn())
+  if keep is not None:
+    keep[:] = [out]
   return time.perf_counter() - t0
 
 
-def speed(models, batches, new: int, prompt_len: int, repeats: int, old_max_steps: int) -> list:
+def speed(models, batches, new: int, prompt_len: int, repeats: int, old_row_tokens: int) -> list:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -67,26 +70,29 @@ def speed(models, batches, new: int, prompt_len: int, repeats: int, old_max_step
       sp = {n: SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=())
             for n in (1, new)}
       # The old decoder: rows of prompt + new tokens, one segment each.
-      old_steps = min(new, old_max_steps)
+      old_steps = min(new, max(2, old_row_tokens // (B * (prompt_len + new))))
       spec = BatchSpec(B, int(np.ceil(cache_len / 16) * 16), 0, 1, mc.vision.patch_dim,
                        targets=False)
       examples = [{'ids': row, 'patches': None, 'coords': None, 'grids': []} for row in ids]
       rows, _ = spec.split(evaluate.prompt_batch(examples, spec))
       rows = {k: jnp.asarray(v) for k, v in rows.items()}
-      old = jax.jit(evaluate.make_greedy_decoder(KimiVL(mc), old_steps))
+      t0 = time.perf_counter()
+      old = jax.jit(evaluate.make_greedy_decoder(KimiVL(mc), old_steps)).lower(
+          params, rows).compile()                       # compiled, not run: each run is long
+      old_compile_s = time.perf_counter() - t0
 
       run_new = {n: (lambda n=n: np.concatenate(sampler.generate(prompts, sp[n]).tokens))
                  for n in (1, new)}
       compile_s = {'sampler': _timed(run_new[new]) + _timed(run_new[1]),
-                   'old': _timed(lambda: old(params, rows))}
-      t_new, t_one, t_old = [], [], []
+                   'old': old_compile_s}
+      t_new, t_one, t_old, out_new, out_old = [], [], [], [], []
       for _ in range(repeats):                          # alternated, best of `repeats`
-        t_new.append(_timed(run_new[new]))
+        t_new.append(_timed(run_new[new], out_new))
         t_one.append(_timed(run_new[1]))
-        t_old.append(_timed(lambda: old(params, rows)))
+        t_old.append(_timed(lambda: old(params, rows), out_old))
       # Both greedy on the same prompts: the first tokens agree (a cross-check, not a timing).
-      first_new = np.stack(sampler.generate(prompts, sp[new]).tokens)[:, :old_steps]
-      first_old = np.asarray(old(params, rows))
+      first_new = out_new[0].reshape(B, new)[:, :old_steps]
+      first_old = np.asarray(out_old[0])
       agree = float(np.mean(first_new == first_old))
       dec_s = (min(t_new) - min(t_one)) / (new - 1)    # per decode step, all rows
       old_s = min(t_old) / old_steps
@@ -128,7 +134,8 @@ def main():
   ap.add_argument('--new', type=int, default=256)
   ap.add_argument('--prompt', type=int, default=32)
   ap.add_argument('--repeats', type=int, default=2)
-  ap.add_argument('--old_max_steps', type=int, default=256)
+  ap.add_argument('--old_row_tokens', type=int, default=16384,
+                  help='the old decoder runs min(new, max(2, this / (rows x row length))) steps')
   ap.add_argument('--topologies', default='v5e-8,v5p-8')
   ap.add_argument('--contexts', default='32768,131072')
   ap.add_argument('--batch', type=int, default=None,
@@ -139,7 +146,7 @@ def main():
     import jax
     jax.config.update('jax_default_matmul_precision', 'highest')
     res = speed(args.models.split(','), [int(b) for b in args.batches.split(',')], args.new,
-                args.prompt, args.repeats, args.old_max_steps)
+                args.prompt, args.repeats, args.old_row_tokens)
   else:
     res = plan(args.topologies.split(','), [int(c) for c in args.contexts.split(',')],
                args.batch)

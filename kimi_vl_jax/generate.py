@@ -103,8 +103,10 @@ def load_model(*, hf_dir: str | None = None, orbax: str | None = None, stage_cfg
     from kimi_vl_jax.train.stage_config import resolve_phases
     phase = resolve_phases(stage_cfg, resolve_paths=False)[-1]
     config = model_config(stage_cfg, phase['model_overrides'])
-    abstract = nn.meta.unbox(jax.eval_shape(lambda r: init_params(config, r),
-                                            jax.random.PRNGKey(0)))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+        nn.meta.unbox(jax.eval_shape(lambda r: init_params(config, r), jax.random.PRNGKey(0))))
     params = checkpointing.restore_params(orbax, abstract, step=step)
     tok = load_tokenizer(tokenizer, stage_cfg=stage_cfg)
     data = phase['data']
@@ -277,7 +279,11 @@ def run(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> ChatSes
       continue
     if not line:
       continue
-    one_turn(line, pending, turn)
+    try:
+      one_turn(line, pending, turn)
+    except ValueError as e:            # e.g. the history outgrew --max_len: say so, keep going
+      stdout.write(f'[{e}; /reset starts a new conversation]\n')
+      continue
     pending, turn = [], turn + 1
   return session
 

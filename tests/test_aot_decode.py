@@ -22,6 +22,7 @@ def _cpu_topology(hbm_bytes: int) -> aot.Topology:
   return dataclasses.replace(aot.topology('v5e-8'), hbm_bytes=hbm_bytes)
 
 
+@pytest.mark.slow
 def test_cache_bytes_and_memory_of_the_compiled_step(tiny):
   t = tiny.text
   rep = aot_decode.compile_decode(tiny, _cpu_topology(aot.GiB), jax.devices(), batch=16,

@@ -67,6 +67,7 @@ def test_hf_pixel_values_invert_the_merge_order(image_path):
   np.testing.assert_array_equal(packed['patch_coords'][0], coords)
 
 
+@pytest.mark.slow
 def test_one_prompt_streams_the_samplers_tokens(image_path):
   tok = tok_lib.SentencePieceTokenizer()
   out = _Recorder()
@@ -92,6 +93,7 @@ def test_one_prompt_streams_the_samplers_tokens(image_path):
   assert out.writes > 3                     # streamed piece by piece, not printed once
 
 
+@pytest.mark.slow
 def test_interactive_turns_carry_the_history(image_path):
   stdin = io.StringIO(f'/image {image_path}\nWhat is it?\nAnd the color?\n/exit\n')
   out = io.StringIO()

@@ -44,6 +44,7 @@ def test_fixture_covers_text_images_and_ragged_lengths(reference):
   assert min(float(c['logit_margin'].min()) for c in cases) >= 1e-3
 
 
+@pytest.mark.slow
 def test_sampler_greedy_equals_hf_generate(reference):
   """All six prompts in one ragged batch (the sampler pads them itself), no stop token."""
   config, params, cases = reference
