@@ -113,15 +113,22 @@ def speed(models, batches, new: int, prompt_len: int, repeats: int, old_row_toke
   return results
 
 
-def plan(topologies, contexts, batch: int | None) -> list:
+def plan(topologies, contexts, batch: int | None, verify: bool) -> list:
+  """Per topology: the memory line searched at the first context; longer contexts scale its
+  per-row part (`aot_decode.scale_line`) and compile the predicted batch once to check it."""
   from kimi_vl_jax import aot_decode
   from kimi_vl_jax.model.config import get_preset
   mc = get_preset('kimi_vl_a3b')
   out = []
   for topo in topologies:
+    line = None
     for ctx in contexts:
-      text, rep = aot_decode.plan(mc, topo, context=ctx, batch=batch)
+      scaled = None if line is None else aot_decode.scale_line(line, ctx / contexts[0])
+      text, rep = aot_decode.plan(mc, topo, context=ctx, batch=batch, line=scaled,
+                                  verify=verify or scaled is not None)
       print(text, flush=True)
+      if line is None and 'memory_line' in rep:
+        line = rep['memory_line'][:2]
       out.append(rep)
   return out
 
@@ -140,6 +147,8 @@ def main():
   ap.add_argument('--contexts', default='32768,131072')
   ap.add_argument('--batch', type=int, default=None,
                   help='plan: the batch to compile (default: the largest that fits, searched)')
+  ap.add_argument('--verify', action='store_true',
+                  help='plan: also compile the batch the first context predicts')
   ap.add_argument('--out', default=None, help='write the results as JSON here')
   args = ap.parse_args()
   if args.mode == 'speed':
@@ -149,7 +158,7 @@ def main():
                 args.prompt, args.repeats, args.old_row_tokens)
   else:
     res = plan(args.topologies.split(','), [int(c) for c in args.contexts.split(',')],
-               args.batch)
+               args.batch, args.verify)
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(res, f, indent=2, default=str)

@@ -220,33 +220,52 @@ def largest_batch(points: list[tuple[int, int]], hbm: int, multiple: int) -> int
   return max(0, int(b // multiple) * multiple)
 
 
-def search_batch(config, topo: aot.Topology, devices, *, context: int,
-                 **kw) -> dict[str, Any]:
-  """The largest batch whose decode step fits `topo.hbm_bytes` per device: compiles at the
-  smallest batch (one row per row shard) and 4x that, extrapolates the line, compiles there and
-  steps down while it does not fit. The report of the last compile, with `largest_batch`."""
+def search_batch(config, topo: aot.Topology, devices, *, context: int, verify: bool = True,
+                 line: list[tuple[int, int]] | None = None, **kw) -> dict[str, Any]:
+  """The largest batch whose decode step fits `topo.hbm_bytes` per device.
+
+  Memory is linear in the batch. The line comes from compiles at one row per row shard and 4x
+  that, or is given (`line`, two (batch, bytes) points, e.g. scaled from another context);
+  the batch it predicts is compiled (`verify`) and stepped down while it does not fit. Returns
+  the report of the last compile with `largest_batch` and the points (`memory_line`).
+  """
   _, shards = decode_mesh(devices, kw.get('rules', 'dp_ep'), kw.get('expert'))
-  small = compile_decode(config, topo, devices, batch=shards, context=context, **kw)
-  if not small['fits']:
-    return {**small, 'largest_batch': 0, 'memory_line': [(shards, small['total'])]}
-  big = compile_decode(config, topo, devices, batch=4 * shards, context=context, **kw)
-  points = [(shards, small['total']), (4 * shards, big['total'])]
+  seconds, rep = 0.0, None
+  if line is None:
+    small = compile_decode(config, topo, devices, batch=shards, context=context, **kw)
+    if not small['fits']:
+      return {**small, 'largest_batch': 0, 'memory_line': [(shards, small['total'])]}
+    rep = compile_decode(config, topo, devices, batch=4 * shards, context=context, **kw)
+    line = [(shards, small['total']), (4 * shards, rep['total'])]
+    seconds = small['compile_s'] + rep['compile_s']
+  points = list(line)
   best = largest_batch(points, topo.hbm_bytes, shards)
-  seconds = small['compile_s'] + big['compile_s']
-  while True:
+  while verify:
     rep = compile_decode(config, topo, devices, batch=max(best, shards), context=context, **kw)
     seconds += rep['compile_s']
     points.append((rep['batch'], rep['total']))
     if rep['fits'] or best <= shards:
       break
     best = min(best - shards, largest_batch(points, topo.hbm_bytes, shards))
-  rep.update(largest_batch=best if rep['fits'] else 0, memory_line=points,
-             compile_s_total=seconds)
+  rep = dict(rep)
+  rep.update(largest_batch=best if (rep['fits'] or not verify) else 0, memory_line=points,
+             verified=verify and rep['fits'] and rep['batch'] == best, compile_s_total=seconds)
   return rep
 
 
+def scale_line(line: list[tuple[int, int]], factor: float) -> list[tuple[int, int]]:
+  """The memory line of a context `factor` times longer: the per-row part (slope: cache rows
+  and the per-row temporaries, which hold cache-sized slices) scales with the context, the
+  fixed part (parameters) does not."""
+  (b0, m0), (b1, m1) = line[:2]
+  slope = (m1 - m0) / (b1 - b0)
+  fixed = m0 - slope * b0
+  return [(b, int(fixed + factor * slope * b)) for b in (b0, b1)]
+
+
 def plan(config, topology_name: str, *, context: int, batch: int | None = None,
-         rules: str = 'dp_ep', expert: int | None = None) -> tuple[str, dict]:
+         rules: str = 'dp_ep', expert: int | None = None,
+         line: list[tuple[int, int]] | None = None, verify: bool = True) -> tuple[str, dict]:
   """Decode plan of `config` (cast to bf16) on a TPU topology: with `batch`, one compile of that
   batch; without, the largest batch that fits (`search_batch`)."""
   config = decode_config(config)
@@ -256,7 +275,8 @@ def plan(config, topology_name: str, *, context: int, batch: int | None = None,
     rep = compile_decode(config, topo, devices, batch=batch, context=context, rules=rules,
                          expert=expert)
   else:
-    rep = search_batch(config, topo, devices, context=context, rules=rules, expert=expert)
+    rep = search_batch(config, topo, devices, context=context, rules=rules, expert=expert,
+                       line=line, verify=verify)
   return format_plan(topo, rep), rep
 
 
@@ -281,6 +301,8 @@ def format_plan(topo: aot.Topology, rep: dict) -> str:
       f"{1e3 * rep['roofline_step_s']:.1f} ms/step, {rep['roofline_tokens_per_s']:.0f} tokens/s",
       f"  compile {rep['compile_s']:.0f} s"]
   if 'largest_batch' in rep:
-    lines.append(f"  largest batch that fits: {rep['largest_batch']} (memory line through "
+    lines.append(f"  largest batch that fits: {rep['largest_batch']} "
+                 + ('(compiled) ' if rep.get('verified') else '(from the line) ')
+                 + '(memory line through '
                  + ', '.join(f'B={b}: {g(m)}' for b, m in rep['memory_line']) + ')')
   return '\n'.join(lines)

@@ -53,6 +53,13 @@ def test_largest_batch_on_the_memory_line():
     aot_decode.largest_batch([(8, 10 * GiB), (32, 10 * GiB)], 16 * GiB, 8)
 
 
+def test_scale_line_scales_the_per_row_part_only():
+  GiB = aot.GiB
+  # Fixed 8 GiB + 0.25 GiB per row; 4x the context: 1 GiB per row, the same 8 GiB fixed.
+  line = aot_decode.scale_line([(8, 10 * GiB), (32, 16 * GiB)], 4.0)
+  assert line == [(8, 16 * GiB), (32, 40 * GiB)]
+
+
 @pytest.mark.slow
 def test_search_finds_a_batch_that_fits_and_one_more_step_does_not(tiny, monkeypatch):
   """With a made-up HBM between the memory of 24 and 32 rows, the search lands on 24."""
