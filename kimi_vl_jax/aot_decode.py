@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -191,7 +192,7 @@ def compile_decode(config, topo: aot.Topology, devices, *, batch: int, context: 
     cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
     rep['xla_bytes_accessed'] = float(cost.get('bytes accessed', float('nan')))
   except jax.errors.JaxRuntimeError as e:
-    rep = aot.oom_report(e, topo.hbm_bytes)
+    rep = aot.oom_report(e, topo.hbm_bytes) or hbm_oom_report(e, topo.hbm_bytes)
     if rep is None:
       raise
   rep.update(info)
@@ -207,6 +208,24 @@ def compile_decode(config, topo: aot.Topology, devices, *, batch: int, context: 
   rep['roofline_step_s'] = reads['total'] / bw
   rep['roofline_tokens_per_s'] = batch / rep['roofline_step_s']
   return rep
+
+
+_HBM_OOM = re.compile(r'Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm\. Exceeded hbm capacity by '
+                      r'([\d.]+)([KMGT])')
+_UNIT = {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
+def hbm_oom_report(error: Exception, hbm_bytes: int) -> dict[str, Any] | None:
+  """The report of a compile the TPU compiler refused because the whole program (arguments
+  included) exceeds HBM: 'Used XG of YG hbm. Exceeded hbm capacity by ZM' -> total Y + Z."""
+  m = _HBM_OOM.search(str(error))
+  if m is None:
+    return None
+  total = int(float(m.group(3)) * _UNIT[m.group(4)] + float(m.group(5)) * _UNIT[m.group(6)])
+  nan = float('nan')
+  return {'argument': None, 'output': None, 'temp': None, 'alias': None, 'code': None,
+          'total': total, 'hbm': hbm_bytes, 'fits': False, 'flops': nan,
+          'xla_bytes_accessed': nan, 'error': 'hbm capacity exceeded'}
 
 
 def largest_batch(points: list[tuple[int, int]], hbm: int, multiple: int) -> int:
@@ -286,8 +305,11 @@ def format_plan(topo: aot.Topology, rep: dict) -> str:
   lines = [f"{topo.name} ({topo.num_chips} chips, mesh {mesh}, rules {rep['rules']!r}, "
            f"{rep['moe_impl']}), context {rep['context']}, batch {rep['batch']}: cache "
            f"{rep['cache_bytes_per_token']:,} B/token ({rep['cache_dtype']})"]
-  if rep.get('error'):
+  if rep.get('error') == 'CompileTimeHbmOom':
     lines.append(f"  DOES NOT FIT: temporaries alone {g(rep['temp'])} vs HBM {g(rep['hbm'])}")
+    return '\n'.join(lines)
+  if rep.get('error'):
+    lines.append(f"  DOES NOT FIT: needs {g(rep['total'])} vs HBM {g(rep['hbm'])}")
     return '\n'.join(lines)
   r = rep['bytes_read']
   lines += [

@@ -53,6 +53,15 @@ def test_largest_batch_on_the_memory_line():
     aot_decode.largest_batch([(8, 10 * GiB), (32, 10 * GiB)], 16 * GiB, 8)
 
 
+def test_hbm_capacity_error_becomes_a_does_not_fit_report():
+  err = RuntimeError('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent '
+                     'error. Ran out of memory in memory space hbm. Used 15.75G of 15.75G hbm. '
+                     'Exceeded hbm capacity by 3.00M.')
+  rep = aot_decode.hbm_oom_report(err, 16 * aot.GiB)
+  assert not rep['fits'] and rep['total'] == int(15.75 * aot.GiB + 3 * 2 ** 20)
+  assert aot_decode.hbm_oom_report(RuntimeError('INTERNAL: other'), aot.GiB) is None
+
+
 def test_scale_line_scales_the_per_row_part_only():
   GiB = aot.GiB
   # Fixed 8 GiB + 0.25 GiB per row; 4x the context: 1 GiB per row, the same 8 GiB fixed.
