@@ -5,6 +5,7 @@ from an HF checkpoint directory or from a training run's orbax checkpoints plus 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ class Model:
   image_cfg: images_lib.ImageConfig   # the preprocessing the model was trained with
   context: int                        # longest sequence (prompt + answer) to evaluate at
   system_prompt: str | None = None    # inserted when a chat has no system turn
-  source: str = ''
+  source: str = ''                    # a label for tables and plots (the directory's name)
 
 
 def from_hf(hf_dir: str, tokenizer_path: str | None = None) -> Model:
@@ -33,7 +34,8 @@ def from_hf(hf_dir: str, tokenizer_path: str | None = None) -> Model:
   from kimi_vl_jax.checkpoint import hf
   config, params = hf.load(hf_dir)
   return Model(config, params, KimiTokenizer(tokenizer_path or hf_dir), images_lib.ImageConfig(),
-               int(config.text.max_position_embeddings), source=f'hf:{hf_dir}')
+               int(config.text.max_position_embeddings),
+               source=f'hf:{os.path.basename(os.path.normpath(hf_dir))}')
 
 
 def from_orbax(workdir: str, cfg, step: int | None = None) -> Model:
@@ -50,4 +52,6 @@ def from_orbax(workdir: str, cfg, step: int | None = None) -> Model:
   data = last['data']
   return Model(config, params, make_tokenizer(cfg.get('tokenizer')),
                images_lib.ImageConfig.from_config(data.get('image')), int(data['seq_len']),
-               data.get('default_system_prompt'), source=f'orbax:{workdir}')
+               data.get('default_system_prompt'),
+               source=f'orbax:{os.path.basename(os.path.normpath(workdir))}'
+                      + (f' step {step}' if step is not None else ''))
