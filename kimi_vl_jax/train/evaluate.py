@@ -282,9 +282,9 @@ class Evaluator:
 
   def run(self, params) -> dict[str, float]:
     res = {}
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      if self.n_batches:
+    if self.n_batches:
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         res.update(self.heldout(params))
-      if self.examples:
-        res.update(self.answers(params))
+    if self.examples:   # the sampler places its params and enters its mesh and rules itself
+      res.update(self.answers(params))
     return res

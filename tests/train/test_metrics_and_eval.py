@@ -117,3 +117,50 @@ def test_sampler_answers_equal_full_sequence_greedy_answers():
   with_images = evaluate.sampler_answers(sampler, exs, tok, max_new_tokens=max_new)
   blanked = evaluate.sampler_answers(sampler, exs, tok, max_new_tokens=max_new, blank_images=True)
   assert with_images[1] == blanked[1] and with_images != blanked   # only image rows change
+
+
+@pytest.mark.slow
+def test_evaluator_answers_on_a_mesh(tmp_path):
+  """`Evaluator.answers` on the trainer's 8-device mesh (params sharded as in training) gives
+  the single-device sampler's answers, twice (the second call swaps the params in)."""
+  import json
+
+  import ml_collections
+  from PIL import Image
+
+  from kimi_vl_jax.data.tokenizer import make_tokenizer
+  from kimi_vl_jax.parallel import mesh as mesh_lib, rules as rules_lib
+  from kimi_vl_jax.sampling import Sampler
+  from kimi_vl_jax.train.stage_config import base
+
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), np.uint8)).save(
+      tmp_path / 'a.png')
+  records = [{'messages': [{'role': 'user', 'content': [{'type': 'image', 'image': 'a.png'},
+                                                        {'type': 'text', 'text': 'color?'}]},
+                           {'role': 'assistant', 'content': 'red'}]},
+             {'messages': [{'role': 'user', 'content': 'one plus one'},
+                           {'role': 'assistant', 'content': 'two'}]}]
+  (tmp_path / 'qa.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  cfg = base('joint_sft', 'tiny')
+  cfg.parallel.rules = 'fsdp'
+  cfg.eval.update({'batches': 0, 'answer_file': str(tmp_path / 'qa.jsonl'), 'answer_batch': 8,
+                   'max_new_tokens': 3})
+  cfg.data.image = {'max_patches': 16}
+  mc = get_preset('tiny')
+  mesh, rules = mesh_lib.make_mesh(cfg.parallel), rules_lib.get_rules('fsdp')
+  tok = make_tokenizer()
+  ev = evaluate.Evaluator(cfg, mc, mesh, rules, None, ml_collections.ConfigDict(cfg.data), tok,
+                          False)
+  single = None
+  for seed in (0, 1):
+    boxed = init_params(mc, jax.random.PRNGKey(seed))
+    params = nn.meta.unbox(boxed)
+    sharded = jax.device_put(params, rules_lib.param_shardings(boxed, mesh, rules))
+    res = ev.answers(sharded)
+    if single is None:
+      single = Sampler(mc, params, max_len=ev.prompt_spec.seq_len, tokenizer=tok)
+    single.params = params
+    want = evaluate.sampler_answers(single, ev.examples, tok, max_new_tokens=3)
+    assert res == evaluate.score_answers(ev.examples, want)
+    assert ev._sampler.generate(evaluate.answer_prompts(ev.examples), evaluate.SamplingParams(
+        max_new_tokens=3, stop_token_ids=(tok.special['<|im_end|>'],))).texts == want
