@@ -3,6 +3,7 @@ moto's S3 server and gcp-storage-emulator's GCS server, one of each per test ses
 only when a test asks for them. `s3_env` / `gcs_env` point this process's clients (and the
 processes it starts) at them, with a fresh read cache per test."""
 
+import contextlib
 import os
 import socket
 import time
@@ -123,3 +124,18 @@ def wait_until(cond, timeout=30.0):
       return True
     time.sleep(0.1)
   return False
+
+
+def moto_auth(server):
+  """Context: moto enforces IAM authentication (every request of unknown keys is denied)."""
+  import requests
+
+  @contextlib.contextmanager
+  def ctx():
+    r = requests.post(f'{server.url}/moto-api/reset-auth', data=b'0', timeout=10)
+    r.raise_for_status()
+    try:
+      yield
+    finally:
+      requests.post(f'{server.url}/moto-api/reset-auth', data=b'inf', timeout=10)
+  return ctx()

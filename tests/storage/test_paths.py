@@ -7,6 +7,8 @@ import pytest
 
 from kimi_vl_jax.storage import paths, retry
 
+from object_store import free_port, moto_auth
+
 
 @pytest.fixture(params=['s3', 'gs'])
 def store(request):
@@ -46,7 +48,6 @@ def test_missing_bucket_is_a_clear_error_at_start(store):
 
 
 def test_unreachable_server_gives_up_after_bounded_retries(s3_env, monkeypatch):
-  from object_store import free_port
   monkeypatch.setenv('AWS_ENDPOINT_URL', f'http://127.0.0.1:{free_port()}')  # nobody listens
   t = time.time()
   with pytest.raises(retry.StorageError) as e:
@@ -65,19 +66,3 @@ def test_access_denied_is_reported_not_retried(s3_env):
     assert e.value.reason == 'access_denied'
     assert time.time() - t < 2
   assert paths.read_bytes(f's3://{bucket}/k') == b'x'
-
-
-def moto_auth(server):
-  """Context: moto enforces IAM authentication (every request of unknown keys is denied)."""
-  import contextlib
-  import requests
-
-  @contextlib.contextmanager
-  def ctx():
-    r = requests.post(f'{server.url}/moto-api/reset-auth', data=b'0', timeout=10)
-    r.raise_for_status()
-    try:
-      yield
-    finally:
-      requests.post(f'{server.url}/moto-api/reset-auth', data=b'inf', timeout=10)
-  return ctx()
