@@ -8,8 +8,9 @@ finalized step to `<remote>/<step>/`, then `<remote>/<step>/commit_success.txt` 
 commit-file convention orbax uses on GCS), and deletes the remote steps orbax no longer keeps
 (the marker first). A remote step without the marker is an unfinished upload and is never
 listed. At start `pull()` makes the staging directory match the remote one (the remote side is
-the truth): it deletes local steps the remote does not have complete, and downloads the newest
-remote step when it is missing locally, so a run resumes on a new machine from the bucket.
+the truth): it deletes local steps the remote does not have complete, and downloads the remote
+steps missing locally (all of them for a training run, so orbax's retention sees every kept
+step; only the newest to read parameters), so a run resumes on a new machine from the bucket.
 
 Uploads run in a background thread after each save, so the step loop does not wait; `finish()`
 waits for them and raises if a step could not be uploaded (never a silent loss). Single-process
@@ -58,7 +59,7 @@ class CheckpointMirror:
     return sorted(int(n) for n in names
                   if paths.exists(paths.join(self.remote, n, COMMIT_FILE)))
 
-  def pull(self, newest_only: bool = True) -> list[int]:
+  def pull(self, newest_only: bool = False) -> list[int]:
     """Makes the local directory hold the remote's complete steps (the newest, or all)."""
     os.makedirs(self.local, exist_ok=True)
     remote = self.remote_steps()
@@ -77,7 +78,7 @@ class CheckpointMirror:
         os.remove(os.path.join(tmp, COMMIT_FILE))
         os.rename(tmp, dst)
         log.info('checkpoint mirror: step %d downloaded from %s', step, self.remote)
-    self._uploaded = set(remote)
+    self._uploaded = set(_local_steps(self.local)) & set(remote)
     return remote
 
   def sync(self) -> None:
