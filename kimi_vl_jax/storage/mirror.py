@@ -1,8 +1,9 @@
 """Orbax checkpoint directories on remote storage, through a local staging directory.
 
-orbax-checkpoint 0.12.8 writes `gs://` checkpoints itself but cannot write `s3://`: its
-TensorStore spec builder normalises the directory with `os.path.normpath` (`s3://b/k` becomes
-`s3:/b/k`, rejected as not absolute). So for every remote scheme the manager here writes into a
+orbax-checkpoint 0.12.8 cannot write `s3://` checkpoints: its TensorStore spec builder
+normalises the directory with `os.path.normpath`, which turns `s3://b/k` into `s3:/b/k`, then
+rejects it as not absolute (only `gs:/` is repaired, for its GCS driver). So for both remote
+schemes (one code path, tested against an S3 and a GCS server) the manager writes into a
 local staging directory (atomic renames, as for any local run) and a mirror uploads each
 finalized step to `<remote>/<step>/`, then `<remote>/<step>/commit_success.txt` last (the
 commit-file convention orbax uses on GCS), and deletes the remote steps orbax no longer keeps
