@@ -340,9 +340,11 @@ def download_tree(url: str, local: str) -> None:
 
 
 def upload_tree(local: str, url: str, skip: tuple[str, ...] = ()) -> None:
-  """Every file under the local directory to the same relative keys under `url`."""
+  """Every file under the local directory to the same relative keys under `url`, except those
+  whose name or top-level directory is in `skip`."""
   for rel in walk_files(local):
-    if rel.split(os.sep)[-1] in skip:
+    parts = rel.split(os.sep)
+    if parts[0] in skip or parts[-1] in skip:
       continue
     upload(os.path.join(local, rel), join(url, *rel.split(os.sep)))
 
