@@ -60,8 +60,14 @@ def fetch_tree(url: str, kind: str, local: str | None = None) -> str:
 
 
 def publish_tree(local: str, url: str, marker: str | None = None) -> None:
-  """Uploads the local directory under `url`; `marker` (a file name) is written last, so a
-  reader that waits for it never sees a partial upload."""
-  paths.upload_tree(local, url)
+  """Uploads the local directory under `url`; the top-level file `marker` (its local copy if
+  there is one, e.g. orbax's own commit file, else a small text) is uploaded last, so a reader
+  that waits for it never sees a partial upload."""
+  for rel in paths.walk_files(local):
+    if rel != marker:
+      paths.upload(os.path.join(local, rel), paths.join(url, *rel.split(os.sep)))
   if marker:
-    paths.write_text(paths.join(url, marker), 'complete\n')
+    if os.path.isfile(os.path.join(local, marker)):
+      paths.upload(os.path.join(local, marker), paths.join(url, marker))
+    else:
+      paths.write_text(paths.join(url, marker), 'complete\n')

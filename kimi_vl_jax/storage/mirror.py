@@ -5,8 +5,8 @@ normalises the directory with `os.path.normpath`, which turns `s3://b/k` into `s
 rejects it as not absolute (only `gs:/` is repaired, for its GCS driver). So for both remote
 schemes (one code path, tested against an S3 and a GCS server) the manager writes into a
 local staging directory (atomic renames, as for any local run) and a mirror uploads each
-finalized step to `<remote>/<step>/`, then `<remote>/<step>/commit_success.txt` last (the
-commit-file convention orbax uses on GCS), and deletes the remote steps orbax no longer keeps
+finalized step to `<remote>/<step>/`, then `<remote>/<step>/commit_success.txt` last (orbax's
+own commit file of the step, which it also writes locally), and deletes the remote steps orbax no longer keeps
 (the marker first). A remote step without the marker is an unfinished upload and is never
 listed. At start `pull()` makes the staging directory match the remote one (the remote side is
 the truth): it deletes local steps the remote does not have complete, and downloads the remote
@@ -28,6 +28,7 @@ import threading
 
 from kimi_vl_jax.storage import files
 from kimi_vl_jax.storage import paths
+from kimi_vl_jax.storage.retry import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ class CheckpointMirror:
         tmp = dst + '.download-tmp'
         shutil.rmtree(tmp, ignore_errors=True)
         files.fetch_tree(paths.join(self.remote, str(step)), 'checkpoints', local=tmp)
-        os.remove(os.path.join(tmp, COMMIT_FILE))
         os.rename(tmp, dst)
         log.info('checkpoint mirror: step %d downloaded from %s', step, self.remote)
     self._uploaded = set(_local_steps(self.local)) & set(remote)
@@ -92,10 +92,13 @@ class CheckpointMirror:
         src = os.path.join(self.local, str(step))
         try:
           files.publish_tree(src, paths.join(self.remote, str(step)), marker=COMMIT_FILE)
-        except FileNotFoundError:
+        except (FileNotFoundError, StorageError) as e:
           if os.path.isdir(src):
             raise
-          continue  # orbax deleted it (retention) while it was being uploaded
+          # orbax deleted it (retention) while it was being uploaded: drop the partial copy.
+          log.info('checkpoint mirror: step %d was deleted during its upload (%s)', step, e)
+          paths.remove(paths.join(self.remote, str(step)))
+          continue
         self._uploaded.add(step)
         log.info('checkpoint mirror: step %d uploaded to %s', step, self.remote)
       for step in sorted(self._uploaded - set(local)):

@@ -152,3 +152,17 @@ def test_server_restart_mid_run_loses_nothing_and_a_dead_server_is_counted(tmp_p
     server.start()
   skips = pipeline.skip_counts(it)['chat']
   assert skips.get('remote_unavailable', 0) >= 1 and sum(skips.values()) == 12
+
+
+@pytest.mark.slow  # grain worker processes start with spawn (about 30 s)
+def test_remote_source_with_worker_processes_matches_local(small_chat_dataset, tok, s3_env):
+  _, bucket = s3_env
+  path, _ = small_chat_dataset
+  url = f's3://{bucket}/chatset'
+  _upload_dir(os.path.dirname(path), url)
+  spec = lambda p: [dict(name='chat', kind='chat', path=p)]  # noqa: E731
+  local = _take(pipeline.make_iterator(_cfg(spec(path), num_workers=2), tok), 5)
+  it = pipeline.make_iterator(_cfg(spec(f'{url}/chat.jsonl'), num_workers=2), tok)
+  _assert_same(local, _take(it, 5))
+  stats = pipeline.data_stats(it)    # the workers' cache counts reach the parent
+  assert stats['cache_misses/chat'] > 0 and stats['cache_hits/chat'] > 0

@@ -103,3 +103,19 @@ def test_hf_and_params_directories_round_trip(store, request):
   config3, params3 = convert.load_params(f'{root}/params')
   assert config3 == config
   jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, params3))
+
+
+def test_the_commit_file_is_uploaded_last(s3_env, monkeypatch):
+  """A kill during an upload must never leave a step that looks complete: the commit file
+  goes up after every other file (orbax writes its own local copy first in the listing)."""
+  _, bucket = s3_env
+  url = f's3://{bucket}/order/checkpoints'
+  mgr = checkpointing.make_manager(url, interval=1, keep=1, async_save=False)
+  uploaded = []
+  real_upload = paths.upload
+  monkeypatch.setattr(paths, 'upload', lambda l, u: (uploaded.append(u), real_upload(l, u)))
+  checkpointing.save(mgr, 1, _state(1), _It(), {'phase': 0})
+  mgr.close()
+  names = [u.split('/checkpoints/1/', 1)[1] for u in uploaded]
+  assert len(names) > 3 and names[-1] == mirror_lib.COMMIT_FILE
+  assert names.count(mirror_lib.COMMIT_FILE) == 1
