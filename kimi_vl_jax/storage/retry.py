@@ -55,22 +55,33 @@ class RetryPolicy:
     return [min(self.max_backoff_s, self.backoff_s * 2 ** k) for k in range(self.attempts - 1)]
 
 
+_MISSING_CODES = {'NoSuchKey', 'NoSuchBucket', 'NotFound', '404', 404}
+_DENIED_CODES = {'AccessDenied', 'Forbidden', 'InvalidAccessKeyId', 'SignatureDoesNotMatch',
+                 'AllAccessDisabled', '401', '403', 401, 403}
+
+
 def classify(e: BaseException) -> str:
-  """The REASONS entry of an exception raised by fsspec / s3fs / gcsfs / botocore / aiohttp."""
-  if isinstance(e, StorageError):
-    return e.reason
-  if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-    return 'missing_object'
-  if isinstance(e, PermissionError):
-    return 'access_denied'
-  text = f'{type(e).__name__} {e}'
-  for marker in ('NoSuchKey', 'NoSuchBucket', 'Not Found', '404'):
-    if marker in text and 'Timeout' not in text:
+  """The REASONS entry of an exception raised by fsspec / s3fs / gcsfs / botocore / aiohttp,
+  from its type or its error / HTTP status code (following the `__cause__` chain); anything
+  else (connection errors, timeouts, 5xx, cut transfers) is `remote_unavailable`."""
+  seen = 0
+  while e is not None and seen < 8:
+    if isinstance(e, StorageError):
+      return e.reason
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
       return 'missing_object'
-  for marker in ('AccessDenied', 'Forbidden', 'InvalidAccessKeyId', 'SignatureDoesNotMatch',
-                 '403', '401'):
-    if marker in text:
+    if isinstance(e, PermissionError):
       return 'access_denied'
+    codes = {getattr(e, 'code', None), getattr(e, 'status', None)}
+    response = getattr(e, 'response', None)
+    if isinstance(response, dict):  # botocore ClientError
+      codes.add(response.get('Error', {}).get('Code'))
+      codes.add(response.get('ResponseMetadata', {}).get('HTTPStatusCode'))
+    if codes & _MISSING_CODES:
+      return 'missing_object'
+    if codes & _DENIED_CODES:
+      return 'access_denied'
+    e, seen = e.__cause__ or e.__context__, seen + 1
   return 'remote_unavailable'
 
 

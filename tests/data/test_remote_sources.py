@@ -166,3 +166,14 @@ def test_remote_source_with_worker_processes_matches_local(small_chat_dataset, t
   _assert_same(local, _take(it, 5))
   stats = pipeline.data_stats(it)    # the workers' cache counts reach the parent
   assert stats['cache_misses/chat'] > 0 and stats['cache_hits/chat'] > 0
+
+
+def test_tokenizer_file_from_the_bucket(s3_env, tok):
+  from kimi_vl_jax.data import tokenizer as tok_lib
+  _, bucket = s3_env
+  paths.upload(tok_lib.TINY_SPM_PATH, f's3://{bucket}/tok/tiny_spm.model')
+  remote = tok_lib.make_tokenizer({'kind': 'sentencepiece', 'path': f's3://{bucket}/tok/tiny_spm.model'})
+  text = 'what color is the circle? 12 + 7 = 19.'
+  assert remote.encode(text) == tok.encode(text) and remote.vocab_size == tok.vocab_size
+  with pytest.raises(FileNotFoundError, match='not found'):
+    tok_lib.make_tokenizer({'kind': 'sentencepiece', 'path': f's3://{bucket}/tok/none.model'})

@@ -1,13 +1,14 @@
 """The file API against real servers on localhost: moto (S3) and gcp-storage-emulator (GCS);
 faults end in a StorageError with a countable reason after bounded retries, never a hang."""
 
+import socket
 import time
 
 import pytest
 
 from kimi_vl_jax.storage import paths, retry
 
-from object_store import free_port, moto_auth
+from object_store import moto_auth
 
 
 @pytest.fixture(params=['s3', 'gs'])
@@ -48,10 +49,12 @@ def test_missing_bucket_is_a_clear_error_at_start(store):
 
 
 def test_unreachable_server_gives_up_after_bounded_retries(s3_env, monkeypatch):
-  monkeypatch.setenv('AWS_ENDPOINT_URL', f'http://127.0.0.1:{free_port()}')  # nobody listens
-  t = time.time()
-  with pytest.raises(retry.StorageError) as e:
-    paths.read_bytes('s3://any-bucket/key')
+  with socket.socket() as s:  # bound, never listening: connections are refused
+    s.bind(('127.0.0.1', 0))
+    monkeypatch.setenv('AWS_ENDPOINT_URL', f'http://127.0.0.1:{s.getsockname()[1]}')
+    t = time.time()
+    with pytest.raises(retry.StorageError) as e:
+      paths.read_bytes('s3://any-bucket/key')
   assert e.value.reason == 'remote_unavailable' and 'failed 3 times' in str(e.value)
   assert 0.5 < time.time() - t < 30  # two backoffs (0.2 + 0.4 s), then it gives up
 
@@ -66,3 +69,14 @@ def test_access_denied_is_reported_not_retried(s3_env):
     assert e.value.reason == 'access_denied'
     assert time.time() - t < 2
   assert paths.read_bytes(f's3://{bucket}/k') == b'x'
+
+
+def test_classification_uses_codes_not_digits_in_messages():
+  err = ConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:40312/b/k"')
+  assert retry.classify(err) == 'remote_unavailable'
+  assert retry.classify(FileNotFoundError('k')) == 'missing_object'
+  assert retry.classify(PermissionError('k')) == 'access_denied'
+
+  class HttpError(Exception):
+    code = 403
+  assert retry.classify(HttpError('forbidden')) == 'access_denied'
