@@ -199,7 +199,8 @@ def save(config: KimiVLConfig, params, path: str, *, dtype=None, include_vision:
            max_shard_bytes=max_shard_bytes)
       storage_paths.remove(path)
       storage_paths.upload_tree(tmp, path, skip=('config.json',))
-      storage_paths.upload(os.path.join(tmp, 'config.json'), storage_paths.join(path, 'config.json'))
+      storage_paths.upload(os.path.join(tmp, 'config.json'),
+                           storage_paths.join(path, 'config.json'))
     return
   os.makedirs(path, exist_ok=True)
   params = _to_numpy_tree(params)

@@ -248,7 +248,8 @@ def resolve_under_root(root: str, ref: str, _dir_cache: dict | None = None) -> s
 def _resolve_remote(root: str, ref: str) -> str:
   root = paths_lib.normalize(root)
   if '://' in ref or ref.startswith('/') or '\\' in ref:
-    raise chat.SkipExample('path_escape', f'image path {ref!r} is not relative to the root {root!r}')
+    raise chat.SkipExample('path_escape',
+                           f'image path {ref!r} is not relative to the root {root!r}')
   prefix = root.split('://', 1)[1]
   key = posixpath.normpath(posixpath.join(prefix, ref))
   if not key.startswith(prefix + '/'):

@@ -19,7 +19,8 @@ from kimi_vl_jax.storage import paths
 
 
 def staging_dir(url: str, kind: str) -> str:
-  """A local directory that belongs to one remote URL: `<cache dir>/staging/<kind>/<hash>-<name>`."""
+  """A local directory that belongs to one remote URL:
+  `<cache dir>/staging/<kind>/<hash>-<name>`."""
   url = paths.normalize(url)
   h = hashlib.sha256(url.encode()).hexdigest()[:16]
   return os.path.join(cache_lib.default_dir(), 'staging', kind, f'{h}-{paths.basename(url)}')

@@ -3,11 +3,11 @@
 orbax-checkpoint 0.12.8 cannot write `s3://` checkpoints: its TensorStore spec builder
 normalises the directory with `os.path.normpath`, which turns `s3://b/k` into `s3:/b/k`, then
 rejects it as not absolute (only `gs:/` is repaired, for its GCS driver). So for both remote
-schemes (one code path, tested against an S3 and a GCS server) the manager writes into a
-local staging directory (atomic renames, as for any local run) and a mirror uploads each
-finalized step to `<remote>/<step>/`, then `<remote>/<step>/commit_success.txt` last (orbax's
-own commit file of the step, which it also writes locally), and deletes the remote steps orbax no longer keeps
-(the marker first). A remote step without the marker is an unfinished upload and is never
+schemes (one code path, tested against an S3 and a GCS server) the manager writes into a local
+staging directory (atomic renames, as for any local run) and a mirror uploads each finalized
+step to `<remote>/<step>/`, then `<remote>/<step>/commit_success.txt` last (orbax's own commit
+file of the step, which it also writes locally), and deletes the remote steps orbax no longer
+keeps (the marker first). A remote step without the marker is an unfinished upload and is never
 listed. At start `pull()` makes the staging directory match the remote one (the remote side is
 the truth): it deletes local steps the remote does not have complete, and downloads the remote
 steps missing locally (all of them for a training run, so orbax's retention sees every kept

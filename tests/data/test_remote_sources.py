@@ -172,7 +172,8 @@ def test_tokenizer_file_from_the_bucket(s3_env, tok):
   from kimi_vl_jax.data import tokenizer as tok_lib
   _, bucket = s3_env
   paths.upload(tok_lib.TINY_SPM_PATH, f's3://{bucket}/tok/tiny_spm.model')
-  remote = tok_lib.make_tokenizer({'kind': 'sentencepiece', 'path': f's3://{bucket}/tok/tiny_spm.model'})
+  remote = tok_lib.make_tokenizer({'kind': 'sentencepiece',
+                                   'path': f's3://{bucket}/tok/tiny_spm.model'})
   text = 'what color is the circle? 12 + 7 = 19.'
   assert remote.encode(text) == tok.encode(text) and remote.vocab_size == tok.vocab_size
   with pytest.raises(FileNotFoundError, match='not found'):
