@@ -77,10 +77,10 @@ def test_s3_run_killed_and_resumed_from_the_bucket_is_bitwise(tmp_path, s3_env):
                           env=_env(s3, str(tmp_path / 'cache_a'), compile_cache))
   client = server.client()
 
-  def committed():
+  def committed():  # steps whose own commit file is up (orbax's items have one each too)
     r = client.list_objects_v2(Bucket=bucket, Prefix='run/checkpoints/')
-    return sorted(int(o['Key'].split('/')[2]) for o in r.get('Contents', [])
-                  if o['Key'].endswith('/commit_success.txt'))
+    keys = [o['Key'].split('/') for o in r.get('Contents', [])]
+    return sorted(int(k[2]) for k in keys if len(k) == 4 and k[3] == 'commit_success.txt')
 
   def ready():
     done = read_metrics(run_dir)
