@@ -129,13 +129,18 @@ class CheckpointMirror:
                     'save and at the end', self.remote, e)
 
   def finish(self) -> None:
-    """Stops the thread and uploads what is left (raises if that fails)."""
+    """Stops the thread, uploads what is left (raises if that fails) and deletes remote steps
+    left uncommitted by an upload that lost a race with orbax's retention."""
     if self._thread is not None:
       self._stop = True
       self._wake.set()
       self._thread.join()
       self._thread = None
     self.sync()
+    committed = set(self.remote_steps())
+    for name in paths.listdir(self.remote):
+      if name.isdigit() and int(name) not in committed:
+        paths.remove(paths.join(self.remote, name))
 
 
 def check_single_process(remote: str, process_count: int) -> None:

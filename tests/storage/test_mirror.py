@@ -64,9 +64,13 @@ def test_train_checkpoints_round_trip_through_the_bucket(store, request, monkeyp
   assert it.pos == 30 and checkpointing.restore_meta(mgr, 3) == {'phase': 0}
   mgr.close()
 
-  # An upload cut off before its commit file is not a checkpoint.
+  # An upload cut off before its commit file is not a checkpoint (and is cleaned up at the end).
   paths.write_bytes(f'{url}/7/state/junk', b'half an upload')
   assert mirror_lib.CheckpointMirror(url).remote_steps() == [2, 3]
+  mirror = mirror_lib.CheckpointMirror(url)
+  mirror.pull()
+  mirror.finish()
+  assert paths.listdir(url) == ['2', '3']
 
 
 def test_restore_params_from_a_remote_workdir(s3_env):
