@@ -31,6 +31,7 @@ import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
 from kimi_vl_jax.data import images as images_lib
+from kimi_vl_jax.data import video as video_lib
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ SKIP_REASONS = (
     'no_assistant', 'empty_text', 'path_escape', 'missing_image', 'corrupt_image',
     'truncated_image', 'too_long', 'too_many_patches', 'too_many_images',
 )
-KEPT_FIELDS = ('examples', 'tokens', 'images')
+# Kept counts per source; an image of a video counts as an image and as a frame (video.py).
+KEPT_FIELDS = ('examples', 'tokens', 'images') + video_lib.VIDEO_STATS
 PACKED_TOKEN_KEYS = ('input_ids', 'token_mask', 'sub_seg')
 
 
@@ -63,7 +65,7 @@ class StatsLayout:
     return source * self.stride + len(KEPT_FIELDS) + SKIP_REASONS.index(reason)
 
   def as_table(self, vec: np.ndarray) -> np.ndarray:
-    """[S, 3 + R] view."""
+    """[S, len(KEPT_FIELDS) + len(SKIP_REASONS)] view."""
     return np.asarray(vec).reshape(self.num_sources, self.stride)
 
 
@@ -123,6 +125,7 @@ class _AccountIterator(grain_dataset.DatasetIterator):
       if 'skip' in e:
         self._pending[self._layout.skip(e['source'], e['skip'])] += 1
         continue
+      video_stats = e.pop('video_stats', None)  # kept counts only; never packed
       if self._limits is not None:
         reason = self._oversize(e)
         if reason is not None:
@@ -138,6 +141,9 @@ class _AccountIterator(grain_dataset.DatasetIterator):
         stats[self._layout.kept(s, 'examples')] += 1
         stats[self._layout.kept(s, 'tokens')] += len(e['input_ids'])
         stats[self._layout.kept(s, 'images')] += len(e['image_grid_hws'])
+        if video_stats is not None:
+          first = self._layout.kept(s, video_lib.VIDEO_STATS[0])
+          stats[first:first + len(video_stats)] += video_stats
       self._pending = self._layout.zeros()
       return {**e, 'stats': stats}
 
