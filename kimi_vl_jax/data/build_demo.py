@@ -203,7 +203,8 @@ VIDEO_SEEDS = {'train': 4321, 'test': 8765}
 VIDEO_FRAME = 56            # pixels: 4 x 4 patches, 4 tokens per frame at any image limit >= 16
 VIDEO_FRAMES = (12, 40)     # frames per video, inclusive
 _DIRECTIONS = {'right': (1, 0), 'left': (-1, 0), 'down': (0, 1), 'up': (0, -1)}
-_RGB = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (40, 70, 220), 'black': (0, 0, 0),
+# The shape colours of the generated videos (easy-vqa's colour names).
+RGB = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (40, 70, 220), 'black': (0, 0, 0),
         'gray': (128, 128, 128), 'teal': (0, 128, 128), 'brown': (140, 80, 30),
         'yellow': (230, 200, 0)}
 
@@ -217,11 +218,11 @@ def draw_shape(shape: str, color: str, center: tuple[float, float], size: int = 
   x, y = center
   r = radius
   if shape == 'circle':
-    d.ellipse((x - r, y - r, x + r, y + r), fill=_RGB[color])
+    d.ellipse((x - r, y - r, x + r, y + r), fill=RGB[color])
   elif shape == 'rectangle':
-    d.rectangle((x - r, y - 0.7 * r, x + r, y + 0.7 * r), fill=_RGB[color])
+    d.rectangle((x - r, y - 0.7 * r, x + r, y + 0.7 * r), fill=RGB[color])
   elif shape == 'triangle':
-    d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=_RGB[color])
+    d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=RGB[color])
   else:
     raise ValueError(f'unknown shape {shape!r}')
   return img
@@ -243,7 +244,7 @@ def moving_shape_video(rng: random.Random, directory: str, rel: str) -> dict:
   """Writes the frames of one moving-shape video under `directory/rel`; returns its record."""
   from kimi_vl_jax.data import video as video_lib
   n = rng.randint(*VIDEO_FRAMES)
-  shape, color = rng.choice(_SHAPES), rng.choice(list(_RGB))
+  shape, color = rng.choice(_SHAPES), rng.choice(list(RGB))
   direction = rng.choice(list(_DIRECTIONS))
   dx, dy = _DIRECTIONS[direction]
   cross = rng.uniform(16, VIDEO_FRAME - 16)  # where it crosses the frame
