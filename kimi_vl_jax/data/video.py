@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -140,7 +140,9 @@ def fit_frames(frame_costs: Sequence[np.ndarray], timestamps: Sequence[Sequence[
       out += np.asarray(c, np.int64)[idx].sum(axis=0)
     return out
 
-  fits: Callable[[int], bool] = lambda cap: bool((total(choose(cap)) <= limits).all())  # noqa: E731
+  def fits(cap: int) -> bool:
+    return bool((total(choose(cap)) <= limits).all())
+
   hi = max(lens, default=0)
   if fits(hi):
     return choose(hi), True
