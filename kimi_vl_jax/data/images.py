@@ -20,6 +20,7 @@ ones (downscaled; JPEG decoded at reduced size). Missing, corrupt and truncated 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from typing import Any
@@ -132,8 +133,17 @@ def load_image(path: str, draft_limit: int | None = None) -> Image.Image:
   """
   if not os.path.isfile(path):
     raise BadImage('missing_image', f'no file {path!r}')
+  return _decode(path, path, draft_limit)
+
+
+def decode_image(data: bytes, name: str, draft_limit: int | None = None) -> Image.Image:
+  """`load_image` of an image's bytes (read from remote storage); `name` is for messages."""
+  return _decode(io.BytesIO(data), name, draft_limit)
+
+
+def _decode(source, path: str, draft_limit: int | None) -> Image.Image:
   try:
-    with Image.open(path) as im:
+    with Image.open(source) as im:
       if draft_limit and im.format == 'JPEG':
         side = int(math.sqrt(draft_limit)) * PATCH * 2
         im.draft('RGB', (side, side))

@@ -23,7 +23,9 @@ documented by grain.
 Config fields read from `data` (ConfigDict or dict; defaults in `default_config()`):
   sources: list of {name, kind: chat|caption|text, path, weight, root (default: the file's
     directory), format (jsonl|txt|array_record; default from the file name)}. `path` may be
-    `demo:easy_vqa/train.jsonl` etc. (built on first use under `cache_dir`, see build_demo.py).
+    `demo:easy_vqa/train.jsonl` etc. (built on first use under `cache_dir`, see build_demo.py),
+    or `s3://` / `gs://` (read through the storage layer's cache; data_stats then reports
+    `cache_hits/<source>`, `cache_misses/<source>` and `cache_hit_rate`).
   seq_len (T), max_patches (P, per row; 0 for text-only), max_images (I, per row),
   batch_size (rows per host), num_workers (0 = in-process), worker_buffer_size,
   read_threads / read_buffer_size (grain ReadOptions of each source: threads that turn records
@@ -39,7 +41,6 @@ Config fields read from `data` (ConfigDict or dict; defaults in `default_config(
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -55,6 +56,7 @@ from kimi_vl_jax.data import packing
 from kimi_vl_jax.data import sources as sources_lib
 from kimi_vl_jax.data import video as video_lib
 from kimi_vl_jax.data.tokenizer import make_tokenizer  # noqa: F401  (re-exported entry point)
+from kimi_vl_jax.storage import paths as storage_paths
 
 
 class DataQualityError(RuntimeError):
@@ -112,7 +114,7 @@ def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, se
   kind = spec.get('kind')
   path = build_demo.resolve_path(spec['path'], cfg['cache_dir'])
   fmt = spec.get('format') or sources_lib.infer_format(path)
-  root = spec.get('root') or os.path.dirname(os.path.abspath(path))
+  root = spec.get('root') or storage_paths.dirname(path)
   src = sources_lib.open_source(path, fmt)
   if len(src) < process_count:
     raise ValueError(f'data source {name!r} ({path}) has {len(src)} records, fewer than the '
@@ -224,7 +226,7 @@ class _StatsIterator(grain_dataset.DatasetIterator):
     self._max_skip_rate, self._min_seen = max_skip_rate, min_seen
     self._totals = layout.zeros()
     self._skips_only = np.zeros((layout.num_sources, layout.stride), np.int64)
-    self._skips_only[:, len(packing.KEPT_FIELDS):] = 1
+    self._skips_only[:, len(packing.KEPT_FIELDS):] = 1  # skips and cache counts
     self._skips_only = self._skips_only.reshape(-1)
 
   def __next__(self):
@@ -240,7 +242,7 @@ class _StatsIterator(grain_dataset.DatasetIterator):
   def _check_skip_rate(self):
     table = self._layout.as_table(self._totals)
     kept = int(table[:, 0].sum())
-    skipped = int(table[:, len(packing.KEPT_FIELDS):].sum())
+    skipped = int(table[:, self._layout.skips].sum())
     seen = kept + skipped
     if seen >= self._min_seen and skipped > self._max_skip_rate * seen:
       raise DataQualityError(
@@ -261,7 +263,8 @@ class _StatsIterator(grain_dataset.DatasetIterator):
     table = self._layout.as_table(self._totals)
     kept = {f: table[:, k] for k, f in enumerate(packing.KEPT_FIELDS)}
     kept_ex, kept_tok, kept_img = kept['examples'], kept['tokens'], kept['images']
-    skipped = table[:, len(packing.KEPT_FIELDS):]
+    skipped = table[:, self._layout.skips]
+    cache = table[:, self._layout.cache_fields]
     out: dict[str, float] = {}
     tw = sum(self._weights)
     for s, name in enumerate(self._names):
@@ -278,8 +281,13 @@ class _StatsIterator(grain_dataset.DatasetIterator):
       for k, r in enumerate(packing.SKIP_REASONS):
         if skipped[s, k]:
           out[f'skipped/{name}/{r}'] = int(skipped[s, k])
+      if cache[s].any():  # remote sources: reads served by the local cache / fetched
+        out[f'cache_hits/{name}'] = int(cache[s, 0])
+        out[f'cache_misses/{name}'] = int(cache[s, 1])
     seen = int(kept_ex.sum() + skipped.sum())
     out['skip_rate'] = float(skipped.sum() / max(1, seen))
+    if cache.any():
+      out['cache_hit_rate'] = float(cache[:, 0].sum() / max(1, cache.sum()))
     return out
 
   def get_state(self):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +36,7 @@ from kimi_vl_jax.data import chat, images as images_lib, packing, sources
 from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.model.kimi_vl import KimiVL
 from kimi_vl_jax.parallel.kernels import build_kernels
+from kimi_vl_jax.storage import paths as storage_paths
 from kimi_vl_jax.train import losses
 from kimi_vl_jax.train.stage_config import resolve_sources
 
@@ -46,31 +46,30 @@ def load_answer_examples(path: str, tok, data_cfg, limit: int) -> list[dict]:
   file's directory, which they must not leave; no augmentation)."""
   image_cfg = images_lib.ImageConfig.from_config(data_cfg.get('image'))
   image_cfg = image_cfg.__class__(**{**image_cfg.__dict__, 'augment': False})
-  root = os.path.dirname(os.path.abspath(path))
+  root = storage_paths.dirname(path)  # local or s3:// / gs:// (images read from there too)
   system = data_cfg.get('default_system_prompt', None)
   out = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      turns = chat.parse_conversation(record)
-      if turns[-1].role != 'assistant':
-        raise ValueError(f'{path}: the last turn of an answer record must be the assistant')
-      answer = ''.join(v for kind, v in turns[-1].parts if kind == 'text')
-      prompt_turns = turns[:-1]
-      try:
-        patches, coords, grids, ntok = sources.load_images(chat.image_refs(prompt_turns), root,
-                                                           image_cfg)
-      except (chat.SkipExample, images_lib.BadImage) as e:
-        raise ValueError(f'{path} line {line_no}: {e}') from e
-      ids, _ = chat.render_chat(prompt_turns, tok, ntok, default_system_prompt=system,
-                                add_generation_prompt=True)
-      out.append({'ids': ids, 'answer': answer, 'kind': record.get('kind'),
-                  'patches': patches if ntok else None, 'coords': coords if ntok else None,
-                  'grids': grids})
-      if len(out) >= limit:
-        break
+  for line_no, line in enumerate(storage_paths.read_text(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    record = json.loads(line)
+    turns = chat.parse_conversation(record)
+    if turns[-1].role != 'assistant':
+      raise ValueError(f'{path}: the last turn of an answer record must be the assistant')
+    answer = ''.join(v for kind, v in turns[-1].parts if kind == 'text')
+    prompt_turns = turns[:-1]
+    try:
+      patches, coords, grids, ntok = sources.load_images(chat.image_refs(prompt_turns), root,
+                                                         image_cfg)
+    except (chat.SkipExample, images_lib.BadImage) as e:
+      raise ValueError(f'{path} line {line_no}: {e}') from e
+    ids, _ = chat.render_chat(prompt_turns, tok, ntok, default_system_prompt=system,
+                              add_generation_prompt=True)
+    out.append({'ids': ids, 'answer': answer, 'kind': record.get('kind'),
+                'patches': patches if ntok else None, 'coords': coords if ntok else None,
+                'grids': grids})
+    if len(out) >= limit:
+      break
   return out
 
 

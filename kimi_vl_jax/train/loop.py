@@ -30,6 +30,7 @@ from absl import logging
 from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.storage import paths as storage_paths
 from kimi_vl_jax.train import checkpointing, evaluate, metrics as metrics_lib, preemption
 from kimi_vl_jax.train.init import StateFactory, model_config
 from kimi_vl_jax.train.stage_config import resolve_phases
@@ -59,6 +60,7 @@ class Trainer:
 
   def __init__(self, cfg, workdir: str, iterator_fn: Callable | None = None):
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    storage_paths.configure(cfg.get('storage'))  # endpoints, cache, retries (also for workers)
     self.phases = resolve_phases(cfg)
     validate_parallel(cfg, self.phases)
     self.log_every = int(cfg.train.get('log_every', 1))
@@ -101,7 +103,7 @@ class Trainer:
       with open(os.path.join(self.workdir, 'config.txt'), 'w') as f:
         f.write(str(cfg))
     self.manager = checkpointing.make_manager(
-        os.path.join(self.workdir, 'checkpoints'), interval=int(ck.interval),
+        ck.get('dir') or os.path.join(self.workdir, 'checkpoints'), interval=int(ck.interval),
         keep=ck.get('keep', 3), keep_every=int(ck.get('keep_every', 0) or 0),
         async_save=bool(ck.get('async_save', True)))
     self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main,
@@ -121,7 +123,8 @@ class Trainer:
       return self.factory.create()
     self.data_phase = checkpointing.restore_meta(self.manager, self.resume_step).get('phase')
     if self.is_main:
-      print(f'resuming from {self.manager.directory} step {self.resume_step}', flush=True)
+      print(f'resuming from {checkpointing.location(self.manager)} step {self.resume_step}',
+            flush=True)
     return None
 
   def _open_phase(self, p_idx: int, phase: dict, state):
