@@ -1,15 +1,17 @@
 """Orbax checkpoint directories on remote storage, through a local staging directory.
 
-orbax-checkpoint 0.12.8 writes `gs://` checkpoints itself but cannot write `s3://`: its
-TensorStore spec builder normalises the directory with `os.path.normpath` (`s3://b/k` becomes
-`s3:/b/k`, rejected as not absolute). So for every remote scheme the manager here writes into a
+orbax-checkpoint 0.12.8 cannot write `s3://` checkpoints: its TensorStore spec builder
+normalises the directory with `os.path.normpath`, which turns `s3://b/k` into `s3:/b/k`, then
+rejects it as not absolute (only `gs:/` is repaired, for its GCS driver). So for both remote
+schemes (one code path, tested against an S3 and a GCS server) the manager writes into a
 local staging directory (atomic renames, as for any local run) and a mirror uploads each
 finalized step to `<remote>/<step>/`, then `<remote>/<step>/commit_success.txt` last (the
 commit-file convention orbax uses on GCS), and deletes the remote steps orbax no longer keeps
 (the marker first). A remote step without the marker is an unfinished upload and is never
 listed. At start `pull()` makes the staging directory match the remote one (the remote side is
-the truth): it deletes local steps the remote does not have complete, and downloads the newest
-remote step when it is missing locally, so a run resumes on a new machine from the bucket.
+the truth): it deletes local steps the remote does not have complete, and downloads the remote
+steps missing locally (all of them for a training run, so orbax's retention sees every kept
+step; only the newest to read parameters), so a run resumes on a new machine from the bucket.
 
 Uploads run in a background thread after each save, so the step loop does not wait; `finish()`
 waits for them and raises if a step could not be uploaded (never a silent loss). Single-process
@@ -58,7 +60,7 @@ class CheckpointMirror:
     return sorted(int(n) for n in names
                   if paths.exists(paths.join(self.remote, n, COMMIT_FILE)))
 
-  def pull(self, newest_only: bool = True) -> list[int]:
+  def pull(self, newest_only: bool = False) -> list[int]:
     """Makes the local directory hold the remote's complete steps (the newest, or all)."""
     os.makedirs(self.local, exist_ok=True)
     remote = self.remote_steps()
@@ -77,7 +79,7 @@ class CheckpointMirror:
         os.remove(os.path.join(tmp, COMMIT_FILE))
         os.rename(tmp, dst)
         log.info('checkpoint mirror: step %d downloaded from %s', step, self.remote)
-    self._uploaded = set(remote)
+    self._uploaded = set(_local_steps(self.local)) & set(remote)
     return remote
 
   def sync(self) -> None:

@@ -68,13 +68,14 @@ def make_manager(directory: str, *, interval: int, keep: int | None, keep_every:
                                item_names=('state', 'data', 'meta'))
 
 
-def remote_mirror(directory: str, what: str) -> mirror_lib.CheckpointMirror:
+def remote_mirror(directory: str, what: str, newest_only: bool = False
+                  ) -> mirror_lib.CheckpointMirror:
   """The mirror of a remote checkpoint directory, its staging copy made to match the remote
   (a missing bucket or a multi-process run stops here, naming `what`)."""
   mirror_lib.check_single_process(directory, jax.process_count())
   storage_paths.check_bucket(directory, what)
   mirror = mirror_lib.CheckpointMirror(directory)
-  steps = mirror.pull()
+  steps = mirror.pull(newest_only=newest_only)
   logging.info('checkpoints on %s (staged in %s): complete steps %s', mirror.remote,
                mirror.local, steps)
   return mirror
@@ -145,7 +146,8 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
   and the rest of the saved TrainState are not read.
   """
   if storage_paths.is_remote(workdir):
-    directory = remote_mirror(storage_paths.join(workdir, 'checkpoints'), 'init_from').local
+    directory = remote_mirror(storage_paths.join(workdir, 'checkpoints'), 'init_from',
+                              newest_only=True).local
   else:
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
