@@ -6,9 +6,9 @@ any in-memory images the chat references. Kinds size themselves with a `measure`
 rendered prompt's token count, images included: evaluation/prompts.py), so the lengths are
 exact for the model's own tokenizer and image preprocessing.
 
-Kinds are registered by name (`register`); `python -m kimi_vl_jax.eval niah --haystacks=...`
-picks them. A new kind (a video haystack, whose chats carry video message parts) needs only a
-class with `name`, `make(...)` and `is_hit(...)` and one `register` call.
+The kinds are listed by name in `niah.HAYSTACKS`, which `python -m kimi_vl_jax.eval niah
+--haystacks=...` picks from (text, image, video). A new kind is a class with `name`, `make(...)`
+and `is_hit(...)` plus one entry there.
 """
 
 from __future__ import annotations
@@ -43,21 +43,6 @@ class Haystack(Protocol):
 
   def is_hit(self, case: NeedleCase, response: str) -> bool:
     """Whether `response` retrieves the needle."""
-
-
-HAYSTACKS: dict[str, Callable[..., Haystack]] = {}
-
-
-def register(name: str, factory: Callable[..., Haystack]) -> None:
-  if name in HAYSTACKS:
-    raise ValueError(f'haystack {name!r} is already registered')
-  HAYSTACKS[name] = factory
-
-
-def make_haystack(name: str, **kwargs) -> Haystack:
-  if name not in HAYSTACKS:
-    raise ValueError(f'unknown haystack {name!r}; registered: {sorted(HAYSTACKS)}')
-  return HAYSTACKS[name](**kwargs)
 
 
 def largest_fitting(build: Callable[[int], int], limit: int, guess: int) -> int:

@@ -76,5 +76,3 @@ class ImageHaystack:
     m = _COLOR_WORD.search(response)
     return bool(m) and m.group(1).lower().replace('grey', 'gray') == case.answer
 
-
-haystacks.register('image', ImageHaystack)

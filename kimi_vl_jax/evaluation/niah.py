@@ -15,7 +15,14 @@ import logging
 import random
 from typing import Callable, Sequence
 
-from kimi_vl_jax.evaluation import haystacks
+from kimi_vl_jax.evaluation import haystacks, image_haystack, text_haystack, video_haystack
+
+# The haystack kinds by name (`--haystacks`): a class taking keyword options, see haystacks.py.
+HAYSTACKS: dict[str, Callable[..., haystacks.Haystack]] = {
+    'text': text_haystack.TextHaystack,
+    'image': image_haystack.ImageHaystack,
+    'video': video_haystack.VideoHaystack,
+}
 
 
 @dataclasses.dataclass
@@ -28,6 +35,12 @@ class Result:
   answer: str
   response: str
   hit: bool
+
+
+def make_haystack(name: str, **options) -> haystacks.Haystack:
+  if name not in HAYSTACKS:
+    raise ValueError(f'unknown haystack {name!r}; known: {sorted(HAYSTACKS)}')
+  return HAYSTACKS[name](**options)
 
 
 def length_buckets(max_len: int, first: int = 2048) -> list[tuple[int, int]]:
@@ -55,19 +68,26 @@ def depths(n: int) -> list[float]:
   return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
 
 
-def requested_lengths(bucket: tuple[int, int], per_bucket: int) -> list[int]:
-  """`per_bucket` lengths evenly spaced in (lo, hi], the last one hi."""
+def requested_lengths(bucket: tuple[int, int], per_bucket: int,
+                      max_length: int | None = None) -> list[int]:
+  """`per_bucket` lengths evenly spaced in (lo, hi], the last one hi; with `max_length` (the
+  context minus the generation budget) the bucket ends there instead."""
   lo, hi = bucket
+  if max_length is not None:
+    hi = min(hi, max_length)
+  if hi <= lo:
+    return []
   return sorted({lo + max(1, round((hi - lo) * (j + 1) / per_bucket)) for j in range(per_bucket)})
 
 
 def build_cases(haystack: haystacks.Haystack, buckets: Sequence[tuple[int, int]],
-                per_bucket: int, n_depths: int, measure: haystacks.Measure, seed: int = 0):
+                per_bucket: int, n_depths: int, measure: haystacks.Measure, seed: int = 0,
+                max_length: int | None = None):
   """[(bucket, requested length, NeedleCase)] over the grid; lengths too short for the needle
   and question are skipped and logged."""
   out, skipped = [], 0
   for bucket in buckets:
-    for length in requested_lengths(bucket, per_bucket):
+    for length in requested_lengths(bucket, per_bucket, max_length):
       for depth in depths(n_depths):
         rng = random.Random(f'{seed}/{haystack.name}/{length}/{depth:.6f}')
         try:
@@ -83,10 +103,11 @@ def build_cases(haystack: haystacks.Haystack, buckets: Sequence[tuple[int, int]]
 
 def run(haystack: haystacks.Haystack, generate: Callable[[list[haystacks.NeedleCase]], list[str]],
         buckets: Sequence[tuple[int, int]], *, per_bucket: int, n_depths: int,
-        measure: haystacks.Measure, seed: int = 0) -> list[Result]:
+        measure: haystacks.Measure, seed: int = 0, max_length: int | None = None
+        ) -> list[Result]:
   """Builds every case of the grid, generates one response per case (`generate` maps a list of
   cases to their responses, in order) and scores it with the haystack's `is_hit`."""
-  cases = build_cases(haystack, buckets, per_bucket, n_depths, measure, seed)
+  cases = build_cases(haystack, buckets, per_bucket, n_depths, measure, seed, max_length)
   responses = generate([c for _, _, c in cases])
   if len(responses) != len(cases):
     raise ValueError(f'generate returned {len(responses)} responses for {len(cases)} cases')

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from kimi_vl_jax.data import chat, images as images_lib, sources
+from kimi_vl_jax.sampling.prompts import parse_messages
 
 
 @dataclasses.dataclass
@@ -47,7 +48,7 @@ def build_prompt(messages: list[dict], tok, image_cfg: images_lib.ImageConfig, *
                  system_prompt: str | None = None) -> PromptArrays:
   """A conversation ending in a user turn (or whose assistant turns are all context) as prompt
   arrays; the generation prompt is appended."""
-  turns = _parse(messages)
+  turns = parse_messages(messages)
   images = images or {}
   pixel_values, grids, ntok = [], [], []
   for ref in chat.image_refs(turns):
@@ -67,13 +68,6 @@ def build_prompt(messages: list[dict], tok, image_cfg: images_lib.ImageConfig, *
                       np.asarray(grids, np.int32).reshape(-1, 2))
 
 
-def _parse(messages: list[dict]) -> list[chat.Turn]:
-  """`chat.parse_conversation` wants an assistant turn to train on; a prompt has none yet, so a
-  placeholder answer is parsed along and dropped."""
-  turns = chat.parse_conversation(
-      {'messages': list(messages) + [{'role': 'assistant', 'content': '.'}]})
-  return turns[:-1]
-
 
 def make_measure(tok, image_cfg: images_lib.ImageConfig, *, system_prompt: str | None = None):
   """`measure(messages, images) -> prompt length in tokens` as `build_prompt` would render it,
@@ -89,7 +83,7 @@ def make_measure(tok, image_cfg: images_lib.ImageConfig, *, system_prompt: str |
     return hit[1]
 
   def measure(messages: list[dict], images: Mapping[str, Image.Image]) -> int:
-    turns = _parse(messages)
+    turns = parse_messages(messages)
     ntok = []
     for ref in chat.image_refs(turns):
       if ref in images:

@@ -58,14 +58,16 @@ def write_heatmap(results: Sequence[niah.Result], path: str, title: str = '') ->
   names = list(dict.fromkeys(r.haystack for r in results))
   if not names:
     raise ValueError('no results to plot')
-  fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
-  for ax, name in zip(axes[0], names):
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 3.6), squeeze=False,
+                           layout='constrained')
+  for k, (ax, name) in enumerate(zip(axes[0], names)):
     lengths, ds, grid = heatmap_grid(results, name)
     im = ax.imshow(grid, vmin=0, vmax=1, cmap='RdYlGn', aspect='auto', origin='upper')
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45, fontsize=7)
     ax.set_yticks(range(len(ds)), [f'{d:.0%}' for d in ds], fontsize=7)
     ax.set_xlabel('prompt length (tokens)')
-    ax.set_ylabel('needle depth')
+    if k == 0:
+      ax.set_ylabel('needle depth')
     ax.set_title(f'{name} haystack')
     for i in range(len(ds)):
       for j in range(len(lengths)):

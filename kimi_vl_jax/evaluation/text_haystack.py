@@ -53,5 +53,3 @@ class TextHaystack:
   def is_hit(self, case: haystacks.NeedleCase, response: str) -> bool:
     return case.answer in response
 
-
-haystacks.register('text', TextHaystack)

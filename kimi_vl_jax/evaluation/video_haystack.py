@@ -71,5 +71,3 @@ class VideoHaystack:
   def is_hit(self, case: haystacks.NeedleCase, response: str) -> bool:
     return image_haystack.ImageHaystack().is_hit(case, response)
 
-
-haystacks.register('video', VideoHaystack)

@@ -18,15 +18,6 @@ def test_largest_fitting():
     haystacks.largest_fitting(lambda n: 10 + 3 * n, 9, guess=5)
 
 
-def test_registry():
-  assert {'text', 'image'} <= set(haystacks.HAYSTACKS)
-  assert haystacks.make_haystack('image', image_size=28).image_size == 28
-  with pytest.raises(ValueError, match='unknown haystack'):
-    haystacks.make_haystack('audio')
-  with pytest.raises(ValueError, match='already registered'):
-    haystacks.register('text', text_haystack.TextHaystack)
-
-
 @pytest.mark.parametrize('depth', [0.0, 0.5, 1.0])
 def test_text_case(depth):
   hs = text_haystack.TextHaystack()

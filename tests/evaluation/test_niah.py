@@ -8,6 +8,13 @@ from kimi_vl_jax.evaluation import image_haystack, niah, prompts, text_haystack
 MEASURE = prompts.make_measure(make_tokenizer(), prompts.eval_image_config({'max_patches': 16}))
 
 
+def test_haystack_kinds():
+  assert {'text', 'image'} <= set(niah.HAYSTACKS)
+  assert niah.make_haystack('image', image_size=28).image_size == 28
+  with pytest.raises(ValueError, match='unknown haystack'):
+    niah.make_haystack('audio')
+
+
 def test_buckets_depths_lengths():
   assert niah.length_buckets(131072) == [(0, 2048), (2048, 4096), (4096, 8192), (8192, 16384),
                                          (16384, 32768), (32768, 65536), (65536, 131072)]
@@ -18,6 +25,8 @@ def test_buckets_depths_lengths():
   assert niah.depths(5) == [0, 0.25, 0.5, 0.75, 1.0] and niah.depths(1) == [0.5]
   assert niah.requested_lengths((256, 512), 4) == [320, 384, 448, 512]
   assert niah.requested_lengths((0, 256), 1) == [256]
+  assert niah.requested_lengths((256, 512), 2, max_length=496) == [376, 496]
+  assert niah.requested_lengths((512, 1024), 2, max_length=496) == []
   with pytest.raises(ValueError):
     niah.depths(0)
 

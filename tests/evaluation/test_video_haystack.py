@@ -6,7 +6,7 @@ import pytest
 from kimi_vl_jax.data import build_demo
 from kimi_vl_jax.data import chat
 from kimi_vl_jax.data.tokenizer import make_tokenizer
-from kimi_vl_jax.evaluation import haystacks, prompts, video_haystack
+from kimi_vl_jax.evaluation import haystacks, niah, prompts, video_haystack
 
 TOK = make_tokenizer()
 IMAGE_CFG = prompts.eval_image_config({'max_patches': 16})
@@ -19,8 +19,8 @@ def _colors(img):
 
 
 def test_registered():
-  assert 'video' in haystacks.HAYSTACKS
-  hs = haystacks.make_haystack('video', frame_size=28, fps=2)
+  assert niah.HAYSTACKS['video'] is video_haystack.VideoHaystack
+  hs = niah.make_haystack('video', frame_size=28, fps=2)
   assert (hs.frame_size, hs.fps) == (28, 2.0)
   with pytest.raises(ValueError, match='fps'):
     video_haystack.VideoHaystack(fps=0)
