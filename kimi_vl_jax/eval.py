@@ -19,7 +19,7 @@ writes each prediction to `--out` when given.
 
 `niah` runs the needle-in-a-haystack sweep of the Kimi-VL report's Table 2 (length buckets
 (0,2K], (2K,4K], ... up to the model's context, `--depths` needle depths per length) for each of
-`--haystacks` (kinds of `evaluation.niah.HAYSTACKS`: text, image), prints the recall table and writes it with every
+`--haystacks` (kinds of `evaluation.niah.HAYSTACKS`: text, image, video), prints the recall table and writes it with every
 case's result and a depth x length heat map to `--out_dir`.
 """
 
@@ -58,7 +58,8 @@ _FIRST_BUCKET = flags.DEFINE_integer('first_bucket', 2048, 'niah: upper edge of 
                                      'bucket; the next ones double')
 _PER_BUCKET = flags.DEFINE_integer('per_bucket', 1, 'niah: prompt lengths per bucket')
 _DEPTHS = flags.DEFINE_integer('depths', 5, 'niah: needle depths per length, 0..100%')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 56, 'niah: side of each haystack image (px)')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 56,
+                                   'niah: side of each haystack image / video frame (px)')
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'niah: directory for the table, results and PNG')
 
 COMMANDS = ('benchmark', 'niah')
@@ -105,7 +106,7 @@ def run_niah(model, generate, *, haystack_names, context: int, max_new_tokens: i
   buckets = niah.length_buckets(context, first_bucket)
   results = []
   for name in haystack_names:
-    kwargs = {'image_size': image_size} if name == 'image' else {}
+    kwargs = {'image': {'image_size': image_size}, 'video': {'frame_size': image_size}}.get(name, {})
     hs = niah.make_haystack(name, **kwargs)
     results += niah.run(hs, generate_cases, buckets, per_bucket=per_bucket, n_depths=n_depths,
                         measure=measure, seed=seed, max_length=context - max_new_tokens)

@@ -45,6 +45,26 @@ def test_niah_writes_table_results_and_heatmap(tmp_path):
   assert table in (tmp_path / 'niah_table.md').read_text()
 
 
+def test_niah_video_haystack():
+  prompts = []
+
+  def generate(ps):
+    prompts.extend(ps)
+    return ['red'] * len(ps)
+
+  results, _, _ = eval_main.run_niah(
+      MODEL, generate, haystack_names=['video'], context=512, max_new_tokens=16,
+      first_bucket=256, per_bucket=1, n_depths=2, image_size=28, seed=0, out_dir=None)
+  assert [r.haystack for r in results] == ['video'] * 4 and len(prompts) == 4
+  for p, r in zip(prompts, results):
+    frames = len(p.image_grid_hws)
+    text = MODEL.tokenizer.decode(p.input_ids.tolist()).replace(' ', '')
+    stamped = re.findall(r'\d\d:\d\d:\d\d\.\d\d\d<\|media_start\|>', text)  # every frame
+    assert frames > 4 and text.count('<|media_start|>') == len(stamped) == frames
+    assert len(p.input_ids) == r.length <= 512 - 16
+  assert all(r.hit == (r.answer == 'red') for r in results)
+
+
 def test_benchmark_runner(tmp_path):
   path = os.path.join(FIXTURES, 'boxed.jsonl')
   records = [json.loads(l) for l in open(path)]

@@ -54,12 +54,15 @@ class ImageConfig:
     Kimi-VL, i.e. at most ~1024 merged tokens); small values shrink images for the tiny configs.
   max_side_patches: a side must stay below this many patches (the reference rejects >= 512, the
     size of what the position grid is interpolated from); longer sides are downscaled instead.
+  max_video_frames: a longer video is subsampled to this many frames, uniformly over time,
+    keeping its first and last frame, before any frame is read (video.py; docs/video.md).
   augment: random scale jitter in [scale_min, scale_max] (before the limit above), brightness and
     contrast jitter (multiplicative, +-brightness / +-contrast) and horizontal flips with
     probability hflip_prob; deterministic given the per-example rng.
   """
   max_patches: int = 4096
   max_side_patches: int = 512
+  max_video_frames: int = 64
   mean: tuple[float, float, float] = CLIP_MEAN
   std: tuple[float, float, float] = CLIP_STD
   augment: bool = False
@@ -92,6 +95,9 @@ class ImageConfig:
     out = cls(**d)
     if out.max_patches < 1 or out.max_side_patches < 2:
       raise ValueError(f'data.image: max_patches must be >= 1 and max_side_patches >= 2, got {out}')
+    if out.max_video_frames < 2:
+      raise ValueError(f'data.image.max_video_frames must be >= 2 (a video keeps its first and '
+                       f'last frame), got {out.max_video_frames}')
     return out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
 from kimi_vl_jax.data import images as images_lib
+from kimi_vl_jax.data import video as video_lib
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ SKIP_REASONS = (
     # Remote storage (kimi_vl_jax/storage/retry.py), after bounded retries:
     'missing_object', 'access_denied', 'remote_unavailable',
 )
-KEPT_FIELDS = ('examples', 'tokens', 'images')
+# Kept counts per source; an image of a video counts as an image and as a frame (video.py).
+KEPT_FIELDS = ('examples', 'tokens', 'images') + video_lib.VIDEO_STATS
 # Reads of remote records and images through the local cache (an example's `cache` [2] vector).
 CACHE_FIELDS = ('cache_hits', 'cache_misses')
 PACKED_TOKEN_KEYS = ('input_ids', 'token_mask', 'sub_seg')
@@ -137,6 +139,10 @@ class _AccountIterator(grain_dataset.DatasetIterator):
       if 'skip' in e:
         self._pending[self._layout.skip(e['source'], e['skip'])] += 1
         continue
+      video_stats = None
+      if 'video_stats' in e:  # kept counts only; never packed
+        e = dict(e)
+        video_stats = e.pop('video_stats')
       if self._limits is not None:
         reason = self._oversize(e)
         if reason is not None:
@@ -152,6 +158,9 @@ class _AccountIterator(grain_dataset.DatasetIterator):
         stats[self._layout.kept(s, 'examples')] += 1
         stats[self._layout.kept(s, 'tokens')] += len(e['input_ids'])
         stats[self._layout.kept(s, 'images')] += len(e['image_grid_hws'])
+        if video_stats is not None:
+          first = self._layout.kept(s, video_lib.VIDEO_STATS[0])
+          stats[first:first + len(video_stats)] += video_stats
       self._pending = self._layout.zeros()
       return {**e, 'stats': stats}
 

@@ -1,7 +1,8 @@
 """Record sources and the record -> example step.
 
 Source kinds (config `data.sources[i].kind`):
-  chat:    conversations `{"messages": [...]}` (chat.py), images relative to the dataset root.
+  chat:    conversations `{"messages": [...]}` (chat.py), images and video frames (video.py)
+           relative to the dataset root.
   caption: image-caption pairs `{"image": "rel/path.png", "caption": "..."}`.
   text:    pretraining documents: JSONL `{"text": "..."}` or `.txt` (one document per line).
 Formats (from the file name unless `format` is given): `jsonl`, `txt`, `array_record` (each record
@@ -17,7 +18,9 @@ remote_unavailable); each example carries `cache` = [hits, misses] of its reads.
 
 `ExampleMaker` turns one record into an example (numpy arrays, variable size) or a skip marker
 `{'skip': reason, 'source': i}`: a bad record never raises, it is counted (packing.py) and logged
-here with its source name and line.
+here with its source name and line. A video is subsampled to `data.image.max_video_frames` and,
+given the row budget, further until the example fits a row (video.py); the frames removed are
+counted in the example's `video_stats`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 from kimi_vl_jax.data import chat
 from kimi_vl_jax.data import images as images_lib
+from kimi_vl_jax.data import video as video_lib
 from kimi_vl_jax.storage import blocks as blocks_lib
 from kimi_vl_jax.storage import cache as cache_lib
 from kimi_vl_jax.storage import files as files_lib
@@ -42,9 +46,9 @@ from kimi_vl_jax.storage.retry import StorageError
 log = logging.getLogger(__name__)
 
 KINDS = ('chat', 'caption', 'text')
-# Modalities no source kind parses yet: a source whose name or path announces one would only
-# yield skipped records (video records are frames with timestamps; they come with video support).
-UNREADABLE_MODALITIES = ('video',)
+# Modalities no source kind parses: a source whose name or path announces one would only yield
+# skipped records. (Video is read: `chat` records with video parts, video.py.)
+UNREADABLE_MODALITIES = ('audio',)
 EMPTY_PATCHES = np.zeros((0, images_lib.PATCH_DIM), np.float32)
 
 
@@ -269,32 +273,67 @@ def _remote_image(url: str, draft_limit: int | None, io: np.ndarray | None):
   return images_lib.decode_image(data, url, draft_limit)
 
 
+def load_image_patches(ref: str, root: str, image_cfg: images_lib.ImageConfig,
+                       rng: np.random.Generator | None = None, dir_cache: dict | None = None,
+                       io: np.ndarray | None = None):
+  """One image (path relative to `root`) -> (patches [p, 588], coords [p, 2], (h, w) grid).
+
+  Raises `chat.SkipExample` for a path outside the root and `images.BadImage` for a missing or
+  broken file. `rng` seeds the augmentation (None: none); `dir_cache` as in `resolve_under_root`;
+  `io` ([hits, misses]) counts the cache reads of remote images.
+  """
+  path = resolve_under_root(root, ref, dir_cache)
+  if paths_lib.is_remote(path):
+    img = _remote_image(path, image_cfg.max_patches, io)
+  else:
+    img = images_lib.load_image(path, draft_limit=image_cfg.max_patches)
+  return images_lib.preprocess(img, image_cfg, rng)
+
+
+def stack_images(loaded: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+  """[(patches, coords, grid), ...] -> (patches [p, 588], coords [p, 2], grids [i, 2], tokens)."""
+  if not loaded:
+    return EMPTY_PATCHES, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32), []
+  return (np.concatenate([p for p, _, _ in loaded]), np.concatenate([c for _, c, _ in loaded]),
+          np.asarray([hw for _, _, hw in loaded], np.int32).reshape(-1, 2),
+          [images_lib.num_image_tokens(hw) for _, _, hw in loaded])
+
+
 def load_images(refs: list[str], root: str, image_cfg: images_lib.ImageConfig,
                 rng: np.random.Generator | None = None, dir_cache: dict | None = None,
                 io: np.ndarray | None = None):
   """Loads and preprocesses the images `refs` (paths relative to the dataset root `root`) ->
   (patches [p, 588] float32, patch_coords [p, 2] int32, grids [i, 2] int32, tokens per image).
 
-  Raises `chat.SkipExample` for a path outside the root and `images.BadImage` for a missing or
-  broken file. `rng` seeds the augmentation (None: none); `dir_cache` as in `resolve_under_root`;
-  `io` ([hits, misses]) counts the cache reads of remote images.
+  Raises as `load_image_patches`.
   """
-  patches, coords, grids, tokens = [], [], [], []
-  for ref in refs:
-    path = resolve_under_root(root, ref, dir_cache)
-    if paths_lib.is_remote(path):
-      img = _remote_image(path, image_cfg.max_patches, io)
-    else:
-      img = images_lib.load_image(path, draft_limit=image_cfg.max_patches)
-    p, c, hw = images_lib.preprocess(img, image_cfg, rng)
-    patches.append(p)
-    coords.append(c)
-    grids.append(hw)
-    tokens.append(images_lib.num_image_tokens(hw))
-  if not refs:
-    return EMPTY_PATCHES, np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32), []
-  return (np.concatenate(patches), np.concatenate(coords),
-          np.asarray(grids, np.int32).reshape(-1, 2), tokens)
+  return stack_images([load_image_patches(r, root, image_cfg, rng, dir_cache, io) for r in refs])
+
+
+def load_media(turns, root: str, image_cfg: images_lib.ImageConfig,
+               rng: np.random.Generator | None = None, dir_cache: dict | None = None,
+               io: np.ndarray | None = None) -> tuple[list, list[tuple[int, int]]]:
+  """Every image and video frame of parsed chat turns, in order of appearance ->
+  (loaded [(patches, coords, grid)], slots [(video index or -1, frame index)]).
+
+  All frames of one video share one augmentation draw (the same scale, flip and jitter), so a
+  video stays a video; images draw from `rng` one after another.
+  """
+  loaded, slots = [], []
+  v = 0
+  for turn in turns:
+    for kind, val in turn.parts:
+      if kind == 'image':
+        loaded.append(load_image_patches(val, root, image_cfg, rng, dir_cache, io))
+        slots.append((-1, 0))
+      elif kind == 'video':
+        seed = None if rng is None else int(rng.integers(2 ** 63))
+        for f, ref in enumerate(val.frames):
+          frng = None if seed is None else np.random.default_rng(seed)
+          loaded.append(load_image_patches(ref, root, image_cfg, frng, dir_cache, io))
+          slots.append((v, f))
+        v += 1
+  return loaded, slots
 
 
 class ExampleMaker:
@@ -302,12 +341,17 @@ class ExampleMaker:
 
   Example keys: input_ids int32 [n], token_mask int32 [n], sub_seg int32 [n] (all 1; the text
   chunker numbers documents inside a chunk), patches float32 [p, 588], patch_coords int32 [p, 2],
-  image_grid_hws int32 [i, 2], source int.
+  image_grid_hws int32 [i, 2], source int; with videos also video_stats int64 [4]
+  (video.VIDEO_STATS).
+
+  budget: the row's {'seq_len', 'max_patches', 'max_images'}; videos of an example that exceeds
+    it are subsampled further until it fits (video.fit_frames). None: no such fitting.
   """
 
   def __init__(self, *, tokenizer, kind: str, source_index: int, name: str, root: str,
                fmt: str, image_cfg: images_lib.ImageConfig,
-               default_system_prompt: str | None = None, log_first: int = 20):
+               default_system_prompt: str | None = None, log_first: int = 20,
+               budget: dict | None = None):
     if kind not in KINDS:
       raise ValueError(f'source {name!r}: unknown kind {kind!r}; use one of {KINDS}')
     self.tok = tokenizer
@@ -319,6 +363,8 @@ class ExampleMaker:
     self.image_cfg = image_cfg
     self.default_system_prompt = default_system_prompt
     self.log_first = log_first
+    self.budget = None if budget is None else np.asarray(
+        [budget['seq_len'], budget['max_patches'], budget['max_images']], np.int64)
     self._logged = collections.Counter()
     self._dir_cache: dict[str, str] = {}
 
@@ -366,9 +412,10 @@ class ExampleMaker:
 
   def _make(self, record: dict, rng, io: np.ndarray | None = None) -> dict:
     obj = self._decode(record['raw'])
-    refs: list[str] = []
     if self.kind == 'chat':
       turns = chat.parse_conversation(obj)
+      if chat.videos(turns):
+        return self._make_video_chat(turns, rng, io)
       refs = chat.image_refs(turns)
     elif self.kind == 'caption':
       if not isinstance(obj, dict) or not isinstance(obj.get('image'), str) \
@@ -378,6 +425,7 @@ class ExampleMaker:
     else:
       if not isinstance(obj, dict) or not isinstance(obj.get('text'), str):
         raise chat.SkipExample('bad_schema', 'text record needs a "text" string')
+      refs = []
     patches, coords, grids, tokens = load_images(refs, self.root, self.image_cfg, rng,
                                                  self._dir_cache, io)
     if self.kind == 'chat':
@@ -387,8 +435,49 @@ class ExampleMaker:
       ids, mask = chat.render_caption(obj['caption'], self.tok, tokens[0])
     else:
       ids, mask = chat.render_text(obj['text'], self.tok)
+    return self._example(ids, mask, patches, coords, grids)
+
+  def _example(self, ids, mask, patches, coords, grids) -> dict:
     return {
         'input_ids': ids, 'token_mask': mask, 'sub_seg': np.ones_like(ids),
         'patches': patches, 'patch_coords': coords, 'image_grid_hws': grids,
         'source': self.source_index,
     }
+
+  def _make_video_chat(self, turns, rng, io: np.ndarray | None = None) -> dict:
+    """A chat with videos: subsample to max_video_frames, load, fit the row budget, render."""
+    vids = chat.videos(turns)
+    limit = self.image_cfg.max_video_frames
+    short = [v.select(video_lib.subsample_indices(v.timestamps, limit)) for v in vids]
+    subsampled = sum(len(v) for v in vids) - sum(len(v) for v in short)
+    turns = chat.replace_videos(turns, short)
+    loaded, slots = load_media(turns, self.root, self.image_cfg, rng, self._dir_cache, io)
+    patches, coords, grids, tokens = stack_images(loaded)
+    ids, mask = chat.render_chat(turns, self.tok, tokens,
+                                 default_system_prompt=self.default_system_prompt)
+    over_budget = 0
+    if self.budget is not None:
+      used = np.asarray([len(ids), len(patches), len(grids)], np.int64)
+      if (used > self.budget).any():
+        costs = [np.zeros((len(v), 3), np.int64) for v in short]
+        for (v, f), (p, _, hw) in zip(slots, loaded):
+          if v >= 0:
+            costs[v][f] = (chat.frame_tokens(self.tok, short[v].timestamps[f],
+                                             images_lib.num_image_tokens(hw)), len(p), 1)
+        fixed = used - sum(c.sum(axis=0) for c in costs)
+        keep, fits = video_lib.fit_frames(costs, [v.timestamps for v in short], fixed,
+                                          self.budget)
+        if fits:  # else it stays as it is; the packer drops it as oversize and counts it
+          kept = [set(k.tolist()) for k in keep]
+          loaded = [x for (v, f), x in zip(slots, loaded) if v < 0 or f in kept[v]]
+          new = [v.select(k) for v, k in zip(short, keep)]
+          over_budget = sum(len(a) - len(b) for a, b in zip(short, new))
+          turns = chat.replace_videos(turns, new)
+          short = new
+          patches, coords, grids, tokens = stack_images(loaded)
+          ids, mask = chat.render_chat(turns, self.tok, tokens,
+                                       default_system_prompt=self.default_system_prompt)
+    example = self._example(ids, mask, patches, coords, grids)
+    example['video_stats'] = np.asarray(
+        [len(vids), sum(len(v) for v in short), subsampled, over_budget], np.int64)
+    return example

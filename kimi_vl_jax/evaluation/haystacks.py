@@ -7,8 +7,8 @@ rendered prompt's token count, images included: evaluation/prompts.py), so the l
 exact for the model's own tokenizer and image preprocessing.
 
 The kinds are listed by name in `niah.HAYSTACKS`, which `python -m kimi_vl_jax.eval niah
---haystacks=...` picks from. A new kind (a video haystack, whose chats carry video message parts)
-is a class with `name`, `make(...)` and `is_hit(...)` plus one entry there.
+--haystacks=...` picks from (text, image, video). A new kind is a class with `name`, `make(...)`
+and `is_hit(...)` plus one entry there.
 """
 
 from __future__ import annotations

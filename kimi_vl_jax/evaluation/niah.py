@@ -15,12 +15,13 @@ import logging
 import random
 from typing import Callable, Sequence
 
-from kimi_vl_jax.evaluation import haystacks, image_haystack, text_haystack
+from kimi_vl_jax.evaluation import haystacks, image_haystack, text_haystack, video_haystack
 
 # The haystack kinds by name (`--haystacks`): a class taking keyword options, see haystacks.py.
 HAYSTACKS: dict[str, Callable[..., haystacks.Haystack]] = {
     'text': text_haystack.TextHaystack,
     'image': image_haystack.ImageHaystack,
+    'video': video_haystack.VideoHaystack,
 }
 
 
