@@ -268,7 +268,8 @@ def format_accounting(cost: hlo_cost.StepCost, useful: dict[str, float], chip: s
   if cost.unknown_trip_counts:
     lines.append(f'  {len(cost.unknown_trip_counts)} loop(s) of unknown trip count counted once')
   if cost.custom_calls:
-    lines.append(f'  {cost.custom_calls:.0f} custom-call execution(s) not counted')
+    lines.append('  custom calls not costed (executions): ' + ', '.join(
+        f'{k} {v:.0f}' for k, v in sorted(cost.custom_calls.items())))
   lines += [
       f'useful FLOPs per device: {e(useful["total"])} (text matmuls {e(useful["text_matmul"])}, '
       f'text attention {e(useful["text_attention"])}, vision matmuls '
@@ -311,7 +312,9 @@ def format_report(topo: Topology, num_slices: int, info: dict, rep: dict,
 
 
 def plan(cfg, topology_name: str, *, num_slices: int = 1, phase: str | None = None,
-         global_batch: int | None = None) -> tuple[str, dict]:
+         global_batch: int | None = None, hlo_out: str | None = None) -> tuple[str, dict]:
+  """Compiles the config's step for the topology; (report text, figures). `hlo_out`: also
+  write the optimised per-device HLO module's text there (`hlo_cost.hlo_cost` reads it)."""
   topo = topology(topology_name)
   devices = topology_devices(topo, num_slices)
   t0 = time.time()
@@ -325,7 +328,11 @@ def plan(cfg, topology_name: str, *, num_slices: int = 1, phase: str | None = No
   seconds = time.time() - t0
   if compiled is not None:
     rep = memory_report(compiled, topo.hbm_bytes)
-    rep['cost'] = hlo_cost.compiled_cost(compiled)
+    text = compiled.as_text()
+    if hlo_out:
+      with open(hlo_out, 'w') as f:
+        f.write(text)
+    rep['cost'] = hlo_cost.hlo_cost(text)
     rep.update(accounting(rep['cost'], info['useful'], topo.chip))
   return format_report(topo, num_slices, info, rep, seconds), {**info, **rep,
                                                                'seconds': seconds}
@@ -341,13 +348,15 @@ def main(argv=None):
   flags.DEFINE_integer('num_slices', 1, 'number of slices (multi-slice over DCN)')
   flags.DEFINE_string('phase', None, 'phase name of the stage config (default: the last)')
   flags.DEFINE_integer('global_batch', None, 'override the global batch (rows)')
+  flags.DEFINE_string('hlo_out', None, 'also write the compiled HLO module text to this file')
 
   def run(_):
     FLAGS = flags.FLAGS
     if FLAGS.config is None:
       raise app.UsageError('--config is required, e.g. --config=configs/joint_sft.py')
     text, _ = plan(FLAGS.config, FLAGS.topology, num_slices=FLAGS.num_slices,
-                   phase=FLAGS.phase, global_batch=FLAGS.global_batch)
+                   phase=FLAGS.phase, global_batch=FLAGS.global_batch,
+                   hlo_out=FLAGS.hlo_out)
     print(text, flush=True)
 
   app.run(run, argv=argv or sys.argv)

@@ -9,7 +9,7 @@ body by its trip count, through nested loops and called computations:
 * trip counts: the `known_trip_count` XLA writes into a while loop's backend config; else the
   constant its condition compares the induction variable with (start 0, step 1); else the loop
   is counted once and listed in `unknown_trip_counts`;
-* FLOPs: `dot` = 2 x output elements x contracted size; `convolution` = 2 x output elements x
+* FLOPs: `dot` (and `ragged-dot`) = 2 x output elements x contracted size; `convolution` = 2 x output elements x
   kernel elements per output feature (padding positions included); these are the `matmul`
   FLOPs (MXU work, what MFU is computed against). Elementwise arithmetic counts one FLOP per
   output element, a reduction one per input element, transcendentals (exp, log, tanh, ...) are
@@ -73,6 +73,11 @@ _NO_BYTES = frozenset((
     'all-gather-done', 'all-reduce-done', 'collective-permute-done', 'copy-done', 'async-done',
     'async-update', 'send-done', 'recv-done'))
 _SLICING = frozenset(('slice', 'dynamic-slice', 'gather'))
+# TPU compiler custom calls that mark buffers or collectives and compute nothing.
+_NO_COMPUTE_CALLS = frozenset((
+    'AllocateBuffer', 'AssumeGatherIndicesInBound', 'AsyncCollectiveStart', 'AsyncCollectiveDone',
+    'ConcatBitcast', 'GatherScatterIndicesBitpacked', 'Sharding', 'SPMDFullToShardShape',
+    'SPMDShardToFullShape', 'MoveToHost', 'MoveToDevice', 'annotate_device_placement'))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +271,8 @@ class StepCost:
   totals / lower: metric -> amount (`lower` takes each conditional's cheapest branch);
   by_part: part -> metric -> amount (upper bound); collectives: opcode -> bytes;
   loops: (op_name of the loop, trip count) for every while loop; unknown_trip_counts: loops
-  counted once; custom_calls: number of custom-call executions (their FLOPs are not counted).
+  counted once; custom_calls: target -> executions of custom calls that may compute (their FLOPs
+  are not counted; the TPU compiler's buffer and collective markers are left out).
   """
   totals: dict[str, float]
   lower: dict[str, float]
@@ -274,7 +280,7 @@ class StepCost:
   collectives: dict[str, float]
   loops: list[tuple[str, int]]
   unknown_trip_counts: list[str]
-  custom_calls: float
+  custom_calls: dict[str, float]
 
   @property
   def flops(self) -> float:
@@ -300,6 +306,12 @@ class _Walker:
     self.shapes = {i.name: i.shape for c in comps.values() for i in c.instructions}
     self.by_name = {i.name: i for c in comps.values() for i in c.instructions}
     self.memo: dict[tuple[str, bool], _Vec] = {}
+    # TPU async collectives: a fusion rooted at the AsyncCollectiveStart custom call holds the
+    # collective, and one rooted at AsyncCollectiveDone holds a copy of it (same channel); only
+    # the first is the transfer.
+    self.done_fusions = {c.name for c in comps.values() if c.root is not None
+                         and c.root.opcode == 'custom-call'
+                         and _target(c.root) == 'AsyncCollectiveDone'}
     self.loops: list[tuple[str, int]] = []
     self.unknown: list[str] = []
 
@@ -309,8 +321,10 @@ class _Walker:
     key = (name, fused)
     if key not in self.memo:
       v = _Vec()
+      done = name in self.done_fusions
       for inst in self.comps[name].instructions:
-        v.add(self.instruction(inst, fused))
+        if not (done and inst.opcode in _COLLECTIVES):
+          v.add(self.instruction(inst, fused))
       self.memo[key] = v
     return self.memo[key]
 
@@ -337,9 +351,9 @@ class _Walker:
     if op == 'fusion':
       for c in inst.called('calls'):
         v.add(self.computation(c, True))
-    elif op == 'custom-call':
-      v[('_custom', 'calls')] += 1
-    elif op == 'dot':
+    elif op == 'custom-call' and _target(inst) not in _NO_COMPUTE_CALLS:
+      v[('_custom:' + _target(inst), 'calls')] += 1
+    elif op in ('dot', 'ragged-dot'):    # ragged: each lhs row meets one group's matrix
       lhs = self.shapes[inst.operands[0]].dims
       k = math.prod(lhs[int(d)] for d in _dims(inst.attr('lhs_contracting_dims')))
       f = 2.0 * inst.shape.elements * k
@@ -370,30 +384,48 @@ class _Walker:
     if m:
       n = int(m.group(1))
     else:
-      n = self.trip_count_from_condition(inst.called('condition')[0])
+      n = self.trip_count_from_condition(inst)
     if n is None:
       self.unknown.append(inst.op_name or inst.name)
       n = 1
     self.loops.append((inst.op_name or inst.name, n))
     return n
 
-  def trip_count_from_condition(self, cond: str) -> int | None:
-    """`i < N` with a constant N in the loop condition (through a wrapping fusion)."""
-    comp = self.comps[cond]
-    root = comp.root
-    if root.opcode == 'fusion':
-      consts = [self.by_name[o] for o in root.operands if self.by_name[o].opcode == 'constant']
-      inner = self.comps[root.called('calls')[0]].root
+  def _constant(self, name: str) -> int | None:
+    i = self.by_name.get(name)
+    if i is None or i.opcode != 'constant':
+      return None
+    m = re.search(r'constant\((-?\d+)\)', i.line)
+    return int(m.group(1)) if m else None
+
+  def trip_count_from_condition(self, loop: Instruction) -> int | None:
+    """`i < N` (N constant) in the loop condition, i the tuple element `k` of the loop state,
+    starting at the constant the loop's initial tuple holds there (else 0), step 1."""
+    comp = self.comps[loop.called('condition')[0]]
+    cmp = comp.root
+    if cmp.opcode == 'fusion':                      # a wrapped compare: map its parameters back
+      inner = self.comps[cmp.called('calls')[0]].root
+      if inner.opcode != 'compare':
+        return None
+      params = self.fusion_info(cmp.called('calls')[0])[0]
+      by_param = {p.name: cmp.operands[k] for k, p in params.items()}
+      lhs, rhs = (by_param.get(o, o) for o in inner.operands[:2])
+      cmp = inner
+    elif cmp.opcode == 'compare':
+      lhs, rhs = cmp.operands[:2]
     else:
-      consts = [self.by_name[o] for o in root.operands if self.by_name[o].opcode == 'constant']
-      inner = root
-    if inner.opcode != 'compare' or len(consts) != 1:
       return None
-    direction = inner.attr('direction')
-    m = re.search(r'constant\((-?\d+)\)', consts[0].line)
-    if m is None or direction not in ('LT', 'GT'):
+    bound = self._constant(rhs)
+    counter = self.by_name.get(lhs)
+    if bound is None or counter is None or cmp.attr('direction') != 'LT':
       return None
-    return int(m.group(1))
+    start = 0
+    if counter.opcode == 'get-tuple-element':
+      k = int(counter.attr('index'))
+      init = self.by_name.get(loop.operands[0])
+      if init is not None and init.opcode == 'tuple':
+        start = self._constant(init.operands[k]) or 0
+    return max(bound - start, 0)
 
   def conv_kernel_per_output(self, inst: Instruction) -> int:
     labels = inst.attr('dim_labels') or ''
@@ -468,6 +500,11 @@ def _in_place_updates(fused: Computation) -> dict[str, str]:
   return out
 
 
+def _target(inst: Instruction) -> str:
+  m = re.search(r'custom_call_target="([^"]*)"', inst.attrs)
+  return m.group(1) if m else ''
+
+
 def _dims(v: str | None) -> list[int]:
   return [int(x) for x in re.findall(r'\d+', v or '')]
 
@@ -488,7 +525,8 @@ def hlo_cost(text: str, part_fn: Callable[[str], str] = part_of) -> StepCost:
                   collectives={p[len('_kind:'):]: val for (p, m), val in vec.items()
                                if m == 'by_kind' and val},
                   loops=w.loops, unknown_trip_counts=w.unknown,
-                  custom_calls=vec.get(('_custom', 'calls'), 0.0))
+                  custom_calls={p[len('_custom:'):]: val for (p, m), val in vec.items()
+                                if m == 'calls' and val})
 
 
 def compiled_cost(compiled, part_fn: Callable[[str], str] = part_of) -> StepCost:

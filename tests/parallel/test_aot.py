@@ -50,6 +50,11 @@ def test_compile_for_an_unattached_tpu_slice_reports_memory():
   assert rep['fits'] and rep['total'] >= rep['argument']
   # 2 * M * K * N over 8 devices, within what XLA adds for tanh / sum.
   np.testing.assert_allclose(rep['flops'], 2 * 64 * 1024 * 2048 / 8, rtol=0.05)
+  # The loop-corrected count reads the same matmul from the TPU program (a `convolution` there).
+  from kimi_vl_jax.parallel import hlo_cost
+  cost = hlo_cost.compiled_cost(compiled)
+  assert cost.matmul_flops == 2 * 64 * 1024 * 2048 / 8
+  assert cost.collective_bytes > 0 and not cost.loops
 
 
 def test_compile_time_hbm_oom_becomes_a_does_not_fit_report():
@@ -132,7 +137,7 @@ def test_accounting_waste_factor_roofline_and_mfu():
       lower={**metrics, 'flops': 3.2e14, 'matmul_flops': 3.0e14, 'bytes': 5.0e12},
       by_part={'vision': {**metrics, 'matmul_flops': 1e14}, 'optimizer': dict(metrics)},
       collectives={'all-gather': 1.2e11}, loops=[('scan', 26)], unknown_trip_counts=[],
-      custom_calls=0.0)
+      custom_calls={})
   useful = {'total': 2.0e14, 'text_matmul': 1.5e14, 'text_attention': 2e13,
             'vision_matmul': 2e13, 'vision_attention': 1e13}
   acc = aot.accounting(cost, useful, 'v5p')
