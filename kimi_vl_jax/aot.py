@@ -274,7 +274,9 @@ def format_accounting(cost: hlo_cost.StepCost, useful: dict[str, float], chip: s
       f'useful FLOPs per device: {e(useful["total"])} (text matmuls {e(useful["text_matmul"])}, '
       f'text attention {e(useful["text_attention"])}, vision matmuls '
       f'{e(useful["vision_matmul"])}, vision attention {e(useful["vision_attention"])})',
-      f'waste factor: {acc["waste_factor"]:.2f}',
+      f'waste factor: {acc["waste_factor"]:.2f}' + (
+          f' ({cost.lower["matmul_flops"] / useful["total"]:.2f} with conditionals at their '
+          'cheapest branch)' if cost.lower['matmul_flops'] != cost.matmul_flops else ''),
       f'roofline on {chip} ({spec.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, '
       f'{spec.hbm_bytes_per_s / 1e9:.0f} GB/s HBM): compute {acc["t_compute"]:.3f} s, memory '
       f'{acc["t_memory"]:.3f} s -> step {acc["t_step"]:.3f} s; collectives '

@@ -148,7 +148,8 @@ def test_accounting_waste_factor_roofline_and_mfu():
   assert acc['mfu'] == pytest.approx(2.0e14 / (2.0 * 459e12))
   assert acc['t_collective'] == pytest.approx(1.2e11 / 1200e9)
   text = '\n'.join(aot.format_accounting(cost, useful, 'v5p', xla_flops=1.6e13))
-  assert 'waste factor: 2.00' in text and 'projected MFU 21.8%' in text
+  assert 'waste factor: 2.00 (1.50 with conditionals at their cheapest branch)' in text
+  assert 'projected MFU 21.8%' in text
   assert 'cost_analysis 1.600e+13' in text and 'at the cheapest: matmul FLOPs 3.000e+14' in text
   assert set(aot.CHIP_SPECS) >= {'v5e', 'v5p', 'v6e'}
   assert aot.topology('v6e-8').chip == 'v6e'
