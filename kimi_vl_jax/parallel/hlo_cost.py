@@ -121,11 +121,15 @@ def _dtype_bytes(dtype: str) -> float:
 class Instruction:
   name: str
   opcode: str
-  shape: Shape
+  shape_text: str
   operands: list[str]
   attrs: str          # everything after the operand list
   op_name: str
   line: str
+
+  @functools.cached_property
+  def shape(self) -> Shape:
+    return Shape.parse(self.shape_text)
 
   def attr(self, key: str) -> str | None:
     m = re.search(rf'\b{key}=(%?[\w.\-]+|\{{[^}}]*\}})', self.attrs)
@@ -150,6 +154,10 @@ _BRACKET = re.compile(r'[()\[\]{}"\\]')
 
 def _balanced(text: str, start: int) -> int:
   """Index just past the bracket group opening at text[start] ('(' or '{')."""
+  end = text.find(')', start)
+  if text[start] == '(' and end > 0 and '(' not in text[start + 1:end] and '"' not in text[
+      start:end]:
+    return end + 1                                  # the common case: no nesting
   close = {'(': ')', '{': '}', '[': ']'}
   stack, quoted, skip = [], False, -1
   for m in _BRACKET.finditer(text, start):
@@ -183,7 +191,7 @@ def _parse_instruction(line: str) -> tuple[Instruction, bool]:
     j = _balanced(line, i)
   else:
     j = line.index(' ', i)
-  shape = Shape.parse(line[i:j])
+  shape = line[i:j]
   k = line.index('(', j)
   opcode = line[j:k].strip()
   end = _balanced(line, k)
