@@ -16,7 +16,8 @@ body by its trip count, through nested loops and called computations:
   counted apart as XLA does; those are the `vector` FLOPs. FLOPs inside fusions are counted per
   fused instruction;
 * HBM bytes: per instruction of an executed computation at fusion granularity (XLA's cost model):
-  operand bytes + output bytes. A fusion operand read only through (dynamic-)slices or gathers
+  operand bytes + output bytes, of the arrays in HBM (a TPU layout's memory space `S(n)`, n > 0,
+  is on-chip memory and not counted). A fusion operand read only through (dynamic-)slices or gathers
   counts the sliced bytes; a dynamic-update-slice in place (top level or a fusion's root) counts
   the update, not the whole buffer. Parameters, constants, tuples, bitcasts and control flow
   move nothing;
@@ -51,7 +52,7 @@ PARTS = ('vision', 'attention', 'mlp_moe', 'decoder', 'loss', 'optimizer', 'othe
 _DTYPE_BYTES = {'pred': 1, 's2': 0.25, 'u2': 0.25, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1,
                 's16': 2, 'u16': 2, 's32': 4, 'u32': 4, 's64': 8, 'u64': 8, 'f16': 2,
                 'bf16': 2, 'f32': 4, 'f64': 8, 'c64': 8, 'c128': 16, 'token': 0, 'opaque': 0}
-_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([^\]]*)\]')
+_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([^\]]*)\](\{[^}]*\})?')
 
 # Elementwise opcodes XLA counts as one FLOP per element, and those it counts as transcendentals.
 _ELEMENTWISE = frozenset((
@@ -85,15 +86,17 @@ _NO_COMPUTE_CALLS = frozenset((
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-  """An HLO shape: a list of (dtype, dims) arrays (one for an array, several for a tuple)."""
-  arrays: tuple[tuple[str, tuple[int, ...]], ...]
+  """An HLO shape: (dtype, dims, memory space) arrays (one for an array, several for a tuple).
+  Memory space 0 is HBM; others (`S(1)` in a TPU layout: on-chip VMEM, ...) are not."""
+  arrays: tuple[tuple[str, tuple[int, ...], int], ...]
 
   @classmethod
   def parse(cls, text: str) -> 'Shape':
     arrays = []
-    for dtype, dims in _ARRAY.findall(text):
+    for dtype, dims, layout in _ARRAY.findall(text):
       dims = tuple(int(d.replace('<=', '')) for d in dims.split(',') if d.strip())
-      arrays.append((dtype, dims))
+      space = re.search(r'S\((\d+)\)', layout)
+      arrays.append((dtype, dims, int(space.group(1)) if space else 0))
     return cls(tuple(arrays))
 
   @property
@@ -102,11 +105,17 @@ class Shape:
 
   @property
   def elements(self) -> int:
-    return sum(math.prod(d) for _, d in self.arrays)
+    return sum(math.prod(d) for _, d, _ in self.arrays)
 
   @property
   def bytes(self) -> float:
-    return sum(math.prod(d) * _dtype_bytes(t) for t, d in self.arrays)
+    """Bytes of the arrays in any memory space."""
+    return sum(math.prod(d) * _dtype_bytes(t) for t, d, _ in self.arrays)
+
+  @property
+  def hbm_bytes(self) -> float:
+    """Bytes of the arrays in HBM (memory space 0)."""
+    return sum(math.prod(d) * _dtype_bytes(t) for t, d, m in self.arrays if m == 0)
 
 
 def _dtype_bytes(dtype: str) -> float:
@@ -468,12 +477,18 @@ class _Walker:
     op = inst.opcode
     if op in _NO_BYTES:
       return 0.0
+    if op == 'copy-start':                  # (destination, source, context): one copy
+      return self.shapes[inst.operands[0]].hbm_bytes + Shape(inst.shape.arrays[:1]).hbm_bytes
+    if op == 'slice-start':                 # counted at slice-done
+      return 0.0
+    if op == 'slice-done':
+      return 2.0 * inst.shape.hbm_bytes
     if op == 'dynamic-slice':
-      return 2.0 * inst.shape.bytes
+      return 2.0 * inst.shape.hbm_bytes
     if op == 'dynamic-update-slice':
-      return 2.0 * self.shapes[inst.operands[1]].bytes
+      return 2.0 * self.shapes[inst.operands[1]].hbm_bytes
     if op != 'fusion':
-      return sum(self.shapes[o].bytes for o in inst.operands) + inst.shape.bytes
+      return sum(self.shapes[o].hbm_bytes for o in inst.operands) + inst.shape.hbm_bytes
     params, users, in_place = self.fusion_info(inst.called('calls')[0])
     total = 0.0
     for idx, operand in enumerate(inst.operands):
@@ -482,12 +497,12 @@ class _Walker:
       if p is not None and p.name in in_place:
         continue                            # the buffer a root dynamic-update-slice updates
       if us and all(u.opcode in _SLICING and u.operands[0] == p.name for u in us):
-        total += sum(u.shape.bytes for u in us)
+        total += sum(u.shape.hbm_bytes for u in us)
       else:
-        total += self.shapes[operand].bytes
-    out = inst.shape.bytes
+        total += self.shapes[operand].hbm_bytes
+    out = inst.shape.hbm_bytes
     if in_place:
-      out = sum(self.shapes[u].bytes for u in in_place.values())
+      out = sum(self.shapes[u].hbm_bytes for u in in_place.values())
     return total + out
 
 
