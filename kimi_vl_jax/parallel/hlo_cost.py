@@ -7,19 +7,20 @@ optimizer run under `lax.scan` / `fori_loop`) is undercounted by about the numbe
 body by its trip count, through nested loops and called computations:
 
 * trip counts: the `known_trip_count` XLA writes into a while loop's backend config; else the
-  constant its condition compares the induction variable with (start 0, step 1); else the loop
-  is counted once and listed in `unknown_trip_counts`;
-* FLOPs: `dot` (and `ragged-dot`) = 2 x output elements x contracted size; `convolution` = 2 x output elements x
-  kernel elements per output feature (padding positions included); these are the `matmul`
-  FLOPs (MXU work, what MFU is computed against). Elementwise arithmetic counts one FLOP per
-  output element, a reduction one per input element, transcendentals (exp, log, tanh, ...) are
-  counted apart as XLA does; those are the `vector` FLOPs. FLOPs inside fusions are counted per
+  constant its condition compares the induction variable with (`i < N`, from the start value the
+  loop's initial tuple holds, step 1); else the loop is counted once and listed in
+  `unknown_trip_counts`;
+* FLOPs: `dot` and `ragged-dot` = 2 x output elements x contracted size; `convolution` = 2 x
+  output elements x kernel elements per output feature (padding positions included); these are
+  the `matmul_flops` (MXU work, what MFU is computed against). `flops` adds one per output
+  element of elementwise arithmetic and one per input element of a reduction; transcendentals
+  (exp, log, tanh, ...) are counted apart, as XLA does. FLOPs inside fusions are counted per
   fused instruction;
 * HBM bytes: per instruction of an executed computation at fusion granularity (XLA's cost model):
   operand bytes + output bytes, of the arrays in HBM (a TPU layout's memory space `S(n)`, n > 0,
-  is on-chip memory and not counted). A fusion operand read only through (dynamic-)slices or gathers
-  counts the sliced bytes; a dynamic-update-slice in place (top level or a fusion's root) counts
-  the update, not the whole buffer. Parameters, constants, tuples, bitcasts and control flow
+  is on-chip memory and not counted). A fusion operand read only through (dynamic-)slices or
+  gathers counts the sliced bytes; a dynamic-update-slice in place (top level or a fusion's
+  root) counts the update, not the whole buffer. Parameters, constants, tuples, bitcasts and control flow
   move nothing;
 * collective bytes: the payload of each all-gather, all-reduce, reduce-scatter, all-to-all,
   ragged-all-to-all and collective-permute (sync or async `-start`): the larger of the operand
@@ -320,7 +321,6 @@ class _Walker:
 
   def __init__(self, comps: dict[str, Computation], part_fn: Callable[[str], str], mode: str):
     self.comps, self.part_fn, self.mode = comps, part_fn, mode
-    self.shapes = {i.name: i.shape for c in comps.values() for i in c.instructions}
     self.by_name = {i.name: i for c in comps.values() for i in c.instructions}
     self.memo: dict[tuple[str, bool], _Vec] = {}
     # TPU async collectives: a fusion rooted at the AsyncCollectiveStart custom call holds the
@@ -371,7 +371,7 @@ class _Walker:
     elif op == 'custom-call' and _target(inst) not in _NO_COMPUTE_CALLS:
       v[('_custom:' + _target(inst), 'calls')] += 1
     elif op in ('dot', 'ragged-dot'):    # ragged: each lhs row meets one group's matrix
-      lhs = self.shapes[inst.operands[0]].dims
+      lhs = self.by_name[inst.operands[0]].shape.dims
       k = math.prod(lhs[int(d)] for d in _dims(inst.attr('lhs_contracting_dims')))
       f = 2.0 * inst.shape.elements * k
       v[(part, 'flops')] += f
@@ -386,7 +386,7 @@ class _Walker:
       v[(part, 'transcendentals')] += inst.shape.elements
     elif op in ('reduce', 'reduce-window', 'scatter', 'select-and-scatter'):
       src = inst.operands[2] if op == 'scatter' else inst.operands[0]
-      v[(part, 'flops')] += self.shapes[src].elements
+      v[(part, 'flops')] += self.by_name[src].shape.elements
     if op in _COLLECTIVES:
       b = self.collective_bytes(inst)
       v[(part, 'collective_bytes')] += b
@@ -447,12 +447,12 @@ class _Walker:
   def conv_kernel_per_output(self, inst: Instruction) -> int:
     labels = inst.attr('dim_labels') or ''
     rhs_labels = labels.split('_')[1].split('->')[0] if '_' in labels else ''
-    rhs = self.shapes[inst.operands[1]].dims
+    rhs = self.by_name[inst.operands[1]].shape.dims
     o = rhs_labels.find('o')
     return math.prod(rhs) // (rhs[o] if 0 <= o < len(rhs) else 1)
 
   def collective_bytes(self, inst: Instruction) -> float:
-    ins = [self.shapes[o].bytes for o in inst.operands]
+    ins = [self.by_name[o].shape.bytes for o in inst.operands]
     if inst.opcode == 'ragged-all-to-all':
       return ins[0]
     out = inst.shape.bytes
@@ -478,7 +478,7 @@ class _Walker:
     if op in _NO_BYTES:
       return 0.0
     if op == 'copy-start':                  # (destination, source, context): one copy
-      return self.shapes[inst.operands[0]].hbm_bytes + Shape(inst.shape.arrays[:1]).hbm_bytes
+      return self.by_name[inst.operands[0]].shape.hbm_bytes + Shape(inst.shape.arrays[:1]).hbm_bytes
     if op == 'slice-start':                 # counted at slice-done
       return 0.0
     if op == 'slice-done':
@@ -486,9 +486,9 @@ class _Walker:
     if op == 'dynamic-slice':
       return 2.0 * inst.shape.hbm_bytes
     if op == 'dynamic-update-slice':
-      return 2.0 * self.shapes[inst.operands[1]].hbm_bytes
+      return 2.0 * self.by_name[inst.operands[1]].shape.hbm_bytes
     if op != 'fusion':
-      return sum(self.shapes[o].hbm_bytes for o in inst.operands) + inst.shape.hbm_bytes
+      return sum(self.by_name[o].shape.hbm_bytes for o in inst.operands) + inst.shape.hbm_bytes
     params, users, in_place = self.fusion_info(inst.called('calls')[0])
     total = 0.0
     for idx, operand in enumerate(inst.operands):
@@ -499,10 +499,10 @@ class _Walker:
       if us and all(u.opcode in _SLICING and u.operands[0] == p.name for u in us):
         total += sum(u.shape.hbm_bytes for u in us)
       else:
-        total += self.shapes[operand].hbm_bytes
+        total += self.by_name[operand].shape.hbm_bytes
     out = inst.shape.hbm_bytes
     if in_place:
-      out = sum(self.shapes[u].hbm_bytes for u in in_place.values())
+      out = sum(self.by_name[u].shape.hbm_bytes for u in in_place.values())
     return total + out
 
 
