@@ -7,9 +7,8 @@ compiles the real train step (`train/train_step.py`, with the optimizer, ZeRO-1 
 rule preset of the config) of the configured model for a TPU topology that is not attached, using
 jax's topology descriptions and the `libtpu` compiler, and prints per-device argument / output /
 temporary memory against the chip's HBM, whether it fits, and the step's accounting (below).
-Nothing is
-allocated: parameters, optimizer state and the batch are `jax.ShapeDtypeStruct`s carrying their
-shardings. (MaxText's `train_compile.py` is the model; topology names follow Cloud TPU's
+Nothing is allocated: parameters, optimizer state and the batch are `jax.ShapeDtypeStruct`s
+carrying their shardings. (MaxText's `train_compile.py` is the model; topology names follow Cloud TPU's
 user-facing accelerator types, `v5p-256` = 128 v5p chips, `v5e-256` = 256 v5e chips.)
 
 Notes on the figures: XLA's `memory_analysis()` reports the per-device sizes of one SPMD program;
