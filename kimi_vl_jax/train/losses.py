@@ -64,7 +64,8 @@ def lm_loss(model, params: Any, batch: dict[str, Array], *, z_loss_weight: float
       segment_ids=batch.get('segment_ids'), patches=batch.get('patches'),
       patch_coords=batch.get('patch_coords'), patch_image_ids=batch.get('patch_image_ids'),
       image_grid_hws=batch.get('image_grid_hws'), return_aux=True)
-  sums = cross_entropy_sums(logits, batch['targets'], batch['loss_mask'], z_loss_weight)
+  with jax.named_scope('loss'):    # the part `parallel.hlo_cost` attributes FLOPs to
+    sums = cross_entropy_sums(logits, batch['targets'], batch['loss_mask'], z_loss_weight)
   balance = jnp.asarray(aux.get('balance_loss', 0.0), jnp.float32) if aux else jnp.float32(0)
   objective = sums['loss_sum'] + balance_loss_weight * balance * sums['tokens']
   out = dict(sums, balance_loss=balance)

@@ -178,8 +178,9 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
     # A non-finite gradient would turn the optimizer state into NaNs even if discarded by the
     # select below under some reductions; feed zeros instead (the result is discarded anyway).
     safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-    updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('optimizer'):  # the part `parallel.hlo_cost` attributes FLOPs to
+      updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
 
     load = aux.get('expert_load')
     bias = _get_path(state.params, ROUTER_BIAS_PATH)
