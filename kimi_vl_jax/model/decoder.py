@@ -64,7 +64,8 @@ class DecoderLayer(nn.Module):
 
 class LanguageModel(nn.Module):
   """`embed(input_ids) -> [B, T, D]`; `__call__(inputs_embeds, positions, segment_ids)` ->
-  (logits [B, T, V] fp32, aux) with aux = {'expert_load': [Lm, E], 'balance_loss': scalar (mean
+  (logits [B, T, V] fp32, aux) (`return_hidden=True`: the final-norm output instead, which
+  `head` maps to logits) with aux = {'expert_load': [Lm, E], 'balance_loss': scalar (mean
   over MoE layers of `moe.sequence_balance_loss`)}.
 
   positions default to 0..T-1 and segment_ids to 1 (one unpadded sequence per row). `kernels`
@@ -125,7 +126,10 @@ class LanguageModel(nn.Module):
                       positions, segment_ids, combine_aux=combine_microbatch_aux)
 
   def __call__(self, inputs_embeds: Array, positions: Array | None = None,
-               segment_ids: Array | None = None) -> tuple[Array, dict[str, Array]]:
+               segment_ids: Array | None = None, *, return_hidden: bool = False
+               ) -> tuple[Array, dict[str, Array]]:
+    """(logits [B, T, V] fp32, aux); with `return_hidden` the final-norm output [B, T, D] fp32
+    instead of the logits (`head` turns any slice of it into logits, e.g. a chunked loss)."""
     c, t = self.config, self.config.text
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != t.hidden_size:
       raise ValueError(f'inputs_embeds must be [B, T, {t.hidden_size}], got {inputs_embeds.shape}')
@@ -154,13 +158,20 @@ class LanguageModel(nn.Module):
       aux = {'expert_load': moe_aux['expert_load'],
              'balance_loss': moe_aux['balance_loss'].mean()}
     h = self.norm(x)                                                           # [B, T, D] fp32
+    if return_hidden and not self.is_initializing():
+      return h, aux
+    return self.head(h), aux
+
+  def head(self, h: Array) -> Array:
+    """Final-norm output [B, T, D] (any T, e.g. a chunk of positions) -> logits [B, T, V] fp32."""
+    c, t = self.config, self.config.text
     if t.tie_word_embeddings:
       table = self.embed_tokens.embedding.astype(c.jnp_dtype)
       logits = jnp.einsum('BTD,VD->BTV', h.astype(c.jnp_dtype), table,
                           preferred_element_type=jnp.float32)
     else:
       logits = self.lm_head('BTD,DV->BTV', h, preferred_element_type=jnp.float32)
-    return constrain(logits, ('act_batch', 'act_len', 'act_vocab')), aux
+    return constrain(logits, ('act_batch', 'act_len', 'act_vocab'))
 
 
 def combine_microbatch_aux(aux: dict[str, Array], segment_ids: Array) -> dict[str, Array]:

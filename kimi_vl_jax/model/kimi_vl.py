@@ -77,7 +77,11 @@ class KimiVL(nn.Module):
                image_grid_hws: Array | None = None, *, positions: Array | None = None,
                segment_ids: Array | None = None, patches: Array | None = None,
                patch_coords: Array | None = None, patch_image_ids: Array | None = None,
-               return_aux: bool = False) -> Array | tuple[Array, dict[str, Any]]:
+               return_aux: bool = False, return_hidden: bool = False
+               ) -> Array | tuple[Array, dict[str, Any]]:
+    """Logits [B, T, V] fp32 (and aux with `return_aux`). `return_hidden=True` returns the
+    decoder's final-norm output [B, T, D] fp32 in place of the logits; `lm_head_logits` maps any
+    slice of it to logits, so a loss can compute them chunk by chunk (`train/losses.py`)."""
     c = self.config
     B, T = input_ids.shape
     if positions is None:
@@ -118,11 +122,18 @@ class KimiVL(nn.Module):
       # placeholders in sequence order), run the decoder in that order, restore the logits' order.
       embeds, positions, segment_ids = (self.sequence_layout.to_layout(a)
                                         for a in (embeds, positions, segment_ids))
-      logits, aux = self.language_model(embeds, positions, segment_ids)
+      logits, aux = self.language_model(embeds, positions, segment_ids,
+                                        return_hidden=return_hidden)
       logits = self.sequence_layout.from_layout(logits)
     else:
-      logits, aux = self.language_model(embeds, positions, segment_ids)
+      logits, aux = self.language_model(embeds, positions, segment_ids,
+                                        return_hidden=return_hidden)
     return (logits, aux) if return_aux else logits
+
+  def lm_head_logits(self, hidden: Array) -> Array:
+    """The LM head alone: final-norm output [B, t, D] (`return_hidden=True`) -> logits [B, t, V]
+    fp32, exactly as `__call__` computes them."""
+    return self.language_model.head(hidden)
 
 
 def init_params(config: KimiVLConfig, rng: Array, *, with_images: bool = True) -> dict:
