@@ -37,8 +37,11 @@ matrices, oriented so rows <= cols, and the matrices of one shape are stacked in
 layer). Each stack is padded to a multiple of the device count and its leading axis is sharded
 over every axis of the mesh in context (`jax.set_mesh`, as the trainer traces its step), so each
 device orthogonalises 1/devices of the matrices, whole, in a rolled `lax.fori_loop` (three dots
-per shape in the program); the results go back to the parameters' layout and shardings. The
-per-leaf form (`orthogonalize_update`, matrices gathered and replicated) is kept as `stack=False`.
+per shape in the program); the results go back to the parameters' layout and shardings. A leaf
+with a matrix axis the device count divides (every large one of A3B on 128 devices) moves in and
+out of the stack by explicit all-to-alls inside a `shard_map`, so no device holds more than a
+slice of it; the others are resharded by XLA. The per-leaf form (`orthogonalize_update`,
+matrices gathered and replicated) is kept as `stack=False`.
 `ns_dtype='bfloat16'` runs the iteration in bf16 as Moonlight and Keller Jordan's Muon do (the
 default stays fp32).
 """
@@ -366,6 +369,85 @@ def _from_wide_matrices(o: jax.Array, u: jax.Array, group: ParamGroup, explicit:
   return jax.sharding.reshard(o, P(*spec)) if spec is not None else o
 
 
+def _all_to_all_axis(group: ParamGroup, devices: int) -> int | None:
+  """1 (rows) or 2 (cols) of the [n, rows, cols] view: a matrix axis `devices` divides (the
+  larger one first), or None."""
+  _, rows, cols = group.matrix_shape
+  for axis, size in sorted(((1, rows), (2, cols)), key=lambda a: -a[1]):
+    if size % devices == 0:
+      return axis
+  return None
+
+
+def _all_to_all_newton_schulz(updates, groups, mesh, axes, devices, coeffs, steps, eps,
+                              rms_scale, precision, dtype):
+  """The stacked Newton-Schulz as a `shard_map` over the whole mesh: each leaf enters split on a
+  matrix axis over every device (XLA reshards it from the parameter's layout, an all-to-all), an
+  explicit all-to-all turns that into whole matrices, n / devices per device (after zero padding),
+  the matrices of one shape are concatenated locally and orthogonalised in one rolled loop, and
+  the inverse all-to-all returns each leaf split on its matrix axis. No device ever holds more
+  than its share of a leaf (plus padding)."""
+  paths = list(updates)
+  views, specs = {}, {}
+  for p in paths:
+    g, u = groups[p], updates[p]
+    n, rows, cols = g.matrix_shape
+    dn = g.dim_nums
+    batch = tuple(a for a in range(u.ndim) if a not in dn.reduction_axis + dn.output_axis)
+    perm = batch + tuple(dn.reduction_axis) + tuple(dn.output_axis)
+    views[p] = jnp.transpose(u, perm).reshape(n, rows, cols)
+    axis = _all_to_all_axis(g, devices)
+    specs[p] = P(*([None] * axis), axes)
+
+  def local(*xs):
+    blocks, by_shape = {}, {}
+    for p, x in zip(paths, xs):                  # x [n, rows, cols] split on one matrix axis
+      n = x.shape[0]
+      axis = _all_to_all_axis(groups[p], devices)
+      x = x.astype(jnp.float32)
+      pad = -n % devices
+      if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+      x = jax.lax.all_to_all(x, axes, 0, axis, tiled=True)   # [(n + pad) / d, rows, cols]
+      if x.shape[1] > x.shape[2]:
+        x = jnp.swapaxes(x, 1, 2)
+      blocks[p] = x
+      by_shape.setdefault(x.shape[1:], []).append(p)
+    outs = {}
+    for group_paths in by_shape.values():
+      stack = (jnp.concatenate([blocks[p] for p in group_paths], axis=0)
+               if len(group_paths) > 1 else blocks[group_paths[0]])
+      o = _newton_schulz_wide(stack, coeffs, steps, eps, precision, jnp.dtype(dtype))
+      start = 0
+      for p in group_paths:
+        size = blocks[p].shape[0]
+        outs[p] = jax.lax.slice_in_dim(o, start, start + size, axis=0)
+        start += size
+    result = []
+    for p, x in zip(paths, xs):
+      n, rows, cols = groups[p].matrix_shape
+      o = outs[p]
+      if rows > cols:
+        o = jnp.swapaxes(o, 1, 2)
+      o = jax.lax.all_to_all(o, axes, _all_to_all_axis(groups[p], devices), 0, tiled=True)
+      o = jax.lax.slice_in_dim(o, 0, n, axis=0) * (rms_scale * math.sqrt(max(rows, cols)))
+      result.append(o.astype(x.dtype))
+    return tuple(result)
+
+  spec_list = tuple(specs[p] for p in paths)
+  outs = jax.shard_map(local, mesh=mesh, in_specs=spec_list, out_specs=spec_list,
+                       check_vma=False)(*(views[p] for p in paths))
+  out = {}
+  for p, o in zip(paths, outs):
+    g, u = groups[p], updates[p]
+    dn = g.dim_nums
+    batch = tuple(a for a in range(u.ndim) if a not in dn.reduction_axis + dn.output_axis)
+    perm = batch + tuple(dn.reduction_axis) + tuple(dn.output_axis)
+    o = o.reshape(tuple(u.shape[a] for a in perm))
+    out[p] = jnp.transpose(o, tuple(np.argsort(perm)))
+  return out
+
+
 def stacked_newton_schulz(updates: dict[str, jax.Array], groups: dict[str, ParamGroup], coeffs,
                           steps: int, eps: float, rms_scale: float, precision=None,
                           dtype: str = 'float32') -> dict[str, jax.Array]:
@@ -382,6 +464,17 @@ def stacked_newton_schulz(updates: dict[str, jax.Array], groups: dict[str, Param
   explicit = mesh is not None and bool(mesh.explicit_axes)
   axes = tuple(a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1) if mesh else ()
   devices = math.prod(mesh.shape[a] for a in axes) if mesh else 1
+  if axes and not explicit:
+    # Leaves with a matrix axis the device count divides: all-to-all inside a shard_map.
+    fits = {p for p, u in updates.items()
+            if _all_to_all_axis(groups[p], devices) is not None}
+    out = _all_to_all_newton_schulz({p: updates[p] for p in fits}, groups, mesh, axes, devices,
+                                    coeffs, steps, eps, rms_scale, precision, dtype) if fits else {}
+    updates = {p: u for p, u in updates.items() if p not in fits}
+    if not updates:
+      return out
+  else:
+    out = {}
 
   def split(x):  # leading axis over every mesh axis
     if not axes:
@@ -400,7 +493,6 @@ def stacked_newton_schulz(updates: dict[str, jax.Array], groups: dict[str, Param
       mats = jnp.concatenate([mats, jnp.zeros((pad, m, k), mats.dtype)], axis=0)
     blocks[path] = split(split(mats).reshape(devices, (n + pad) // devices, m, k))
     by_shape.setdefault((m, k), []).append(path)
-  out = {}
   for paths in by_shape.values():
     stack = (jnp.concatenate([blocks[p] for p in paths], axis=1) if len(paths) > 1
              else blocks[paths[0]])                                  # [d, sum n / d, m, k]

@@ -121,4 +121,3 @@ def test_chunked_cross_entropy_temp_memory():
   logits_bytes = Bm * Tm * V * 4                                   # 32 MiB
   assert temp[1] >= 2 * logits_bytes, temp                         # logits + their gradient
   assert temp[4] < temp[1] / 3, temp
-  print(f"temp bytes whole {temp[1]}, 4 chunks {temp[4]}")
