@@ -455,10 +455,11 @@ def stacked_newton_schulz(updates: dict[str, jax.Array], groups: dict[str, Param
   stacked, mesh-sharded Newton-Schulz per matrix shape (module docstring).
 
   Layout: with d devices, each leaf's n matrices are padded with zero matrices to a multiple of
-  d (zeros stay zeros: x / (0 + eps) = 0) and split over the devices as [d, n / d, m, k]; the
-  leaves of one shape are concatenated on the second axis, so device i holds the i-th block of
-  every leaf. Going in and out of the stack is then a reshard of each leaf alone (its matrix
-  index split over the devices) and slices of a local axis, never a slice across shards.
+  d (zeros stay zeros: x / (0 + eps) = 0) and device i gets the i-th n / d of every leaf. Leaves
+  with a matrix axis d divides go through `_all_to_all_newton_schulz` (explicit all-to-alls);
+  the others are split as [d, n / d, m, k] with the leaves of one shape concatenated on the
+  second axis, so going in and out of the stack is a reshard of each leaf alone (left to XLA)
+  and slices of a local axis, never a slice across shards.
   """
   mesh = _context_mesh()
   explicit = mesh is not None and bool(mesh.explicit_axes)
