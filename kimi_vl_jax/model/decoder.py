@@ -79,7 +79,8 @@ class DecoderLayer(nn.Module):
 
 class LanguageModel(nn.Module):
   """`embed(input_ids) -> [B, T, D]`; `__call__(inputs_embeds, positions, segment_ids)` ->
-  (logits [B, T, V] fp32, aux) with aux = {'expert_load': [Lm, E], 'balance_loss': scalar (mean
+  (logits [B, T, V] fp32, aux) (`return_hidden=True`: the final-norm output instead, which
+  `head` maps to logits) with aux = {'expert_load': [Lm, E], 'balance_loss': scalar (mean
   over MoE layers of `moe.sequence_balance_loss`)}.
 
   positions default to 0..T-1 and segment_ids to 1 (one unpadded sequence per row). `kernels`
@@ -149,11 +150,15 @@ class LanguageModel(nn.Module):
 
   def __call__(self, inputs_embeds: Array, positions: Array | None = None,
                segment_ids: Array | None = None, cache: dict[str, Array] | None = None,
-               logit_index: Array | None = None):
+               logit_index: Array | None = None, *, return_hidden: bool = False):
     """'train': (logits [B, T, V], aux). 'prefill' / 'decode': (logits, aux, cache entries
     {'c_kv': [L, B, T, R], 'k_rope': [L, B, T, Hr]}); `cache` (decode only) is the stacked
     cache [L, B, S, ...]. `logit_index` [B] (optional): logits [B, V] of that token per row
-    only (the vocabulary projection of the other tokens is skipped)."""
+    only (the vocabulary projection of the other tokens is skipped). `return_hidden` ('train'
+    only): the final-norm output [B, T, D] fp32 in place of the logits (`head` turns any slice of
+    it into logits, e.g. a chunked loss)."""
+    if return_hidden and self.mode != 'train':
+      raise ValueError("return_hidden is for mode='train'")
     c, t = self.config, self.config.text
     if (cache is not None) != (self.mode == 'decode'):
       raise ValueError(f"LanguageModel: a cache is given exactly in 'decode' mode "
@@ -200,19 +205,27 @@ class LanguageModel(nn.Module):
       aux = {'expert_load': moe_aux['expert_load'],
              'balance_loss': moe_aux['balance_loss'].mean()}
     h = self.norm(x)                                                           # [B, T, D] fp32
+    if return_hidden and not self.is_initializing():
+      return h, aux
     if logit_index is not None:
       h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    logits = self.head(h)
+    if self.mode == 'train':
+      return logits, aux
+    return logits, aux, jax.tree.map(lambda *a: jnp.concatenate(a), *entries)
+
+  def head(self, h: Array) -> Array:
+    """Final-norm output [..., D] (e.g. a chunk of positions, or one token per row) -> logits
+    [..., V] fp32."""
+    c, t = self.config, self.config.text
     if t.tie_word_embeddings:
       table = self.embed_tokens.embedding.astype(c.jnp_dtype)
       logits = jnp.einsum('...D,VD->...V', h.astype(c.jnp_dtype), table,
                           preferred_element_type=jnp.float32)
     else:
       logits = self.lm_head('...D,DV->...V', h, preferred_element_type=jnp.float32)
-    logits = constrain(logits, ('act_batch', 'act_len', 'act_vocab') if logits.ndim == 3
-                       else ('act_batch', 'act_vocab'))
-    if self.mode == 'train':
-      return logits, aux
-    return logits, aux, jax.tree.map(lambda *a: jnp.concatenate(a), *entries)
+    return constrain(logits, ('act_batch', 'act_len', 'act_vocab') if logits.ndim == 3
+                     else ('act_batch', 'act_vocab'))
 
 
 def combine_microbatch_aux(aux: dict[str, Array], segment_ids: Array) -> dict[str, Array]:

@@ -87,8 +87,15 @@ class KimiVL(nn.Module):
                segment_ids: Array | None = None, patches: Array | None = None,
                patch_coords: Array | None = None, patch_image_ids: Array | None = None,
                return_aux: bool = False, cache: dict[str, Array] | None = None,
-               logit_index: Array | None = None) -> Array | tuple:
+               logit_index: Array | None = None, return_hidden: bool = False
+               ) -> Array | tuple:
+    """Logits [B, T, V] fp32 (and aux with `return_aux`); 'prefill' / 'decode' modes also return
+    the cache entries (module docstring). `return_hidden=True` ('train' mode) returns the
+    decoder's final-norm output [B, T, D] fp32 in place of the logits; `lm_head_logits` maps any
+    slice of it to logits, so a loss can compute them chunk by chunk (`train/losses.py`)."""
     if self.mode != 'train':
+      if return_hidden:
+        raise ValueError("return_hidden is for mode='train'")
       return self._cached(input_ids, pixel_values, image_grid_hws, positions=positions,
                           segment_ids=segment_ids, patches=patches, patch_coords=patch_coords,
                           patch_image_ids=patch_image_ids, return_aux=return_aux, cache=cache,
@@ -107,10 +114,12 @@ class KimiVL(nn.Module):
       # placeholders in sequence order), run the decoder in that order, restore the logits' order.
       embeds, positions, segment_ids = (self.sequence_layout.to_layout(a)
                                         for a in (embeds, positions, segment_ids))
-      logits, aux = self.language_model(embeds, positions, segment_ids)
+      logits, aux = self.language_model(embeds, positions, segment_ids,
+                                        return_hidden=return_hidden)
       logits = self.sequence_layout.from_layout(logits)
     else:
-      logits, aux = self.language_model(embeds, positions, segment_ids)
+      logits, aux = self.language_model(embeds, positions, segment_ids,
+                                        return_hidden=return_hidden)
     return (logits, aux) if return_aux else logits
 
   def _cached(self, input_ids, pixel_values, image_grid_hws, *, positions, segment_ids, patches,
@@ -165,6 +174,11 @@ class KimiVL(nn.Module):
       feats = self.encode_images(patches, patch_coords, patch_image_ids, image_grid_hws)
       embeds = scatter_image_features(embeds, input_ids, feats, c.media_placeholder_token_id)
     return embeds
+
+  def lm_head_logits(self, hidden: Array) -> Array:
+    """The LM head alone: final-norm output [B, t, D] (`return_hidden=True`) -> logits [B, t, V]
+    fp32, exactly as `__call__` computes them."""
+    return self.language_model.head(hidden)
 
 
 def init_params(config: KimiVLConfig, rng: Array, *, with_images: bool = True) -> dict:

@@ -18,7 +18,8 @@ A stage config (`configs/<stage>.py: get_config(arg)`) is an `ml_collections.Con
                    WORKDIR/checkpoints; may be s3:// or gs://)
   storage          object-storage endpoints, read cache and retries (kimi_vl_jax/storage/paths.py
                    CONFIG_ENV; None = the environment's value or the default)
-  train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate, log_every,
+  train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate,
+                   loss_chunk_tokens (chunked cross-entropy, tokens per device), log_every,
                    blank_images (ablation: zero every image), tensorboard, peak_flops,
                    profile_steps ('START,STOP': jax.profiler trace of those steps)
   eval             every, batches, data, answer_file, answer_examples, answer_batch,
@@ -104,6 +105,9 @@ def base(stage: str, arg: str) -> ml_collections.ConfigDict:
       'z_loss_weight': 0.0 if tiny else 1e-4,
       'balance_loss_weight': 0.0,
       'router_bias_rate': 1e-3,
+      # Chunked cross-entropy (train/losses.py): at most this many tokens per device have fp32
+      # logits at once (A3B: 2048 x 163840 x 4 B = 1.3 GB per buffer); 0 = whole-batch logits.
+      'loss_chunk_tokens': 512 if tiny else 2048,
       'log_every': 1 if tiny else 10,
       'blank_images': False,
       'tensorboard': True,
