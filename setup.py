@@ -30,11 +30,16 @@ setuptools.setup(
         'numpy',
         'matplotlib',
         'easy-vqa',
+        'fsspec',
+        's3fs',
+        'gcsfs',
     ],
     extras_require={
         # libtpu lets the test suite compile for TPU topologies ahead of time (tests/parallel/test_aot.py);
         # nbclient, nbformat and ipykernel run launch/colab_tiny.ipynb headless (tests/launch).
-        'test': ['pytest', 'pytest-xdist', 'libtpu', 'nbclient', 'nbformat', 'ipykernel'],
+        # moto[server] and gcp-storage-emulator are S3 / GCS servers on localhost (tests/storage).
+        'test': ['pytest', 'pytest-xdist', 'libtpu', 'nbclient', 'nbformat', 'ipykernel',
+                 'moto[server]', 'gcp-storage-emulator'],
         'tpu': ['jax[tpu]>=0.12,<0.13'],
     },
 )

@@ -3,10 +3,12 @@
 The context grows 8K -> 32K -> 128K in two sub-stages, each a phase of this config with its own
 row length; the RoPE base goes from 50000 to 800000 at the start. Data: 25% long data and 75%
 replay of shorter data; 0.3T tokens, split evenly between the phases. Continues from the cooldown
-run. The report's long data is long text, long video, long documents and interleaved data; this
-config has no long-video source yet (the pipeline parses no video records; long video comes
-with video support), so long text, long documents and interleaved data share the 25% as
-2 : 1 : 1 (the report gives no split inside the long data).
+run. The report's long data is long text, long video, long documents and interleaved data; they
+share the 25% equally (the report gives no split inside the long data). Long video is chat
+records whose video parts are frames with timestamps (docs/video.md): `{data_dir}/long/video.
+array_record` in the full config; the tiny variant reads the generated moving-shape videos
+`demo:video/train.jsonl` (build_demo.py), subsampled to 16 frames and further to fit the row
+(about 10 frames at 256 tokens, all 16 at 512).
 
   python -m kimi_vl_jax.main --config=configs/long_context.py --workdir=RUN \\
       --config.data_dir=DATA --config.tokenizer.path=TIKTOKEN --config.init_from=orbax:COOLDOWN_RUN
@@ -26,12 +28,13 @@ def get_config(arg: str = ''):
   c.model_overrides.text = {'rope_theta': ROPE_THETA}
   if arg == 'tiny':
     c.data.sources = [
-        sc.source('long_text', 'text', 'demo:arithmetic/text_train.jsonl', LONG_SHARE),
+        sc.source('long_text', 'text', 'demo:arithmetic/text_train.jsonl', LONG_SHARE / 2),
+        sc.source('long_video', 'chat', 'demo:video/train.jsonl', LONG_SHARE / 2),
         sc.source('replay_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 1 - LONG_SHARE),
     ]
     c.data.max_patches = 384
     c.data.max_images = 24
-    c.data.image = {'max_patches': 16}
+    c.data.image = {'max_patches': 16, 'max_video_frames': 16}
     c.data.batch_size = 4
     c.phases = [
         {'name': 'ctx_256', 'steps': 40, 'data': {'seq_len': 256}},
@@ -43,8 +46,11 @@ def get_config(arg: str = ''):
     return c
 
   c.init_from = 'orbax:{joint_cooldown_run}'  # set --config.init_from=orbax:WORKDIR
+  # Up to 256 frames per video; fewer where a row's patches / tokens run out (docs/video.md).
+  c.data.image = {'max_patches': 4096, 'max_video_frames': 256}
   c.data.sources = [
-      sc.source('long_text', 'text', '{data_dir}/long/text.array_record', LONG_SHARE / 2),
+      sc.source('long_text', 'text', '{data_dir}/long/text.array_record', LONG_SHARE / 4),
+      sc.source('long_video', 'chat', '{data_dir}/long/video.array_record', LONG_SHARE / 4),
       sc.source('long_document', 'chat', '{data_dir}/long/document.array_record', LONG_SHARE / 4),
       sc.source('interleaved', 'chat', '{data_dir}/long/interleaved.array_record', LONG_SHARE / 4),
       sc.source('replay_text', 'text', '{data_dir}/cooldown/text.array_record', 0.45),

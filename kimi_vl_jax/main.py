@@ -18,14 +18,16 @@ same command resumes it.
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kimi_vl_jax.storage import paths as storage_paths
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'stage config file[:variant]',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, plots)')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, plots); '
+                                'local, s3:// or gs://')
 
 LM_STAGES = ('joint_pretrain', 'joint_cooldown', 'long_context', 'joint_sft', 'long_cot_sft')
 
@@ -61,8 +63,8 @@ def main(argv):
   if summary.get('eval'):
     print('final eval: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                      for k, v in summary['eval'].items()), flush=True)
-  with open(os.path.join(_WORKDIR.value, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=str)
+  storage_paths.write_text(storage_paths.join(_WORKDIR.value, 'summary.json'),
+                           json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == '__main__':

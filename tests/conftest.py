@@ -7,4 +7,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
 
+# Object-storage servers on localhost (tests/object_store.py), started only when a test asks.
+pytest_plugins = ('object_store',)
+
 jax.config.update('jax_default_matmul_precision', 'highest')

@@ -1,5 +1,6 @@
-"""Dependencies run one way: `model/` never imports `parallel/`, and `parallel/mesh.py` and
-`parallel/rules.py` do not import each other in both directions."""
+"""Dependencies run one way: `model/` never imports `parallel/`, `parallel/mesh.py` and
+`parallel/rules.py` do not import each other in both directions, and `storage/` imports nothing
+else from the package."""
 
 import ast
 import os
@@ -88,3 +89,14 @@ def test_mesh_and_rules_do_not_import_each_other():
   mesh_uses_rules = any(m.startswith('kimi_vl_jax.parallel.rules') for m in mesh)
   rules_uses_mesh = any(m.startswith('kimi_vl_jax.parallel.mesh') for m in rules)
   assert not (mesh_uses_rules and rules_uses_mesh), (sorted(mesh), sorted(rules))
+
+
+def test_storage_imports_nothing_else_from_the_package():
+  """kimi_vl_jax/storage owns path handling for data/, checkpoint/ and train/: it depends on
+  none of them (nor on model/ or parallel/)."""
+  files = _files('storage')
+  assert len(files) >= 5
+  bad = {os.path.relpath(f, REPO): sorted(m for m in _imports(f) if m.startswith('kimi_vl_jax')
+                                           and not m.startswith('kimi_vl_jax.storage'))
+         for f in files}
+  assert not {f: m for f, m in bad.items() if m}, bad

@@ -5,13 +5,15 @@
 
 The orbax side is a directory with `params/` (an orbax StandardCheckpointer tree in the layout of
 docs/param_tree.md) and `config.json` (HF form), which `init_from='params:DIR'` in a training config
-reads.
+reads. Both sides may be `s3://` / `gs://` URLs: orbax writes and reads a local staging copy
+(kimi_vl_jax/storage/mirror.py says why), uploaded with `config.json` last.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -21,6 +23,8 @@ from absl import app, flags, logging
 from kimi_vl_jax.checkpoint import hf
 from kimi_vl_jax.model import config as config_lib
 from kimi_vl_jax.model.config import KimiVLConfig
+from kimi_vl_jax.storage import files as storage_files
+from kimi_vl_jax.storage import paths as storage_paths
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory')
 _ORBAX_DIR = flags.DEFINE_string('orbax_dir', None, 'orbax parameter checkpoint directory')
@@ -30,6 +34,14 @@ _DTYPE = flags.DEFINE_string('dtype', None, 'parameter dtype to write (default: 
 
 def save_params(config: KimiVLConfig, params, directory: str) -> None:
   """Writes params (any pytree of arrays) with orbax, plus the config as HF config.json."""
+  if storage_paths.is_remote(directory):
+    storage_paths.check_bucket(directory, 'save_params')
+    local = storage_files.staging_dir(directory, 'params')
+    shutil.rmtree(local, ignore_errors=True)
+    save_params(config, params, local)
+    storage_paths.remove(directory)
+    storage_files.publish_tree(local, directory, marker=None)
+    return
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
@@ -41,6 +53,8 @@ def save_params(config: KimiVLConfig, params, directory: str) -> None:
 def load_params(directory: str, abstract_params=None) -> tuple[KimiVLConfig, dict]:
   """Reads what `save_params` wrote. `abstract_params` (ShapeDtypeStructs with shardings) places
   the arrays on a mesh; without it arrays are restored as saved, on the default device."""
+  if storage_paths.is_remote(directory):
+    directory = storage_files.fetch_tree(directory, 'params')
   directory = os.path.abspath(directory)
   config = config_lib.from_hf_json(os.path.join(directory, 'config.json'))
   with ocp.StandardCheckpointer() as ckptr:

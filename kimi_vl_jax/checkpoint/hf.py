@@ -9,6 +9,10 @@
 `load` reads `config.json` and `*.safetensors` (one file, or shards listed by
 `model.safetensors.index.json`) by slice, parameter by parameter, into the scanned parameter layout
 (no PyTorch involved). All key / shape logic lives in `hf_mapping.py`.
+
+Both take local paths or `s3://` / `gs://` URLs (kimi_vl_jax/storage): a remote checkpoint is
+downloaded once into a local staging directory (safetensors are memory-mapped), and `save`
+writes locally, then uploads the files with `config.json` last.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -25,6 +30,8 @@ from safetensors.numpy import save_file
 from kimi_vl_jax.checkpoint import hf_mapping
 from kimi_vl_jax.model import config as config_lib
 from kimi_vl_jax.model.config import KimiVLConfig
+from kimi_vl_jax.storage import files as storage_files
+from kimi_vl_jax.storage import paths as storage_paths
 
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
@@ -108,6 +115,7 @@ def load(path: str, *, dtype=None, include_vision: bool = True, shardings=None,
   Raises `hf_mapping.CheckpointMismatch` naming the key and both shapes when a tensor is missing,
   unexpected or mis-shaped.
   """
+  path = storage_files.fetch_tree(path, 'hf') if storage_paths.is_remote(path) else path
   config = config_lib.from_hf_json(path, **config_overrides)
   reader = SafetensorsReader(path, stats)
   try:
@@ -182,7 +190,18 @@ def _shards(tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int):
 def save(config: KimiVLConfig, params, path: str, *, dtype=None, include_vision: bool = True,
          max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes `config.json` and safetensors in the HF Kimi-VL layout (sharded with an index when
-  larger than `max_shard_bytes`). Tensors keep the params' dtype unless `dtype` is given."""
+  larger than `max_shard_bytes`). Tensors keep the params' dtype unless `dtype` is given.
+  A remote `path` is written through a temporary local directory."""
+  if storage_paths.is_remote(path):
+    storage_paths.check_bucket(path, 'hf.save')
+    with tempfile.TemporaryDirectory(prefix='hf-save-') as tmp:
+      save(config, params, tmp, dtype=dtype, include_vision=include_vision,
+           max_shard_bytes=max_shard_bytes)
+      storage_paths.remove(path)
+      storage_paths.upload_tree(tmp, path, skip=('config.json',))
+      storage_paths.upload(os.path.join(tmp, 'config.json'),
+                           storage_paths.join(path, 'config.json'))
+    return
   os.makedirs(path, exist_ok=True)
   params = _to_numpy_tree(params)
 

@@ -13,6 +13,12 @@
   arithmetic/{train,test}.jsonl        text-only chats: a word problem and a worked answer ending in
                                        "The answer is N." plus the verifiable `answer` field
   arithmetic/text_{train,test}.jsonl   the same problems as plain `{"text": ...}` documents
+  video/{train,test}.jsonl             generated videos of a colored shape moving across a 56x56
+                                       frame (12-40 frames), one question each: which way it moves,
+                                       its shape, its color or how long the video is (`kind` =
+                                       'direction' | 'shape' | 'color' | 'duration'); half give
+                                       `fps`, half irregular `timestamps` (docs/video.md)
+  video/frames/{train,test}/N/K.png    frame K of video N
 
 Everything is deterministic. Configs name these files as `demo:<subdir>/<file>`, built on first use
 (`resolve_path`), so nothing derived from the package needs committing.
@@ -190,11 +196,93 @@ def _build_arithmetic(out: str) -> None:
                  ({'text': f'Question: {q} Answer: {a}'} for q, a, _ in probs))
 
 
-BUILDERS = {'easy_vqa': _build_easy_vqa, 'arithmetic': _build_arithmetic}
+# -------------------------------------------------------------------------------------------- video
+
+VIDEO_SIZES = {'train': 300, 'test': 60}
+VIDEO_SEEDS = {'train': 4321, 'test': 8765}
+VIDEO_FRAME = 56            # pixels: 4 x 4 patches, 4 tokens per frame at any image limit >= 16
+VIDEO_FRAMES = (12, 40)     # frames per video, inclusive
+_DIRECTIONS = {'right': (1, 0), 'left': (-1, 0), 'down': (0, 1), 'up': (0, -1)}
+# The shape colours of the generated videos (easy-vqa's colour names).
+RGB = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (40, 70, 220), 'black': (0, 0, 0),
+        'gray': (128, 128, 128), 'teal': (0, 128, 128), 'brown': (140, 80, 30),
+        'yellow': (230, 200, 0)}
+
+
+def draw_shape(shape: str, color: str, center: tuple[float, float], size: int = VIDEO_FRAME,
+               radius: float = 8.0, background=(255, 255, 255)):
+  """A `size` x `size` RGB PIL image with one filled shape centred at `center`."""
+  from PIL import Image, ImageDraw
+  img = Image.new('RGB', (size, size), background)
+  d = ImageDraw.Draw(img)
+  x, y = center
+  r = radius
+  if shape == 'circle':
+    d.ellipse((x - r, y - r, x + r, y + r), fill=RGB[color])
+  elif shape == 'rectangle':
+    d.rectangle((x - r, y - 0.7 * r, x + r, y + 0.7 * r), fill=RGB[color])
+  elif shape == 'triangle':
+    d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=RGB[color])
+  else:
+    raise ValueError(f'unknown shape {shape!r}')
+  return img
+
+
+def video_timestamps(rng: random.Random, n: int) -> tuple[dict, list[float]]:
+  """The timing of a video of n frames: ({'fps': f} or {'timestamps': [...]}, the times)."""
+  if rng.random() < 0.5:
+    fps = rng.choice([1, 2, 4])
+    return {'fps': fps}, [k / fps for k in range(n)]
+  t, times = 0.0, []
+  for _ in range(n):
+    times.append(round(t, 3))
+    t += rng.choice([0.25, 0.5, 0.75, 1.0])
+  return {'timestamps': times}, times
+
+
+def moving_shape_video(rng: random.Random, directory: str, rel: str) -> dict:
+  """Writes the frames of one moving-shape video under `directory/rel`; returns its record."""
+  from kimi_vl_jax.data import video as video_lib
+  n = rng.randint(*VIDEO_FRAMES)
+  shape, color = rng.choice(_SHAPES), rng.choice(list(RGB))
+  direction = rng.choice(list(_DIRECTIONS))
+  dx, dy = _DIRECTIONS[direction]
+  cross = rng.uniform(16, VIDEO_FRAME - 16)  # where it crosses the frame
+  os.makedirs(os.path.join(directory, rel))
+  frames = []
+  for k in range(n):
+    along = 10 + (VIDEO_FRAME - 20) * k / (n - 1)
+    if dx < 0 or dy < 0:
+      along = VIDEO_FRAME - along
+    center = (along, cross) if dx else (cross, along)
+    frames.append(f'{rel}/{k}.png')
+    draw_shape(shape, color, center).save(os.path.join(directory, frames[-1]))
+  timing, times = video_timestamps(rng, n)
+  kind = rng.choice(['direction', 'shape', 'color', 'duration'])
+  question, answer = {
+      'direction': (f'Which way does the {color} {shape} move?', direction),
+      'shape': ('What shape moves in the video?', shape),
+      'color': (f'What color is the moving {shape}?', color),
+      'duration': ('How long is the video?', video_lib.format_timestamp(times[-1])),
+  }[kind]
+  return {'messages': [
+      {'role': 'user', 'content': [{'type': 'video', 'frames': frames, **timing},
+                                   {'type': 'text', 'text': question}]},
+      {'role': 'assistant', 'content': answer}], 'answer': answer, 'kind': kind}
+
+
+def _build_video(out: str) -> None:
+  for split, n in VIDEO_SIZES.items():
+    rng = random.Random(VIDEO_SEEDS[split])
+    records = [moving_shape_video(rng, out, f'frames/{split}/{i}') for i in range(n)]
+    _write_jsonl(os.path.join(out, f'{split}.jsonl'), records)
+
+
+BUILDERS = {'easy_vqa': _build_easy_vqa, 'arithmetic': _build_arithmetic, 'video': _build_video}
 
 
 def ensure_demo(name: str, cache_dir: str | None = None) -> str:
-  """Builds demo set `name` (easy_vqa | arithmetic) if needed; returns its directory."""
+  """Builds demo set `name` (easy_vqa | arithmetic | video) if needed; returns its directory."""
   if name not in BUILDERS:
     raise ValueError(f'unknown demo data set {name!r}; known: {sorted(BUILDERS)}')
   return _atomic_build(os.path.join(cache_dir or default_cache_dir(), name), BUILDERS[name])

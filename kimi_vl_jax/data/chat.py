@@ -17,6 +17,10 @@ renders to::
 (no newlines), with one `<|media_pad|>` run of n = (h/2)*(w/2) per image. Text spans are encoded
 separately and joined with special ids, as the HF tokenizer does when it splits on special tokens.
 
+A video part `{"type": "video", "frames": [...], "timestamps": [...] | "fps": F}` (video.py,
+docs/video.md) renders as its frames, each an image block preceded by its `hh:mm:ss.fff`
+timestamp text; its frames count as images everywhere (`image_refs`, `image_tokens`).
+
 `token_mask[t]` is 1 when token t is trained on as a target: assistant content and the assistant's
 `<|im_end|>`; 0 on system / user turns, the role tags (`<|im_assistant|>assistant<|im_middle|>`) and
 any image placeholder block. The packer turns it into the batch's shifted `loss_mask`.
@@ -28,6 +32,8 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
+
+from kimi_vl_jax.data import video as video_lib
 
 ROLES = ('system', 'user', 'assistant')
 
@@ -44,7 +50,7 @@ class SkipExample(Exception):
 @dataclasses.dataclass
 class Turn:
   role: str
-  parts: list[tuple[str, str]]  # ('text', text) or ('image', reference)
+  parts: list[tuple[str, Any]]  # ('text', str), ('image', reference), ('video', video.Video)
 
 
 def _image_ref(part: dict) -> str | None:
@@ -73,7 +79,7 @@ def parse_conversation(record: Any) -> list[Turn]:
     if role not in ROLES:
       raise SkipExample('unknown_role', f'message {k} has role {role!r}; known: {ROLES}')
     content = m['content']
-    parts: list[tuple[str, str]] = []
+    parts: list[tuple[str, Any]] = []
     if isinstance(content, str):
       parts.append(('text', content))
     elif isinstance(content, list):
@@ -83,7 +89,7 @@ def parse_conversation(record: Any) -> list[Turn]:
           continue
         if not isinstance(p, dict):
           raise SkipExample('bad_schema', f'message {k} part {j} is not an object')
-        kind = p.get('type', 'image' if _image_ref(p) else 'text')
+        kind = p.get('type', 'image' if _image_ref(p) else 'video' if 'frames' in p else 'text')
         if kind == 'text':
           if not isinstance(p.get('text'), str):
             raise SkipExample('bad_schema', f'message {k} part {j}: text part without a "text" string')
@@ -93,6 +99,11 @@ def parse_conversation(record: Any) -> list[Turn]:
           if ref is None:
             raise SkipExample('bad_schema', f'message {k} part {j}: image part without a path')
           parts.append(('image', ref))
+        elif kind == 'video':
+          try:
+            parts.append(('video', video_lib.parse_video(p)))
+          except ValueError as e:
+            raise SkipExample('bad_schema', f'message {k} part {j}: {e}') from e
         else:
           raise SkipExample('bad_schema', f'message {k} part {j} has unknown type {kind!r}')
     else:
@@ -100,11 +111,12 @@ def parse_conversation(record: Any) -> list[Turn]:
     if role == 'assistant':
       has_text = any(t == 'text' and v.strip() for t, v in parts)
       if not has_text:
-        if any(t == 'image' for t, _ in parts):
-          raise SkipExample('image_only_assistant', f'assistant message {k} has images but no text')
+        if any(t in ('image', 'video') for t, _ in parts):
+          raise SkipExample('image_only_assistant',
+                            f'assistant message {k} has images or video but no text')
         raise SkipExample('empty_assistant', f'assistant message {k} is empty')
-    if role == 'system' and any(t == 'image' for t, _ in parts):
-      raise SkipExample('bad_schema', f'system message {k} contains an image')
+    if role == 'system' and any(t in ('image', 'video') for t, _ in parts):
+      raise SkipExample('bad_schema', f'system message {k} contains an image or video')
     turns.append(Turn(role, parts))
   if not any(t.role == 'assistant' for t in turns):
     raise SkipExample('no_assistant', 'conversation has no assistant turn to train on')
@@ -112,8 +124,30 @@ def parse_conversation(record: Any) -> list[Turn]:
 
 
 def image_refs(turns: Sequence[Turn]) -> list[str]:
-  """Image references in order of appearance."""
-  return [v for t in turns for kind, v in t.parts if kind == 'image']
+  """Image references in order of appearance, a video's frames in its place."""
+  out = []
+  for t in turns:
+    for kind, v in t.parts:
+      if kind == 'image':
+        out.append(v)
+      elif kind == 'video':
+        out.extend(v.frames)
+  return out
+
+
+def videos(turns: Sequence[Turn]) -> list[video_lib.Video]:
+  """The videos in order of appearance."""
+  return [v for t in turns for kind, v in t.parts if kind == 'video']
+
+
+def replace_videos(turns: Sequence[Turn], new: Sequence[video_lib.Video]) -> list[Turn]:
+  """The turns with their videos replaced, in order, by `new` (e.g. subsampled ones)."""
+  it = iter(new)
+  out = [Turn(t.role, [(kind, next(it) if kind == 'video' else v) for kind, v in t.parts])
+         for t in turns]
+  if next(it, None) is not None:
+    raise ValueError('replace_videos: more videos given than the turns hold')
+  return out
 
 
 class _Builder:
@@ -142,6 +176,11 @@ class _Builder:
     self.ids.extend([self.tok.media_pad_id] * n_tokens)
     self.mask.extend([0] * n_tokens)
     self.special('<|media_end|>', False)
+
+  def frame(self, seconds: float, n_tokens: int) -> None:
+    """A video frame: its `hh:mm:ss.fff` timestamp text, then its image block; never trained."""
+    self.text(video_lib.format_timestamp(seconds), False)
+    self.image(n_tokens)
 
   def arrays(self) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(self.ids, np.int32), np.asarray(self.mask, np.int32)
@@ -172,12 +211,17 @@ def render_chat(turns: Sequence[Turn], tok, image_tokens: Sequence[int], *,
     for kind, v in turn.parts:
       if kind == 'text':
         b.text(v, trained)
-      else:
-        if k >= len(image_tokens):
-          raise ValueError(f'render_chat: {k + 1} images in the conversation, '
-                           f'{len(image_tokens)} placeholder counts given')
+        continue
+      n = 1 if kind == 'image' else len(v)
+      if k + n > len(image_tokens):
+        raise ValueError(f'render_chat: {k + n} images in the conversation, '
+                         f'{len(image_tokens)} placeholder counts given')
+      if kind == 'image':
         b.image(int(image_tokens[k]))
-        k += 1
+      else:
+        for f, seconds in enumerate(v.timestamps):
+          b.frame(seconds, int(image_tokens[k + f]))
+      k += n
     b.special('<|im_end|>', trained)
   if k != len(image_tokens):
     raise ValueError(f'render_chat: {k} images in the conversation, {len(image_tokens)} counts given')
@@ -186,6 +230,13 @@ def render_chat(turns: Sequence[Turn], tok, image_tokens: Sequence[int], *,
     b.text('assistant', False)
     b.special('<|im_middle|>', False)
   return b.arrays()
+
+
+def frame_tokens(tok, seconds: float, n_tokens: int) -> int:
+  """Tokens one video frame adds to a rendered chat (timestamp text + image block)."""
+  b = _Builder(tok)
+  b.frame(seconds, n_tokens)
+  return len(b.ids)
 
 
 def render_caption(caption: str, tok, image_tokens: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ ones (downscaled; JPEG decoded at reduced size). Missing, corrupt and truncated 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from typing import Any
@@ -53,12 +54,15 @@ class ImageConfig:
     Kimi-VL, i.e. at most ~1024 merged tokens); small values shrink images for the tiny configs.
   max_side_patches: a side must stay below this many patches (the reference rejects >= 512, the
     size of what the position grid is interpolated from); longer sides are downscaled instead.
+  max_video_frames: a longer video is subsampled to this many frames, uniformly over time,
+    keeping its first and last frame, before any frame is read (video.py; docs/video.md).
   augment: random scale jitter in [scale_min, scale_max] (before the limit above), brightness and
     contrast jitter (multiplicative, +-brightness / +-contrast) and horizontal flips with
     probability hflip_prob; deterministic given the per-example rng.
   """
   max_patches: int = 4096
   max_side_patches: int = 512
+  max_video_frames: int = 64
   mean: tuple[float, float, float] = CLIP_MEAN
   std: tuple[float, float, float] = CLIP_STD
   augment: bool = False
@@ -91,6 +95,9 @@ class ImageConfig:
     out = cls(**d)
     if out.max_patches < 1 or out.max_side_patches < 2:
       raise ValueError(f'data.image: max_patches must be >= 1 and max_side_patches >= 2, got {out}')
+    if out.max_video_frames < 2:
+      raise ValueError(f'data.image.max_video_frames must be >= 2 (a video keeps its first and '
+                       f'last frame), got {out.max_video_frames}')
     return out
 
 
@@ -126,8 +133,17 @@ def load_image(path: str, draft_limit: int | None = None) -> Image.Image:
   """
   if not os.path.isfile(path):
     raise BadImage('missing_image', f'no file {path!r}')
+  return _decode(path, path, draft_limit)
+
+
+def decode_image(data: bytes, name: str, draft_limit: int | None = None) -> Image.Image:
+  """`load_image` of an image's bytes (read from remote storage); `name` is for messages."""
+  return _decode(io.BytesIO(data), name, draft_limit)
+
+
+def _decode(source, path: str, draft_limit: int | None) -> Image.Image:
   try:
-    with Image.open(path) as im:
+    with Image.open(source) as im:
       if draft_limit and im.format == 'JPEG':
         side = int(math.sqrt(draft_limit)) * PATCH * 2
         im.draft('RGB', (side, side))

@@ -31,6 +31,7 @@ import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
 from kimi_vl_jax.data import images as images_lib
+from kimi_vl_jax.data import video as video_lib
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,24 @@ SKIP_REASONS = (
     'malformed_json', 'bad_schema', 'unknown_role', 'empty_assistant', 'image_only_assistant',
     'no_assistant', 'empty_text', 'path_escape', 'missing_image', 'corrupt_image',
     'truncated_image', 'too_long', 'too_many_patches', 'too_many_images',
+    # Remote storage (kimi_vl_jax/storage/retry.py), after bounded retries:
+    'missing_object', 'access_denied', 'remote_unavailable',
 )
-KEPT_FIELDS = ('examples', 'tokens', 'images')
+# Kept counts per source; an image of a video counts as an image and as a frame (video.py).
+KEPT_FIELDS = ('examples', 'tokens', 'images') + video_lib.VIDEO_STATS
+# Reads of remote records and images through the local cache (an example's `cache` [2] vector).
+CACHE_FIELDS = ('cache_hits', 'cache_misses')
 PACKED_TOKEN_KEYS = ('input_ids', 'token_mask', 'sub_seg')
 
 
 class StatsLayout:
-  """Index of the flat int64 stats vector: per source, KEPT_FIELDS then SKIP_REASONS counts."""
+  """Index of the flat int64 stats vector: per source, KEPT_FIELDS, SKIP_REASONS, CACHE_FIELDS."""
 
   def __init__(self, num_sources: int):
     self.num_sources = num_sources
-    self.stride = len(KEPT_FIELDS) + len(SKIP_REASONS)
+    self.stride = len(KEPT_FIELDS) + len(SKIP_REASONS) + len(CACHE_FIELDS)
+    self.skips = slice(len(KEPT_FIELDS), len(KEPT_FIELDS) + len(SKIP_REASONS))
+    self.cache_fields = slice(self.skips.stop, self.stride)
     self.size = num_sources * self.stride
 
   def zeros(self) -> np.ndarray:
@@ -62,8 +70,13 @@ class StatsLayout:
       raise ValueError(f'unknown skip reason {reason!r}')
     return source * self.stride + len(KEPT_FIELDS) + SKIP_REASONS.index(reason)
 
+  def add_cache(self, vec: np.ndarray, source: int, counts) -> None:
+    """Adds an example's [hits, misses] cache counts to `vec`."""
+    vec[source * self.stride + self.cache_fields.start:
+        (source + 1) * self.stride] += np.asarray(counts, np.int64)
+
   def as_table(self, vec: np.ndarray) -> np.ndarray:
-    """[S, 3 + R] view."""
+    """[S, stride] view: columns KEPT_FIELDS, then SKIP_REASONS (`skips`), then CACHE_FIELDS."""
     return np.asarray(vec).reshape(self.num_sources, self.stride)
 
 
@@ -120,9 +133,16 @@ class _AccountIterator(grain_dataset.DatasetIterator):
           raise
         stats, self._pending = self._pending, self._layout.zeros()
         return stats_carrier(stats)
+      if 'cache' in e:
+        e = dict(e)
+        self._layout.add_cache(self._pending, e['source'], e.pop('cache'))
       if 'skip' in e:
         self._pending[self._layout.skip(e['source'], e['skip'])] += 1
         continue
+      video_stats = None
+      if 'video_stats' in e:  # kept counts only; never packed
+        e = dict(e)
+        video_stats = e.pop('video_stats')
       if self._limits is not None:
         reason = self._oversize(e)
         if reason is not None:
@@ -138,6 +158,9 @@ class _AccountIterator(grain_dataset.DatasetIterator):
         stats[self._layout.kept(s, 'examples')] += 1
         stats[self._layout.kept(s, 'tokens')] += len(e['input_ids'])
         stats[self._layout.kept(s, 'images')] += len(e['image_grid_hws'])
+        if video_stats is not None:
+          first = self._layout.kept(s, video_lib.VIDEO_STATS[0])
+          stats[first:first + len(video_stats)] += video_stats
       self._pending = self._layout.zeros()
       return {**e, 'stats': stats}
 

@@ -23,7 +23,9 @@ documented by grain.
 Config fields read from `data` (ConfigDict or dict; defaults in `default_config()`):
   sources: list of {name, kind: chat|caption|text, path, weight, root (default: the file's
     directory), format (jsonl|txt|array_record; default from the file name)}. `path` may be
-    `demo:easy_vqa/train.jsonl` etc. (built on first use under `cache_dir`, see build_demo.py).
+    `demo:easy_vqa/train.jsonl` etc. (built on first use under `cache_dir`, see build_demo.py),
+    or `s3://` / `gs://` (read through the storage layer's cache; data_stats then reports
+    `cache_hits/<source>`, `cache_misses/<source>` and `cache_hit_rate`).
   seq_len (T), max_patches (P, per row; 0 for text-only), max_images (I, per row),
   batch_size (rows per host), num_workers (0 = in-process), worker_buffer_size,
   read_threads / read_buffer_size (grain ReadOptions of each source: threads that turn records
@@ -31,14 +33,14 @@ Config fields read from `data` (ConfigDict or dict; defaults in `default_config(
   shuffle, num_epochs (None = forever), default_system_prompt, cache_dir,
   max_skip_rate (stop when skipped / seen exceeds it, checked once skip_check_min_examples records
     were seen), skip_check_min_examples,
-  image: {max_patches (per image, before padding), max_side_patches, mean, std,
+  image: {max_patches (per image, before padding), max_side_patches, max_video_frames (video.py),
+    mean, std,
     augment: {enabled, scale_min, scale_max, brightness, contrast, hflip_prob}},
   packing: {algorithm: first_fit|best_fit, num_bins (default batch_size), shuffle_bins}.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -52,7 +54,9 @@ from kimi_vl_jax.data import build_demo
 from kimi_vl_jax.data import images as images_lib
 from kimi_vl_jax.data import packing
 from kimi_vl_jax.data import sources as sources_lib
+from kimi_vl_jax.data import video as video_lib
 from kimi_vl_jax.data.tokenizer import make_tokenizer  # noqa: F401  (re-exported entry point)
+from kimi_vl_jax.storage import paths as storage_paths
 
 
 class DataQualityError(RuntimeError):
@@ -75,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
       'max_skip_rate': 0.05,
       'skip_check_min_examples': 200,
       'image': {
-          'max_patches': 4096, 'max_side_patches': 512,
+          'max_patches': 4096, 'max_side_patches': 512, 'max_video_frames': 64,
           'mean': list(images_lib.CLIP_MEAN), 'std': list(images_lib.CLIP_STD),
           'augment': {'enabled': False, 'scale_min': 0.8, 'scale_max': 1.2, 'brightness': 0.1,
                       'contrast': 0.1, 'hflip_prob': 0.0},
@@ -104,13 +108,13 @@ def _source_seed(seed: int, i: int) -> int:
 
 
 def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, seed: int,
-                    process_index: int, process_count: int) -> grain.IterDataset:
+                    process_index: int, process_count: int, budget: dict) -> grain.IterDataset:
   """One source -> IterDataset of examples (or skip markers, for non-text kinds)."""
   name = spec.get('name') or f'source{i}'
   kind = spec.get('kind')
   path = build_demo.resolve_path(spec['path'], cfg['cache_dir'])
   fmt = spec.get('format') or sources_lib.infer_format(path)
-  root = spec.get('root') or os.path.dirname(os.path.abspath(path))
+  root = spec.get('root') or storage_paths.dirname(path)
   src = sources_lib.open_source(path, fmt)
   if len(src) < process_count:
     raise ValueError(f'data source {name!r} ({path}) has {len(src)} records, fewer than the '
@@ -122,7 +126,7 @@ def _source_dataset(spec: dict, i: int, cfg: dict, tok, image_cfg, layout, *, se
   ds = ds.repeat(cfg['num_epochs'])
   maker = sources_lib.ExampleMaker(
       tokenizer=tok, kind=kind, source_index=i, name=f'{name} ({path})', root=root, fmt=fmt,
-      image_cfg=image_cfg, default_system_prompt=cfg['default_system_prompt'])
+      image_cfg=image_cfg, default_system_prompt=cfg['default_system_prompt'], budget=budget)
   ds = ds.random_map(maker, seed=s_seed ^ 0x5EED)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg['read_threads']),
                                             prefetch_buffer_size=int(cfg['read_buffer_size'])))
@@ -152,13 +156,13 @@ def make_iterator(data_cfg: Any, tokenizer, *, seed: int = 0, process_index: int
     raise ValueError(f'data.sources weights must be > 0, got {weights}')
   image_cfg = images_lib.ImageConfig.from_config(cfg['image'])
   layout = packing.StatsLayout(len(specs))
-  per_source = [
-      _source_dataset(s, i, cfg, tokenizer, image_cfg, layout, seed=seed,
-                      process_index=process_index, process_count=process_count)
-      for i, s in enumerate(specs)]
-  ds = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, weights)
   limits = {'seq_len': cfg['seq_len'], 'max_patches': cfg['max_patches'],
             'max_images': cfg['max_images']}
+  per_source = [
+      _source_dataset(s, i, cfg, tokenizer, image_cfg, layout, seed=seed,
+                      process_index=process_index, process_count=process_count, budget=limits)
+      for i, s in enumerate(specs)]
+  ds = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, weights)
   ds = packing.account(ds, layout, limits=limits, count_kept=True)
   pk = cfg['packing']
   ds = packing.pack_rows(ds, seq_len=cfg['seq_len'], max_patches=cfg['max_patches'],
@@ -222,7 +226,7 @@ class _StatsIterator(grain_dataset.DatasetIterator):
     self._max_skip_rate, self._min_seen = max_skip_rate, min_seen
     self._totals = layout.zeros()
     self._skips_only = np.zeros((layout.num_sources, layout.stride), np.int64)
-    self._skips_only[:, len(packing.KEPT_FIELDS):] = 1
+    self._skips_only[:, len(packing.KEPT_FIELDS):] = 1  # skips and cache counts
     self._skips_only = self._skips_only.reshape(-1)
 
   def __next__(self):
@@ -238,7 +242,7 @@ class _StatsIterator(grain_dataset.DatasetIterator):
   def _check_skip_rate(self):
     table = self._layout.as_table(self._totals)
     kept = int(table[:, 0].sum())
-    skipped = int(table[:, len(packing.KEPT_FIELDS):].sum())
+    skipped = int(table[:, self._layout.skips].sum())
     seen = kept + skipped
     if seen >= self._min_seen and skipped > self._max_skip_rate * seen:
       raise DataQualityError(
@@ -257,14 +261,19 @@ class _StatsIterator(grain_dataset.DatasetIterator):
 
   def stats(self) -> dict[str, float]:
     table = self._layout.as_table(self._totals)
-    kept_ex, kept_tok, kept_img = table[:, 0], table[:, 1], table[:, 2]
-    skipped = table[:, len(packing.KEPT_FIELDS):]
+    kept = {f: table[:, k] for k, f in enumerate(packing.KEPT_FIELDS)}
+    kept_ex, kept_tok, kept_img = kept['examples'], kept['tokens'], kept['images']
+    skipped = table[:, self._layout.skips]
+    cache = table[:, self._layout.cache_fields]
     out: dict[str, float] = {}
     tw = sum(self._weights)
     for s, name in enumerate(self._names):
       out[f'examples/{name}'] = int(kept_ex[s])
       out[f'tokens/{name}'] = int(kept_tok[s])
       out[f'images/{name}'] = int(kept_img[s])
+      if kept['videos'][s]:
+        for f in video_lib.VIDEO_STATS:
+          out[f'{f}/{name}'] = int(kept[f][s])
       out[f'skipped/{name}'] = int(skipped[s].sum())
       out[f'mix_target/{name}'] = self._weights[s] / tw
       out[f'mix_examples/{name}'] = float(kept_ex[s] / max(1, kept_ex.sum()))
@@ -272,8 +281,13 @@ class _StatsIterator(grain_dataset.DatasetIterator):
       for k, r in enumerate(packing.SKIP_REASONS):
         if skipped[s, k]:
           out[f'skipped/{name}/{r}'] = int(skipped[s, k])
+      if cache[s].any():  # remote sources: reads served by the local cache / fetched
+        out[f'cache_hits/{name}'] = int(cache[s, 0])
+        out[f'cache_misses/{name}'] = int(cache[s, 1])
     seen = int(kept_ex.sum() + skipped.sum())
     out['skip_rate'] = float(skipped.sum() / max(1, seen))
+    if cache.any():
+      out['cache_hit_rate'] = float(cache[:, 0].sum() / max(1, cache.sum()))
     return out
 
   def get_state(self):
@@ -286,7 +300,9 @@ class _StatsIterator(grain_dataset.DatasetIterator):
 
 def data_stats(iterator) -> dict[str, float]:
   """Counters for logging: kept examples / tokens / images and skips per source (and reason),
-  target vs realised mix (by examples and by tokens), overall skip rate."""
+  target vs realised mix (by examples and by tokens), overall skip rate; for a source with
+  videos also videos / frames kept and frames removed by `image.max_video_frames`
+  (`frames_subsampled`) and to fit the row budget (`frames_over_budget`), video.py."""
   if not isinstance(iterator, _StatsIterator):
     raise TypeError(f'data_stats needs the iterator returned by make_iterator, got {type(iterator)}')
   return iterator.stats()

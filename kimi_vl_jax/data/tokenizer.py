@@ -26,6 +26,9 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from kimi_vl_jax.storage import files as files_lib
+from kimi_vl_jax.storage import paths as paths_lib
+
 # Special tokens of the real Kimi tokenizer (its `tokenizer_config.json`), name -> id.
 KIMI_SPECIAL_TOKENS: dict[str, int] = {
     '[BOS]': 163584,
@@ -123,9 +126,13 @@ class SentencePieceTokenizer(Tokenizer):
   def __init__(self, path: str | None = None):
     import sentencepiece as spm
     path = path or TINY_SPM_PATH
+    self._init_args = {'path': path}
+    if paths_lib.is_remote(path):  # through the read cache (storage/files.py)
+      if not paths_lib.isfile(path):
+        raise FileNotFoundError(f'SentencePiece model not found: {path!r}')
+      path, _ = files_lib.fetch_file(path)
     if not os.path.isfile(path):
       raise FileNotFoundError(f'SentencePiece model not found: {path!r}')
-    self._init_args = {'path': path}
     self._sp = spm.SentencePieceProcessor(model_file=path)
     self.vocab_size = int(self._sp.get_piece_size())
     special = {}
@@ -170,6 +177,11 @@ class KimiTokenizer(Tokenizer):
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
     self._init_args = {'path': path}
+    if paths_lib.is_remote(path):  # a local copy: the directory's files, or the one file
+      if paths_lib.isdir(path):
+        path = files_lib.fetch_tree(path, 'tokenizer')
+      elif paths_lib.isfile(path):
+        path, _ = files_lib.fetch_file(path)
     model_file = os.path.join(path, 'tiktoken.model') if os.path.isdir(path) else path
     if not os.path.isfile(model_file):
       raise FileNotFoundError(f'Kimi tokenizer: no tiktoken BPE file at {model_file!r} (give the '
@@ -227,6 +239,7 @@ def make_tokenizer(cfg: Any = None) -> Tokenizer:
 
   kind 'sentencepiece' (alias 'spm', 'tiny'): `path` optional, defaults to the bundled tiny model.
   kind 'kimi' (alias 'tiktoken'): `path` required (tiktoken.model or its directory).
+  Paths may be local, `s3://` or `gs://` (kimi_vl_jax/storage).
   """
   if cfg is None:
     kind, path = 'sentencepiece', None

@@ -29,8 +29,21 @@ the first is the input and the rest the output, except kernels whose input is pe
 
 Distributed Muon (ZeRO-1): every per-parameter state leaf has its parameter's shape and sits
 under the parameter's dict path, so `parallel/rules.py` (`opt_state_shardings`) shards it like the
-parameter and further over 'data'; under jit, XLA gathers a sharded matrix for the Newton-Schulz
-matmuls and keeps the local slice of the update (`orthogonalize_update`).
+parameter and further over 'data'.
+
+Sharded Newton-Schulz (`scale_by_newton_schulz`, the default): the Muon updates are cut into their
+matrices, oriented so rows <= cols, and the matrices of one shape are stacked into one
+[n, rows, cols] array per shape (e.g. all routed experts' gate, up and down projections of every
+layer). Each stack is padded to a multiple of the device count and its leading axis is sharded
+over every axis of the mesh in context (`jax.set_mesh`, as the trainer traces its step), so each
+device orthogonalises 1/devices of the matrices, whole, in a rolled `lax.fori_loop` (three dots
+per shape in the program); the results go back to the parameters' layout and shardings. A leaf
+with a matrix axis the device count divides (every large one of A3B on 128 devices) moves in and
+out of the stack by explicit all-to-alls inside a `shard_map`, so no device holds more than a
+slice of it; the others are resharded by XLA. The per-leaf form (`orthogonalize_update`,
+matrices gathered and replicated) is kept as `stack=False`.
+`ns_dtype='bfloat16'` runs the iteration in bf16 as Moonlight and Keller Jordan's Muon do (the
+default stays fp32).
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 from kimi_vl_jax.optim import schedules
@@ -246,25 +259,38 @@ def groups_summary(groups, max_examples: int = 3) -> str:
 # --------------------------------------------------------------------------------------------
 # Newton-Schulz and the Muon update.
 
-def newton_schulz(x: jax.Array, coeffs: Sequence[float] = (3.4445, -4.7750, 2.0315),
-                  steps: int = 5, eps: float = 1e-7, precision=None) -> jax.Array:
-  """Approximate orthogonalisation of the matrices x [..., rows, cols], in fp32.
+NS_DTYPES = ('float32', 'bfloat16')
 
-  Moonlight / Keller Jordan's quintic iteration: X = x / (||x||_F + eps) per matrix, transposed
-  when rows > cols (so A = X X^T is the smaller Gram matrix), then `steps` times
-  X <- a X + (b A + c A^2) X. Returns fp32 with x's shape.
-  """
+
+def _newton_schulz_wide(x: jax.Array, coeffs, steps: int, eps: float, precision,
+                        dtype) -> jax.Array:
+  """The iteration on matrices x [..., m, k] with m <= k, in `dtype`, as a rolled loop."""
   a, b, c = coeffs
   x = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+  x = (x / (norm + eps)).astype(dtype)
+  mm = lambda p, q: jnp.matmul(p, q, precision=precision)
+
+  def step(_, x):
+    gram = mm(x, jnp.swapaxes(x, -1, -2))    # A = X X^T  [..., m, m]
+    return (a * x + mm(b * gram + c * mm(gram, gram), x)).astype(dtype)
+
+  return jax.lax.fori_loop(0, steps, step, x).astype(jnp.float32)
+
+
+def newton_schulz(x: jax.Array, coeffs: Sequence[float] = (3.4445, -4.7750, 2.0315),
+                  steps: int = 5, eps: float = 1e-7, precision=None,
+                  dtype: str = 'float32') -> jax.Array:
+  """Approximate orthogonalisation of the matrices x [..., rows, cols].
+
+  Moonlight / Keller Jordan's quintic iteration: X = x / (||x||_F + eps) per matrix (fp32),
+  transposed when rows > cols (so A = X X^T is the smaller Gram matrix), then `steps` times
+  X <- a X + (b A + c A^2) X in `dtype` ('float32' or 'bfloat16'). Returns fp32 with x's shape.
+  """
   transpose = x.shape[-2] > x.shape[-1]
   if transpose:
     x = jnp.swapaxes(x, -1, -2)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-  x = x / (norm + eps)
-  mm = lambda p, q: jnp.matmul(p, q, precision=precision)
-  for _ in range(steps):
-    gram = mm(x, jnp.swapaxes(x, -1, -2))    # A = X X^T  [..., m, m]
-    x = a * x + mm(b * gram + c * mm(gram, gram), x)
+  x = _newton_schulz_wide(x, coeffs, steps, eps, precision, jnp.dtype(dtype))
   return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
@@ -280,7 +306,7 @@ def _explicit_spec(x: jax.Array):
 
 
 def orthogonalize_update(u: jax.Array, group: ParamGroup, coeffs, steps: int, eps: float,
-                         rms_scale: float, precision=None) -> jax.Array:
+                         rms_scale: float, precision=None, dtype: str = 'float32') -> jax.Array:
   """Newton-Schulz on the matrix view of u, scaled by rms_scale * sqrt(max(rows, cols)).
 
   Batch axes stay separate axes (so an expert-sharded axis stays sharded); the matrix axes are
@@ -301,35 +327,227 @@ def orthogonalize_update(u: jax.Array, group: ParamGroup, coeffs, steps: int, ep
   elif group.axes:
     ut = nn.with_logical_constraint(ut, tuple(group.axes[a] for a in batch) + tuple(gathered))
   mats = ut.reshape(ut.shape[:len(batch)] + (rows, cols))   # [*batch, rows, cols]
-  o = newton_schulz(mats, coeffs, steps, eps, precision) * (rms_scale * math.sqrt(max(rows, cols)))
+  o = newton_schulz(mats, coeffs, steps, eps, precision, dtype) * (
+      rms_scale * math.sqrt(max(rows, cols)))
   o = o.astype(u.dtype).reshape(ut.shape)
   if spec is not None:  # keep only the local slice, like the parameter
     o = jax.sharding.reshard(o, P(*spec))
   return jnp.transpose(o, tuple(np.argsort(perm)))
 
 
+def _context_mesh():
+  """The mesh set with `jax.set_mesh` while tracing (None without one): its axes split the
+  Newton-Schulz stacks."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def _as_wide_matrices(u: jax.Array, group: ParamGroup, explicit: bool) -> jax.Array:
+  """A Muon update -> its matrices [n, m, k] (m <= k; transposed when rows > cols)."""
+  n, rows, cols = group.matrix_shape
+  dn = group.dim_nums
+  batch = tuple(a for a in range(u.ndim) if a not in dn.reduction_axis + dn.output_axis)
+  ut = jnp.transpose(u, batch + tuple(dn.reduction_axis) + tuple(dn.output_axis))
+  if explicit:  # explicit sharding does not reshape split axes; the stack re-splits it
+    ut = jax.sharding.reshard(ut, P())
+  mats = ut.reshape(n, rows, cols).astype(jnp.float32)
+  return jnp.swapaxes(mats, 1, 2) if rows > cols else mats
+
+
+def _from_wide_matrices(o: jax.Array, u: jax.Array, group: ParamGroup, explicit: bool
+                        ) -> jax.Array:
+  """The inverse of `_as_wide_matrices`, back in u's shape, dtype (and explicit sharding)."""
+  _, rows, cols = group.matrix_shape
+  dn = group.dim_nums
+  batch = tuple(a for a in range(u.ndim) if a not in dn.reduction_axis + dn.output_axis)
+  perm = batch + tuple(dn.reduction_axis) + tuple(dn.output_axis)
+  if rows > cols:
+    o = jnp.swapaxes(o, 1, 2)
+  o = o.astype(u.dtype).reshape(tuple(u.shape[a] for a in perm))
+  o = jnp.transpose(o, tuple(np.argsort(perm)))
+  spec = _explicit_spec(u) if explicit else None
+  return jax.sharding.reshard(o, P(*spec)) if spec is not None else o
+
+
+def _all_to_all_axis(group: ParamGroup, devices: int) -> int | None:
+  """1 (rows) or 2 (cols) of the [n, rows, cols] view: a matrix axis `devices` divides (the
+  larger one first), or None."""
+  _, rows, cols = group.matrix_shape
+  for axis, size in sorted(((1, rows), (2, cols)), key=lambda a: -a[1]):
+    if size % devices == 0:
+      return axis
+  return None
+
+
+def _all_to_all_newton_schulz(updates, groups, mesh, axes, devices, coeffs, steps, eps,
+                              rms_scale, precision, dtype):
+  """The stacked Newton-Schulz as a `shard_map` over the whole mesh: each leaf enters split on a
+  matrix axis over every device (XLA reshards it from the parameter's layout, an all-to-all), an
+  explicit all-to-all turns that into whole matrices, n / devices per device (after zero padding),
+  the matrices of one shape are concatenated locally and orthogonalised in one rolled loop, and
+  the inverse all-to-all returns each leaf split on its matrix axis. No device ever holds more
+  than its share of a leaf (plus padding)."""
+  paths = list(updates)
+  views, specs = {}, {}
+  for p in paths:
+    g, u = groups[p], updates[p]
+    n, rows, cols = g.matrix_shape
+    dn = g.dim_nums
+    batch = tuple(a for a in range(u.ndim) if a not in dn.reduction_axis + dn.output_axis)
+    perm = batch + tuple(dn.reduction_axis) + tuple(dn.output_axis)
+    views[p] = jnp.transpose(u, perm).reshape(n, rows, cols)
+    axis = _all_to_all_axis(g, devices)
+    specs[p] = P(*([None] * axis), axes)
+
+  def local(*xs):
+    blocks, by_shape = {}, {}
+    for p, x in zip(paths, xs):                  # x [n, rows, cols] split on one matrix axis
+      n = x.shape[0]
+      axis = _all_to_all_axis(groups[p], devices)
+      x = x.astype(jnp.float32)
+      pad = -n % devices
+      if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+      x = jax.lax.all_to_all(x, axes, 0, axis, tiled=True)   # [(n + pad) / d, rows, cols]
+      if x.shape[1] > x.shape[2]:
+        x = jnp.swapaxes(x, 1, 2)
+      blocks[p] = x
+      by_shape.setdefault(x.shape[1:], []).append(p)
+    outs = {}
+    for group_paths in by_shape.values():
+      stack = (jnp.concatenate([blocks[p] for p in group_paths], axis=0)
+               if len(group_paths) > 1 else blocks[group_paths[0]])
+      o = _newton_schulz_wide(stack, coeffs, steps, eps, precision, jnp.dtype(dtype))
+      start = 0
+      for p in group_paths:
+        size = blocks[p].shape[0]
+        outs[p] = jax.lax.slice_in_dim(o, start, start + size, axis=0)
+        start += size
+    result = []
+    for p, x in zip(paths, xs):
+      n, rows, cols = groups[p].matrix_shape
+      o = outs[p]
+      if rows > cols:
+        o = jnp.swapaxes(o, 1, 2)
+      o = jax.lax.all_to_all(o, axes, _all_to_all_axis(groups[p], devices), 0, tiled=True)
+      o = jax.lax.slice_in_dim(o, 0, n, axis=0) * (rms_scale * math.sqrt(max(rows, cols)))
+      result.append(o.astype(x.dtype))
+    return tuple(result)
+
+  spec_list = tuple(specs[p] for p in paths)
+  outs = jax.shard_map(local, mesh=mesh, in_specs=spec_list, out_specs=spec_list,
+                       check_vma=False)(*(views[p] for p in paths))
+  out = {}
+  for p, o in zip(paths, outs):
+    g, u = groups[p], updates[p]
+    dn = g.dim_nums
+    batch = tuple(a for a in range(u.ndim) if a not in dn.reduction_axis + dn.output_axis)
+    perm = batch + tuple(dn.reduction_axis) + tuple(dn.output_axis)
+    o = o.reshape(tuple(u.shape[a] for a in perm))
+    out[p] = jnp.transpose(o, tuple(np.argsort(perm)))
+  return out
+
+
+def stacked_newton_schulz(updates: dict[str, jax.Array], groups: dict[str, ParamGroup], coeffs,
+                          steps: int, eps: float, rms_scale: float, precision=None,
+                          dtype: str = 'float32') -> dict[str, jax.Array]:
+  """`orthogonalize_update` of every leaf of `updates` (path -> Muon update), computed as one
+  stacked, mesh-sharded Newton-Schulz per matrix shape (module docstring).
+
+  Layout: with d devices, each leaf's n matrices are padded with zero matrices to a multiple of
+  d (zeros stay zeros: x / (0 + eps) = 0) and device i gets the i-th n / d of every leaf. Leaves
+  with a matrix axis d divides go through `_all_to_all_newton_schulz` (explicit all-to-alls);
+  the others are split as [d, n / d, m, k] with the leaves of one shape concatenated on the
+  second axis, so going in and out of the stack is a reshard of each leaf alone (left to XLA)
+  and slices of a local axis, never a slice across shards.
+  """
+  mesh = _context_mesh()
+  explicit = mesh is not None and bool(mesh.explicit_axes)
+  axes = tuple(a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1) if mesh else ()
+  devices = math.prod(mesh.shape[a] for a in axes) if mesh else 1
+  if axes and not explicit:
+    # Leaves with a matrix axis the device count divides: all-to-all inside a shard_map.
+    fits = {p for p, u in updates.items()
+            if _all_to_all_axis(groups[p], devices) is not None}
+    out = _all_to_all_newton_schulz({p: updates[p] for p in fits}, groups, mesh, axes, devices,
+                                    coeffs, steps, eps, rms_scale, precision, dtype) if fits else {}
+    updates = {p: u for p, u in updates.items() if p not in fits}
+    if not updates:
+      return out
+  else:
+    out = {}
+
+  def split(x):  # leading axis over every mesh axis
+    if not axes:
+      return x
+    spec = P(axes)
+    return (jax.sharding.reshard(x, spec) if explicit
+            else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)))
+
+  by_shape: dict[tuple[int, int], list[str]] = {}
+  blocks = {}
+  for path, u in updates.items():
+    mats = _as_wide_matrices(u, groups[path], explicit)              # [n, m, k]
+    n, m, k = mats.shape
+    pad = -n % devices
+    if pad:
+      mats = jnp.concatenate([mats, jnp.zeros((pad, m, k), mats.dtype)], axis=0)
+    blocks[path] = split(split(mats).reshape(devices, (n + pad) // devices, m, k))
+    by_shape.setdefault((m, k), []).append(path)
+  for paths in by_shape.values():
+    stack = (jnp.concatenate([blocks[p] for p in paths], axis=1) if len(paths) > 1
+             else blocks[paths[0]])                                  # [d, sum n / d, m, k]
+    o = _newton_schulz_wide(split(stack), coeffs, steps, eps, precision, jnp.dtype(dtype))
+    start = 0
+    for p in paths:
+      size = blocks[p].shape[1]
+      n, rows, cols = groups[p].matrix_shape
+      mats = jax.lax.slice_in_dim(o, start, start + size, axis=1)
+      mats = split(mats.reshape((devices * size,) + mats.shape[2:]))
+      if explicit:
+        mats = jax.sharding.reshard(mats, P())
+      mats = jax.lax.slice_in_dim(mats, 0, n, axis=0) * (rms_scale * math.sqrt(max(rows, cols)))
+      out[p] = _from_wide_matrices(mats, updates[p], groups[p], explicit)
+      start += size
+  return out
+
+
 def scale_by_newton_schulz(groups, coeffs=(3.4445, -4.7750, 2.0315), steps: int = 5,
-                           eps: float = 1e-7, rms_scale: float = 0.2,
-                           precision=None) -> optax.GradientTransformation:
+                           eps: float = 1e-7, rms_scale: float = 0.2, precision=None,
+                           dtype: str = 'float32',
+                           stack: bool = True) -> optax.GradientTransformation:
   """Stateless: replaces each Muon leaf's update by its scaled orthogonalisation.
 
   `groups` is the `muon_param_groups` tree; leaves are found by path, so this works inside
-  `optax.partition` (where non-Muon leaves are masked out).
+  `optax.partition` (where non-Muon leaves are masked out). `stack`: one sharded Newton-Schulz
+  per matrix shape over the mesh in context (`stacked_newton_schulz`); False: per leaf, the
+  matrices replicated (`orthogonalize_update`). `dtype`: of the iteration ('float32' or
+  'bfloat16').
   """
+  if dtype not in NS_DTYPES:
+    raise ValueError(f'Newton-Schulz dtype must be one of {NS_DTYPES}, got {dtype!r}')
   by_path = {path_str(p): g for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]}
+
+  def check(path, u):
+    g = by_path[path]
+    if g.kind != 'muon':
+      raise ValueError(f'{path} reached Newton-Schulz but is in group {g.kind!r}')
+    if tuple(u.shape) != g.shape:
+      raise ValueError(f'{path}: update shape {u.shape} != grouped shape {g.shape}')
+    return g
 
   def update_fn(updates, state, params=None):
     del params
-
-    def one(path, u):
-      g = by_path[path_str(path)]
-      if g.kind != 'muon':
-        raise ValueError(f'{path_str(path)} reached Newton-Schulz but is in group {g.kind!r}')
-      if tuple(u.shape) != g.shape:
-        raise ValueError(f'{path_str(path)}: update shape {u.shape} != grouped shape {g.shape}')
-      return orthogonalize_update(u, g, coeffs, steps, eps, rms_scale, precision)
-
-    return jax.tree_util.tree_map_with_path(one, updates), state
+    if not stack:
+      return jax.tree_util.tree_map_with_path(
+          lambda path, u: orthogonalize_update(u, check(path_str(path), u), coeffs, steps, eps,
+                                               rms_scale, precision, dtype), updates), state
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    flat = {path_str(p): u for p, u in leaves}
+    for p, u in flat.items():
+      check(p, u)
+    out = stacked_newton_schulz(flat, by_path, coeffs, steps, eps, rms_scale, precision, dtype)
+    return jax.tree.unflatten(treedef, [out[path_str(p)] for p, _ in leaves]), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -337,11 +555,13 @@ def scale_by_newton_schulz(groups, coeffs=(3.4445, -4.7750, 2.0315), steps: int 
 def moonlight_muon(learning_rate, groups, weight_decay: float = 0.1, beta: float = 0.95,
                    nesterov: bool = True, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps: int = 5,
                    eps: float = 1e-7, rms_scale: float = 0.2, mu_dtype=jnp.float32,
-                   precision=None) -> optax.GradientTransformation:
+                   precision=None, ns_dtype: str = 'float32',
+                   ns_stack: bool = True) -> optax.GradientTransformation:
   """The Muon branch: sum momentum, Nesterov, Newton-Schulz, RMS scale, decoupled wd, -lr."""
   return optax.chain(
       optax.trace(decay=beta, nesterov=nesterov, accumulator_dtype=mu_dtype),
-      scale_by_newton_schulz(groups, ns_coeffs, ns_steps, eps, rms_scale, precision),
+      scale_by_newton_schulz(groups, ns_coeffs, ns_steps, eps, rms_scale, precision, ns_dtype,
+                             ns_stack),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -369,6 +589,9 @@ def default_config() -> ml_collections.ConfigDict:
   muon.ns_steps, muon.ns_coeffs (a, b, c), muon.eps   Newton-Schulz iteration and norm epsilon
   muon.rms_scale  the 0.2 in 0.2 * sqrt(max(rows, cols))
   muon.ns_precision  matmul precision of Newton-Schulz: 'default' | 'high' | 'highest'
+  muon.ns_dtype   dtype of the Newton-Schulz iteration: 'float32' | 'bfloat16' (Moonlight's)
+  muon.ns_stack   True: one Newton-Schulz per matrix shape, its stack sharded over the whole mesh;
+                  False: per parameter, each matrix replicated on every device holding it
   adam.b1, adam.b2, adam.eps   the AdamW group
   mu_dtype        dtype of the momentum / first-moment buffers
   trainable       None = all; else a list of path regexes (re.search) of parameters that train
@@ -380,7 +603,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = ml_collections.config_dict.placeholder(float)
   c.muon = ml_collections.ConfigDict({
       'beta': 0.95, 'nesterov': True, 'ns_steps': 5, 'ns_coeffs': (3.4445, -4.7750, 2.0315),
-      'eps': 1e-7, 'rms_scale': 0.2, 'ns_precision': 'default'})
+      'eps': 1e-7, 'rms_scale': 0.2, 'ns_precision': 'default', 'ns_dtype': 'float32',
+      'ns_stack': True})
   c.adam = ml_collections.ConfigDict({'b1': 0.9, 'b2': 0.95, 'eps': 1e-8})
   c.mu_dtype = 'float32'
   c.trainable = ml_collections.config_dict.placeholder(tuple)
@@ -423,6 +647,8 @@ def make_optimizer(optim_cfg, params_or_abstract, logical_axes=None, trainable_m
   if m['ns_precision'] not in _PRECISIONS:
     raise ValueError(f"optim.muon.ns_precision must be one of {sorted(_PRECISIONS)}, "
                      f"got {m['ns_precision']!r}")
+  if m['ns_dtype'] not in NS_DTYPES:
+    raise ValueError(f"optim.muon.ns_dtype must be one of {NS_DTYPES}, got {m['ns_dtype']!r}")
   if len(tuple(m['ns_coeffs'])) != 3:
     raise ValueError(f"optim.muon.ns_coeffs must be (a, b, c), got {m['ns_coeffs']!r}")
   if trainable_mask is not None and cfg['trainable'] is not None:
@@ -439,7 +665,8 @@ def make_optimizer(optim_cfg, params_or_abstract, logical_axes=None, trainable_m
       {
           'muon': moonlight_muon(lr, groups, wd, m['beta'], m['nesterov'],
                                  tuple(m['ns_coeffs']), m['ns_steps'], m['eps'], m['rms_scale'],
-                                 mu_dtype, _PRECISIONS[m['ns_precision']]),
+                                 mu_dtype, _PRECISIONS[m['ns_precision']], m['ns_dtype'],
+                                 bool(m['ns_stack'])),
           'adamw': optax.adamw(lr, b1=a['b1'], b2=a['b2'], eps=a['eps'], weight_decay=wd,
                                mu_dtype=mu_dtype),
           'frozen': optax.set_to_zero(),
@@ -453,7 +680,8 @@ def make_optimizer(optim_cfg, params_or_abstract, logical_axes=None, trainable_m
     parts.append(optax.clip_by_global_norm(clip))
   summary = groups_summary(groups)
   summary += (f"\n  lr schedule {cfg['schedule']}, weight decay {wd}, grad clip {clip}, "
-              f"muon beta {m['beta']} ns {m['ns_steps']}x{tuple(m['ns_coeffs'])}, "
+              f"muon beta {m['beta']} ns {m['ns_steps']}x{tuple(m['ns_coeffs'])} "
+              f"{m['ns_dtype']}{' stacked' if m['ns_stack'] else ''}, "
               f"adam ({a['b1']}, {a['b2']}, {a['eps']})")
   return optax.chain(*parts, tx), summary
 

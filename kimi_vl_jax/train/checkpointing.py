@@ -10,6 +10,11 @@ step into a temporary directory and renames it when complete, so `latest_step()`
 checkpoint cut off mid-write (a SIGKILL during a save leaves only a `*.orbax-checkpoint-tmp*`
 directory, which is deleted on the next start). Retention: the newest `keep` checkpoints, plus
 every step that is a multiple of `keep_every` (0 = none).
+
+The directory may be `s3://` or `gs://` (`config.checkpoint.dir`): orbax then writes into a
+local staging directory whose finalized steps a background thread uploads, each with a commit
+file written last, and a restart (on any machine) first downloads the newest complete remote
+step (kimi_vl_jax/storage/mirror.py, which also says why orbax does not write there itself).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from kimi_vl_jax.storage import mirror as mirror_lib
+from kimi_vl_jax.storage import paths as storage_paths
 
 
 class IteratorState:
@@ -52,8 +60,45 @@ def make_manager(directory: str, *, interval: int, keep: int | None, keep_every:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=interval, max_to_keep=keep, keep_period=keep_every or None,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+  if storage_paths.is_remote(directory):
+    mirror = remote_mirror(directory, 'checkpoint.dir')
+    return MirroredManager(mirror, mirror.local, options=options,
+                           item_names=('state', 'data', 'meta'))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('state', 'data', 'meta'))
+
+
+def remote_mirror(directory: str, what: str, newest_only: bool = False
+                  ) -> mirror_lib.CheckpointMirror:
+  """The mirror of a remote checkpoint directory, its staging copy made to match the remote
+  (a missing bucket or a multi-process run stops here, naming `what`)."""
+  mirror_lib.check_single_process(directory, jax.process_count())
+  storage_paths.check_bucket(directory, what)
+  mirror = mirror_lib.CheckpointMirror(directory)
+  steps = mirror.pull(newest_only=newest_only)
+  logging.info('checkpoints on %s (staged in %s): complete steps %s', mirror.remote,
+               mirror.local, steps)
+  return mirror
+
+
+class MirroredManager(ocp.CheckpointManager):
+  """A CheckpointManager over a local staging directory whose finalized steps are uploaded by
+  `mirror` after each save (in the background) and at `close()` (which raises if an upload
+  failed for good). `location` is the remote URL (`directory` the staging directory)."""
+
+  def __init__(self, mirror: mirror_lib.CheckpointMirror, *args, **kwargs):
+    self.mirror = mirror
+    self.location = mirror.remote
+    super().__init__(*args, **kwargs)
+
+  def save(self, step, *args, **kwargs):
+    saved = super().save(step, *args, **kwargs)
+    self.mirror.sync_in_background()  # the steps orbax has finalized so far
+    return saved
+
+  def close(self):
+    super().close()
+    self.mirror.finish()
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator, meta: dict,
@@ -67,6 +112,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator, meta: 
   if saved:
     logging.info('checkpoint save started at step %d', step)
   return saved
+
+
+def location(manager: ocp.CheckpointManager) -> str:
+  """Where the checkpoints live: the remote URL of a MirroredManager, else the directory."""
+  return getattr(manager, 'location', None) or str(manager.directory)
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int | None:
@@ -95,7 +145,11 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
   `abstract_params` are the params' ShapeDtypeStructs (with shardings); the optimizer state
   and the rest of the saved TrainState are not read.
   """
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if storage_paths.is_remote(workdir):
+    directory = remote_mirror(storage_paths.join(workdir, 'checkpoints'), 'init_from',
+                              newest_only=True).local
+  else:
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'init_from orbax: no checkpoints directory at {directory}')
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),

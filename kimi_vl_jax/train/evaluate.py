@@ -13,8 +13,10 @@ Config (`config.eval`):
 
 Answer accuracy renders each conversation without its last turn plus the generation prompt
 (`<|im_assistant|>assistant<|im_middle|>`), exactly as training renders it, decodes greedily with
-the full-sequence forward (no KV cache: answers are a few tokens), and counts an exact match of
-the decoded text (whitespace-stripped, case-insensitive). Records with a `kind` string (the demo
+the KV-cache sampler (`kimi_vl_jax/sampling`, stopping at `<|im_end|>`), and counts an exact match
+of the decoded text (whitespace-stripped, case-insensitive). `make_greedy_decoder` is the same
+greedy decoding by full-sequence forwards (no cache), kept as the reference the sampler is tested
+and benchmarked against. Records with a `kind` string (the demo
 data marks easy-vqa questions 'yes/no', 'shape' or 'color') are also scored per kind, as
 `answer_accuracy/<kind>`.
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +37,10 @@ from kimi_vl_jax.config_dict import as_dict
 from kimi_vl_jax.data import chat, images as images_lib, packing, sources
 from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.model.kimi_vl import KimiVL
+from kimi_vl_jax.parallel import context as context_lib
 from kimi_vl_jax.parallel.kernels import build_kernels
+from kimi_vl_jax.sampling import Prompt, Sampler, SamplingParams
+from kimi_vl_jax.storage import paths as storage_paths
 from kimi_vl_jax.train import losses
 from kimi_vl_jax.train.stage_config import resolve_sources
 
@@ -46,31 +50,30 @@ def load_answer_examples(path: str, tok, data_cfg, limit: int) -> list[dict]:
   file's directory, which they must not leave; no augmentation)."""
   image_cfg = images_lib.ImageConfig.from_config(data_cfg.get('image'))
   image_cfg = image_cfg.__class__(**{**image_cfg.__dict__, 'augment': False})
-  root = os.path.dirname(os.path.abspath(path))
+  root = storage_paths.dirname(path)  # local or s3:// / gs:// (images read from there too)
   system = data_cfg.get('default_system_prompt', None)
   out = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      turns = chat.parse_conversation(record)
-      if turns[-1].role != 'assistant':
-        raise ValueError(f'{path}: the last turn of an answer record must be the assistant')
-      answer = ''.join(v for kind, v in turns[-1].parts if kind == 'text')
-      prompt_turns = turns[:-1]
-      try:
-        patches, coords, grids, ntok = sources.load_images(chat.image_refs(prompt_turns), root,
-                                                           image_cfg)
-      except (chat.SkipExample, images_lib.BadImage) as e:
-        raise ValueError(f'{path} line {line_no}: {e}') from e
-      ids, _ = chat.render_chat(prompt_turns, tok, ntok, default_system_prompt=system,
-                                add_generation_prompt=True)
-      out.append({'ids': ids, 'answer': answer, 'kind': record.get('kind'),
-                  'patches': patches if ntok else None, 'coords': coords if ntok else None,
-                  'grids': grids})
-      if len(out) >= limit:
-        break
+  for line_no, line in enumerate(storage_paths.read_text(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    record = json.loads(line)
+    turns = chat.parse_conversation(record)
+    if turns[-1].role != 'assistant':
+      raise ValueError(f'{path}: the last turn of an answer record must be the assistant')
+    answer = ''.join(v for kind, v in turns[-1].parts if kind == 'text')
+    prompt_turns = turns[:-1]
+    try:
+      patches, coords, grids, ntok = sources.load_images(chat.image_refs(prompt_turns), root,
+                                                         image_cfg)
+    except (chat.SkipExample, images_lib.BadImage) as e:
+      raise ValueError(f'{path} line {line_no}: {e}') from e
+    ids, _ = chat.render_chat(prompt_turns, tok, ntok, default_system_prompt=system,
+                              add_generation_prompt=True)
+    out.append({'ids': ids, 'answer': answer, 'kind': record.get('kind'),
+                'patches': patches if ntok else None, 'coords': coords if ntok else None,
+                'grids': grids})
+    if len(out) >= limit:
+      break
   return out
 
 
@@ -128,6 +131,36 @@ def greedy_answers(decode, params, examples: list[dict], tok, *, spec: BatchSpec
   return texts
 
 
+def answer_prompts(examples: list[dict], *, blank_images: bool = False) -> list[Prompt]:
+  """The examples (`load_answer_examples`) as the sampler's HF-style prompts (each image's
+  patches row-major, `pixel_values [L, 3, 14, 14]`); `blank_images` zeroes every patch as
+  `BatchSpec.split` does."""
+  out = []
+  for ex in examples:
+    if ex['patches'] is None:
+      out.append(Prompt(ex['ids']))
+      continue
+    pixel_values, start = [], 0
+    for h, w in ex['grids']:
+      n = int(h) * int(w)
+      row_major = np.empty_like(ex['patches'][start:start + n])
+      row_major[images_lib.merge_order_permutation(int(h), int(w))] = ex['patches'][start:start + n]
+      pixel_values.append(row_major)
+      start += n
+    pv = np.concatenate(pixel_values).reshape(-1, 3, images_lib.PATCH, images_lib.PATCH)
+    out.append(Prompt(ex['ids'], np.zeros_like(pv) if blank_images else pv, ex['grids']))
+  return out
+
+
+def sampler_answers(sampler: Sampler, examples: list[dict], tok, *, max_new_tokens: int,
+                    blank_images: bool = False) -> list[str]:
+  """The greedy answer text (up to `<|im_end|>`) of each example, decoded with the KV-cache
+  sampler (the same tokens as `greedy_answers` with `make_greedy_decoder`)."""
+  params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                          stop_token_ids=(tok.special['<|im_end|>'],))
+  return sampler.generate(answer_prompts(examples, blank_images=blank_images), params).texts
+
+
 def score_answers(examples: list[dict], texts: list[str]) -> dict[str, float]:
   """Exact-match accuracy (stripped, case-insensitive), overall and per example `kind`."""
   hits, by_kind = [], {}
@@ -178,7 +211,7 @@ class Evaluator:
   def __init__(self, cfg, mc, mesh, rules, iterator_fn, data_cfg, tokenizer, blank_images):
     ev = cfg.eval
     self.every = int(ev.get('every', 0) or 0)
-    self.mesh, self.rules, self.blank = mesh, rules, blank_images
+    self.mesh, self.rules, self.blank, self.mc = mesh, rules, blank_images, mc
     self.model = KimiVL(mc, kernels=build_kernels(mc, mesh, rules))
     self.n_batches = int(ev.get('batches', 0) or 0)
     self.iterator_fn = iterator_fn
@@ -207,7 +240,8 @@ class Evaluator:
       self.answer_batch = int(ev.get('answer_batch', 64))
       self.prompt_spec = prompt_spec(self.examples, self.max_new, mc.vision.patch_dim,
                                      self.answer_batch)
-      self._decode = jax.jit(make_greedy_decoder(self.model, self.max_new))
+      self._sampler = None      # built on first use, from the params it is given
+      self.prompt_bucket = int(math.ceil(max(len(e['ids']) for e in self.examples) / 16) * 16)
 
   @classmethod
   def maybe_create(cls, cfg, mc, mesh, rules, iterator_fn, data_cfg, tokenizer, blank_images):
@@ -229,15 +263,27 @@ class Evaluator:
     return {'loss': ce / max(tok, 1.0), 'token_accuracy': cor / max(tok, 1.0)}
 
   def answers(self, params) -> dict[str, float]:
-    texts = greedy_answers(self._decode, params, self.examples, self.tok, spec=self.prompt_spec,
-                           blank_images=self.blank)
+    if self._sampler is None:
+      # The sampler does not split sequences over a context axis: it keeps the rest of the
+      # run's layout (batch, experts, parameter sharding) and leaves act_len unsplit.
+      rules = self.rules
+      if context_lib.context_size(self.mesh, rules) > 1:
+        rules = tuple((k, v) for k, v in rules if k != 'act_len')
+      self._sampler = Sampler(self.mc, params, mesh=self.mesh, rules=rules,
+                              max_len=self.prompt_spec.seq_len,
+                              prompt_buckets=(self.prompt_bucket,),
+                              batch_buckets=(self.answer_batch,), tokenizer=self.tok)
+    else:
+      self._sampler.params = params     # new weights, same shapes: nothing recompiles
+    texts = sampler_answers(self._sampler, self.examples, self.tok, max_new_tokens=self.max_new,
+                            blank_images=self.blank)
     return score_answers(self.examples, texts)
 
   def run(self, params) -> dict[str, float]:
     res = {}
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      if self.n_batches:
+    if self.n_batches:
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         res.update(self.heldout(params))
-      if self.examples:
-        res.update(self.answers(params))
+    if self.examples:   # the sampler places its params and enters its mesh and rules itself
+      res.update(self.answers(params))
     return res

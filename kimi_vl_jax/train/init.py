@@ -15,7 +15,7 @@ checkpoint (handled by the loop).
 
 from __future__ import annotations
 
-import os
+import json
 
 import flax.linen as nn
 import jax
@@ -30,6 +30,7 @@ from kimi_vl_jax.model.config import KimiVLConfig
 from kimi_vl_jax.model.kimi_vl import init_params
 from kimi_vl_jax.optim import make_optimizer, schedules
 from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.storage import paths as storage_paths
 from kimi_vl_jax.train import checkpointing
 from kimi_vl_jax.train.train_step import TrainState, new_counters, trainable_tree
 
@@ -60,16 +61,25 @@ def model_config(cfg, phase_overrides=None) -> KimiVLConfig:
     if kind not in ('hf', 'params'):
       raise ValueError("model='from_init' needs init_from='hf:DIR' or 'params:DIR', got "
                        f'{init_from!r}')
-    mc = model_config_lib.from_hf_json(path)
+    mc = _hf_config(path)
   elif name in model_config_lib.PRESETS:
     mc = model_config_lib.get_preset(name)
-  elif os.path.exists(name):
-    mc = model_config_lib.from_hf_json(name)
+  elif storage_paths.exists(name):
+    mc = _hf_config(name)
   else:
     raise ValueError(f'config.model={name!r} is neither a preset {sorted(model_config_lib.PRESETS)}'
                      ' nor an HF config path')
   mc = apply_model_overrides(mc, cfg.get('model_overrides'))
   return apply_model_overrides(mc, phase_overrides)
+
+
+def _hf_config(path: str) -> KimiVLConfig:
+  """An HF config.json (or the directory holding one), local or s3:// / gs://."""
+  if not storage_paths.is_remote(path):
+    return model_config_lib.from_hf_json(path)
+  if not path.rstrip('/').endswith('.json'):
+    path = storage_paths.join(path, 'config.json')
+  return model_config_lib.from_hf_dict(json.loads(storage_paths.read_text(path)))
 
 
 def replicated(mesh) -> NamedSharding:

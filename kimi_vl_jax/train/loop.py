@@ -30,6 +30,8 @@ from absl import logging
 from kimi_vl_jax.data.batch import BatchSpec
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
+from kimi_vl_jax.storage import files as storage_files
+from kimi_vl_jax.storage import paths as storage_paths
 from kimi_vl_jax.train import checkpointing, evaluate, metrics as metrics_lib, preemption
 from kimi_vl_jax.train.init import StateFactory, model_config
 from kimi_vl_jax.train.stage_config import resolve_phases
@@ -58,7 +60,17 @@ class Trainer:
   """
 
   def __init__(self, cfg, workdir: str, iterator_fn: Callable | None = None):
-    self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    storage_paths.configure(cfg.get('storage'))  # endpoints, cache, retries (also for workers)
+    self.cfg = cfg
+    # A remote workdir (s3:// / gs://): checkpoints go there (through the mirror), the logs to a
+    # local staging copy that starts from the remote one and is uploaded when the run ends.
+    self.remote_workdir = storage_paths.normalize(workdir) if storage_paths.is_remote(
+        workdir) else None
+    self.workdir = (storage_files.staging_dir(workdir, 'workdir') if self.remote_workdir
+                    else os.path.abspath(workdir))
+    if self.remote_workdir:
+      storage_paths.check_bucket(self.remote_workdir, '--workdir')
+      _pull_logs(self.remote_workdir, self.workdir)
     self.phases = resolve_phases(cfg)
     validate_parallel(cfg, self.phases)
     self.log_every = int(cfg.train.get('log_every', 1))
@@ -101,7 +113,8 @@ class Trainer:
       with open(os.path.join(self.workdir, 'config.txt'), 'w') as f:
         f.write(str(cfg))
     self.manager = checkpointing.make_manager(
-        os.path.join(self.workdir, 'checkpoints'), interval=int(ck.interval),
+        ck.get('dir') or storage_paths.join(self.remote_workdir or self.workdir, 'checkpoints'),
+        interval=int(ck.interval),
         keep=ck.get('keep', 3), keep_every=int(ck.get('keep_every', 0) or 0),
         async_save=bool(ck.get('async_save', True)))
     self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main,
@@ -121,7 +134,8 @@ class Trainer:
       return self.factory.create()
     self.data_phase = checkpointing.restore_meta(self.manager, self.resume_step).get('phase')
     if self.is_main:
-      print(f'resuming from {self.manager.directory} step {self.resume_step}', flush=True)
+      print(f'resuming from {checkpointing.location(self.manager)} step {self.resume_step}',
+            flush=True)
     return None
 
   def _open_phase(self, p_idx: int, phase: dict, state):
@@ -221,7 +235,21 @@ class Trainer:
       if train:
         summary['first_loss'], summary['last_loss'] = train[0]['loss'], train[-1]['loss']
     self.writer.close()
+    if self.remote_workdir and self.is_main:
+      storage_paths.upload_tree(self.workdir, self.remote_workdir, skip=_NOT_LOGS)
     return summary
+
+
+_NOT_LOGS = ('checkpoints',)
+
+
+def _pull_logs(remote: str, local: str) -> None:
+  """The log files (metrics.jsonl, summary, plots, TensorBoard) of a remote workdir, so a run
+  resumed on another machine appends to its metrics."""
+  os.makedirs(local, exist_ok=True)
+  for rel in storage_paths.walk_files(remote):
+    if rel.split('/')[0] not in _NOT_LOGS:
+      storage_paths.download(storage_paths.join(remote, rel), os.path.join(local, *rel.split('/')))
 
 
 def validate_parallel(cfg, phases: list[dict] | None = None) -> None:

@@ -14,8 +14,12 @@ A stage config (`configs/<stage>.py: get_config(arg)`) is an `ml_collections.Con
   optim            optimizer config (optim/muon.py `default_config`: schedule, weight decay,
                    trainable / frozen parameter regexes)
   parallel         mesh + rule preset (parallel/mesh.py `default_config`)
-  checkpoint       interval, keep (last N), keep_every (K), async_save
-  train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate, log_every,
+  checkpoint       interval, keep (last N), keep_every (K), async_save, dir (default
+                   WORKDIR/checkpoints; may be s3:// or gs://)
+  storage          object-storage endpoints, read cache and retries (kimi_vl_jax/storage/paths.py
+                   CONFIG_ENV; None = the environment's value or the default)
+  train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate,
+                   loss_chunk_tokens (chunked cross-entropy, tokens per device), log_every,
                    blank_images (ablation: zero every image), tensorboard, peak_flops,
                    profile_steps ('START,STOP': jax.profiler trace of those steps)
   eval             every, batches, data, answer_file, answer_examples, answer_batch,
@@ -32,6 +36,7 @@ import ml_collections
 from kimi_vl_jax.config_dict import as_dict
 from kimi_vl_jax.data import sources as sources_lib
 from kimi_vl_jax.parallel import mesh as mesh_lib
+from kimi_vl_jax.storage import paths as storage_paths
 
 VARIANTS = ('', 'tiny')
 
@@ -92,12 +97,17 @@ def base(stage: str, arg: str) -> ml_collections.ConfigDict:
     c.parallel.rules = 'fsdp_ep'
   c.checkpoint = ml_collections.ConfigDict(
       {'interval': 50 if tiny else 1000, 'keep': 3, 'keep_every': 0 if tiny else 10000,
-       'async_save': True})
+       'async_save': True, 'dir': ml_collections.config_dict.placeholder(str)})
+  c.storage = ml_collections.ConfigDict(
+      {k: ml_collections.config_dict.placeholder(str) for k in storage_paths.CONFIG_ENV})
   c.train = ml_collections.ConfigDict({
       'grad_accum': 1,
       'z_loss_weight': 0.0 if tiny else 1e-4,
       'balance_loss_weight': 0.0,
       'router_bias_rate': 1e-3,
+      # Chunked cross-entropy (train/losses.py): at most this many tokens per device have fp32
+      # logits at once (A3B: 2048 x 163840 x 4 B = 1.3 GB per buffer); 0 = whole-batch logits.
+      'loss_chunk_tokens': 512 if tiny else 2048,
       'log_every': 1 if tiny else 10,
       'blank_images': False,
       'tensorboard': True,

@@ -22,6 +22,7 @@ One step:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax
@@ -71,16 +72,27 @@ class StepOptions:
   z_loss_weight: float = 0.0
   balance_loss_weight: float = 0.0
   router_bias_rate: float = 1e-3      # 0 disables the aux-loss-free bias update
+  # Chunked cross-entropy: at most this many tokens of a micro-batch (all its rows, as the step
+  # function sees them) have logits at once; 0 = whole-batch logits (`losses.lm_loss`).
+  loss_chunk_tokens: int = 0
 
   @classmethod
-  def from_config(cls, train_cfg) -> 'StepOptions':
-    """Reads the step options of a stage config's `train` section (missing ones default)."""
+  def from_config(cls, train_cfg, token_shards: int = 1) -> 'StepOptions':
+    """Reads the step options of a stage config's `train` section (missing ones default).
+
+    `train.loss_chunk_tokens` counts tokens per device; `token_shards` (the number of devices a
+    micro-batch's tokens are split over: batch x context shards) turns it into the step's count.
+    """
     d = cls()
+    chunk = int(train_cfg.get('loss_chunk_tokens', d.loss_chunk_tokens))
+    if chunk < 0:
+      raise ValueError(f'train.loss_chunk_tokens must be >= 0 (0 = unchunked), got {chunk}')
     return cls(grad_accum=int(train_cfg.get('grad_accum', d.grad_accum)),
                z_loss_weight=float(train_cfg.get('z_loss_weight', d.z_loss_weight)),
                balance_loss_weight=float(train_cfg.get('balance_loss_weight',
                                                        d.balance_loss_weight)),
-               router_bias_rate=float(train_cfg.get('router_bias_rate', d.router_bias_rate)))
+               router_bias_rate=float(train_cfg.get('router_bias_rate', d.router_bias_rate)),
+               loss_chunk_tokens=chunk * int(token_shards))
 
 
 def _get_path(tree, path):
@@ -124,8 +136,9 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
     trainable: pytree of Python bools with the params' structure (None = all train). Frozen
       leaves are held under `stop_gradient`; the router bias only moves if it is trainable.
     lr_fn: schedule `step -> lr`, only for the `lr` metric.
-    loss_fn: `(model, params, micro_batch, **weights) -> (objective_sum, aux)` with aux holding
-      at least `ce_sum`, `z_sum`, `tokens`, `correct` and optionally `expert_load`.
+    loss_fn: `(model, params, micro_batch, *, z_loss_weight, balance_loss_weight,
+      loss_chunk_tokens) -> (objective_sum, aux)` with aux holding at least `ce_sum`, `z_sum`,
+      `tokens`, `correct` and optionally `expert_load`.
   """
   bias_trains = True
   if trainable is not None:
@@ -139,7 +152,8 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
 
   def micro_loss(params, micro):
     return loss_fn(model, freeze(params), micro, z_loss_weight=opts.z_loss_weight,
-                   balance_loss_weight=opts.balance_loss_weight)
+                   balance_loss_weight=opts.balance_loss_weight,
+                   loss_chunk_tokens=opts.loss_chunk_tokens)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -178,8 +192,9 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
     # A non-finite gradient would turn the optimizer state into NaNs even if discarded by the
     # select below under some reductions; feed zeros instead (the result is discarded anyway).
     safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-    updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('optimizer'):  # the part `parallel.hlo_cost` attributes FLOPs to
+      updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
 
     load = aux.get('expert_load')
     bias = _get_path(state.params, ROUTER_BIAS_PATH)
@@ -233,7 +248,10 @@ def jit_train_step(factory, mc, train_cfg, batch: BatchSpec) -> Callable:
   # The model of this phase, with the kernels (attention, expert dispatch, pipeline, context
   # layout) its mesh and rules call for.
   model = KimiVL(mc, kernels=build_kernels(mc, factory.mesh, factory.rules))
-  step_fn = make_train_step(model, factory.tx, StepOptions.from_config(train_cfg),
+  token_axes = (rules_lib.mesh_axes_of(factory.rules, 'act_batch')
+                + rules_lib.mesh_axes_of(factory.rules, 'act_len'))
+  token_shards = math.prod(factory.mesh.shape[a] for a in dict.fromkeys(token_axes))
+  step_fn = make_train_step(model, factory.tx, StepOptions.from_config(train_cfg, token_shards),
                             trainable=factory.trainable, lr_fn=factory.lr_fn)
   bsh = rules_lib.batch_sharding(factory.mesh, factory.rules)
   return jax.jit(step_fn, in_shardings=(factory.shardings, {k: bsh for k in batch.keys}),

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from kimi_vl_jax.data import build_demo
 from kimi_vl_jax.data import pipeline
@@ -118,3 +119,34 @@ def test_resolve_path(cache):
     build_demo.resolve_path('demo:imagenet/train.jsonl', cache)
   with pytest.raises(FileNotFoundError):
     build_demo.resolve_path('demo:arithmetic/nope.jsonl', cache)
+
+
+def test_video_demo_is_deterministic_and_answerable(tmp_path, monkeypatch):
+  from kimi_vl_jax.data import chat
+  from kimi_vl_jax.data import video
+  monkeypatch.setattr(build_demo, 'VIDEO_SIZES', {'train': 12, 'test': 3})
+  d = build_demo.ensure_demo('video', str(tmp_path / 'a'))
+  again = build_demo.ensure_demo('video', str(tmp_path / 'b'))
+  with open(os.path.join(d, 'train.jsonl')) as f1, open(os.path.join(again, 'train.jsonl')) as f2:
+    assert f1.read() == f2.read()
+  recs = _lines(os.path.join(d, 'train.jsonl'))
+  assert len(recs) == 12 and len(_lines(os.path.join(d, 'test.jsonl'))) == 3
+  timings = set()
+  for r in recs:
+    turns = chat.parse_conversation(r)
+    (v,) = chat.videos(turns)
+    part = r['messages'][0]['content'][0]
+    timings.add('fps' if 'fps' in part else 'timestamps')
+    assert build_demo.VIDEO_FRAMES[0] <= len(v) <= build_demo.VIDEO_FRAMES[1]
+    assert r['messages'][1]['content'] == r['answer']
+    if r['kind'] == 'duration':
+      assert r['answer'] == video.format_timestamp(v.timestamps[-1])
+    # The shape's centre of mass moves the way the direction answer says.
+    first, last = (np.asarray(Image.open(os.path.join(d, v.frames[k]))).min(axis=2) < 250
+                   for k in (0, -1))
+    start, end = [np.mean(np.nonzero(m), axis=1) for m in (first, last)]  # (row, col)
+    dy, dx = end - start
+    moved = ('right' if dx > 0 else 'left') if abs(dx) > abs(dy) else ('down' if dy > 0 else 'up')
+    if r['kind'] == 'direction':
+      assert r['answer'] == moved
+  assert timings == {'fps', 'timestamps'}

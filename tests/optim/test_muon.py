@@ -7,6 +7,7 @@ given explicitly (not computed by the code under test).
 import functools
 import math
 import os
+import re
 import sys
 
 import flax.linen as nn
@@ -378,3 +379,102 @@ def test_sharded_equals_unsharded(axis_type, zero1):
   # ZeRO-1 splits even the replicated 1-D norm's Adam moments over 'data'.
   norm = [x for k, x in flat_state if k.endswith('language_model/norm/scale')]
   assert len(norm) == 2 and all(x.sharding.spec == (P('data') if zero1 else P()) for x in norm)
+
+
+# --------------------------------------------------------------------------------------------
+# Stacked, mesh-sharded Newton-Schulz (the default) against the per-leaf form.
+
+def _ns_updates(stack, dtype='float32', tree=None):
+  """One `scale_by_newton_schulz` on the Muon leaves of the test tree (random updates)."""
+  groups = muon.muon_param_groups(tree if tree is not None else _boxed_abstract())
+  muon_paths = [p for p, g in _flat(groups).items() if g.kind == 'muon']
+  updates = {p: v for p, v in _flat(_random_tree(7)).items() if p in muon_paths}
+  nested_groups = _nest({p: _flat(groups)[p] for p in muon_paths})
+  tx = muon.scale_by_newton_schulz(nested_groups, COEFFS, 5, 1e-7, 0.2, dtype=dtype, stack=stack)
+  out, _ = jax.jit(lambda u: tx.update(u, tx.init(u)))(_nest(updates))
+  return _flat(out)
+
+
+def test_stacked_newton_schulz_equals_per_leaf():
+  per_leaf, stacked = _ns_updates(False), _ns_updates(True)
+  assert len(per_leaf) == 9 and per_leaf.keys() == stacked.keys()
+  for p in per_leaf:
+    np.testing.assert_allclose(stacked[p], per_leaf[p], rtol=1e-6, atol=1e-6, err_msg=p)
+  # bf16 iteration (Moonlight's): the same both ways, close to fp32 but not equal to it.
+  bf_leaf, bf_stack = _ns_updates(False, 'bfloat16'), _ns_updates(True, 'bfloat16')
+  worst = 0.0
+  for p in per_leaf:
+    assert bf_stack[p].dtype == np.float32, p
+    np.testing.assert_allclose(bf_stack[p], bf_leaf[p], rtol=1e-2, atol=1e-3, err_msg=p)
+    rel = np.linalg.norm(bf_stack[p] - per_leaf[p]) / np.linalg.norm(per_leaf[p])
+    worst = max(worst, rel)
+  assert 1e-4 < worst < 0.1, worst    # relative Frobenius distance to the fp32 iteration
+  with pytest.raises(ValueError, match='ns_dtype'):
+    muon.make_optimizer(_cfg(muon=ml_collections.ConfigDict({'ns_dtype': 'float16'})),
+                        _boxed_abstract())
+
+
+# A tree whose every leaf has a multiple of 8 matrices, in three shapes [12, 16], [8, 16],
+# [24, 32] (oriented rows <= cols), the first two with two leaves each.
+NS_SPEC = {
+    'lm/layers/q_proj/kernel': ((8, 16, 2, 6), ('layers', 'embed', 'heads', 'kv')),
+    'lm/layers/o_proj/kernel': ((8, 2, 6, 16), ('layers', 'heads', 'kv', 'embed')),
+    'lm/layers/experts/gate_proj': ((2, 4, 16, 8), ('layers', 'expert', 'embed', 'expert_mlp')),
+    'lm/layers/experts/down_proj': ((2, 4, 8, 16), ('layers', 'expert', 'expert_mlp', 'embed')),
+    'x/w': ((16, 32, 24), ('layers', 'embed', 'mlp')),
+}
+
+
+def _dot_flops(hlo: str) -> tuple[int, float]:
+  """(number of dots, their FLOPs) in a compiled (per-device) HLO text: 2 x output elements x
+  contracted size per dot, operand shapes looked up by instruction name."""
+  shapes = {name: [int(d) for d in dims.split(',') if d] for name, dims in
+            re.findall(r'%([\w.\-]+) = f32\[([\d,]*)\]', hlo)}
+  n, flops = 0, 0.0
+  for out, lhs, contract in re.findall(
+      r'= f32\[([\d,]*)\]\S* dot\((?:f32\[[\d,]*\]\S* )?%([\w.\-]+),.*?lhs_contracting_dims=\{([\d,]*)\}',
+      hlo):
+    out_n = math.prod(int(d) for d in out.split(',') if d)
+    k = math.prod(shapes[lhs][int(c)] for c in contract.split(','))
+    n, flops = n + 1, flops + 2.0 * out_n * k
+  return n, flops
+
+
+def test_sharded_newton_schulz_flops_per_device():
+  """8 CPU devices, updates sharded like FSDP+EP parameters: each device runs 1/8 of the
+  Newton-Schulz FLOPs, in a rolled loop with three dots per matrix shape; the per-leaf form runs
+  each matrix whole on every device holding part of it (so this test fails without the
+  stacking)."""
+  from kimi_vl_jax.parallel import mesh as mesh_lib, rules
+  steps = 5
+  boxed = _nest({p: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(s, jnp.float32), a)
+                 for p, (s, a) in NS_SPEC.items()})
+  groups = muon.muon_param_groups(boxed)
+  total = 0.0
+  for g in jax.tree.leaves(groups):
+    n, rows, cols = g.matrix_shape
+    m, k = min(rows, cols), max(rows, cols)
+    total += n * steps * (4 * m * m * k + 2 * m ** 3)
+  rng = np.random.default_rng(0)
+  updates = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                         nn.meta.unbox(boxed))
+  mesh = jax.make_mesh((4, 2, 1, 1), mesh_lib.AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  sh = rules.param_shardings(boxed, mesh, 'fsdp_ep')
+  got = {}
+  for stack in (True, False):
+    tx = muon.scale_by_newton_schulz(groups, COEFFS, steps, 1e-7, 0.2, stack=stack)
+    fn = jax.jit(lambda u: tx.update(u, tx.init(u))[0], in_shardings=(sh,), out_shardings=sh)
+    with rules.sharding_context(mesh, 'fsdp_ep'):
+      compiled = fn.lower(updates).compile()
+      got[stack] = (_dot_flops(compiled.as_text()),
+                    _flat(compiled(jax.device_put(updates, sh))))
+    assert f'"known_trip_count":{{"n":"{steps}"}}' in compiled.as_text()
+  (n_dots, flops), out = got[True]
+  assert n_dots <= 3 * 3, n_dots                          # one rolled loop per shape
+  np.testing.assert_allclose(flops * steps, total / 8, rtol=0.02)
+  (n_old, flops_old), out_old = got[False]
+  # Per leaf, only the expert axis splits the matrices (4 of the 9.5 MFLOP per device here).
+  assert flops_old * steps > total / 4, (flops_old * steps, total)
+  for p in out:
+    np.testing.assert_allclose(out[p], out_old[p], rtol=1e-5, atol=1e-6, err_msg=p)

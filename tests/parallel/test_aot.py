@@ -50,6 +50,11 @@ def test_compile_for_an_unattached_tpu_slice_reports_memory():
   assert rep['fits'] and rep['total'] >= rep['argument']
   # 2 * M * K * N over 8 devices, within what XLA adds for tanh / sum.
   np.testing.assert_allclose(rep['flops'], 2 * 64 * 1024 * 2048 / 8, rtol=0.05)
+  # The loop-corrected count reads the same matmul from the TPU program (a `convolution` there).
+  from kimi_vl_jax.parallel import hlo_cost
+  cost = hlo_cost.compiled_cost(compiled)
+  assert cost.matmul_flops == 2 * 64 * 1024 * 2048 / 8
+  assert cost.collective_bytes > 0 and not cost.loops
 
 
 def test_compile_time_hbm_oom_becomes_a_does_not_fit_report():
@@ -121,3 +126,30 @@ def test_cli_stops_on_a_bad_parallel_config_without_data_dir():
   assert 'data_dir' not in out.stderr
   assert 'context=4' in out.stderr and 'the job has 8 devices' in out.stderr, out.stderr[-2000:]
   assert time.time() - t0 < 60
+
+
+def test_accounting_waste_factor_roofline_and_mfu():
+  from kimi_vl_jax.parallel import hlo_cost
+  metrics = dict.fromkeys(hlo_cost.METRICS, 0.0)
+  cost = hlo_cost.StepCost(
+      totals={**metrics, 'flops': 4.2e14, 'matmul_flops': 4.0e14, 'bytes': 5.53e12,
+              'collective_bytes': 1.2e11},
+      lower={**metrics, 'flops': 3.2e14, 'matmul_flops': 3.0e14, 'bytes': 5.0e12},
+      by_part={'vision': {**metrics, 'matmul_flops': 1e14}, 'optimizer': dict(metrics)},
+      collectives={'all-gather': 1.2e11}, loops=[('scan', 26)], unknown_trip_counts=[],
+      custom_calls={})
+  useful = {'total': 2.0e14, 'text_matmul': 1.5e14, 'text_attention': 2e13,
+            'vision_matmul': 2e13, 'vision_attention': 1e13}
+  acc = aot.accounting(cost, useful, 'v5p')
+  assert acc['waste_factor'] == pytest.approx(2.0)
+  # v5p: 459 TFLOP/s, 2765 GB/s: compute 0.871 s, memory 2.0 s -> memory-bound.
+  assert acc['t_compute'] == pytest.approx(4.0e14 / 459e12)
+  assert acc['t_step'] == acc['t_memory'] == pytest.approx(2.0)
+  assert acc['mfu'] == pytest.approx(2.0e14 / (2.0 * 459e12))
+  assert acc['t_collective'] == pytest.approx(1.2e11 / 1200e9)
+  text = '\n'.join(aot.format_accounting(cost, useful, 'v5p', xla_flops=1.6e13))
+  assert 'waste factor: 2.00 (1.50 with conditionals at their cheapest branch)' in text
+  assert 'projected MFU 21.8%' in text
+  assert 'cost_analysis 1.600e+13' in text and 'at the cheapest: matmul FLOPs 3.000e+14' in text
+  assert set(aot.CHIP_SPECS) >= {'v5e', 'v5p', 'v6e'}
+  assert aot.topology('v6e-8').chip == 'v6e'

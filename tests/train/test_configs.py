@@ -103,7 +103,8 @@ def test_every_config_names_only_data_the_pipeline_reads(stage, variant):
   assert named
   for field, s in named:
     assert s['kind'] in sources.KINDS, (field, s)
-    assert 'video' not in f"{s['name']} {s['path']}".lower(), (field, s)
+    said = f"{s['name']} {s['path']}".lower()
+    assert not any(m in said for m in sources.UNREADABLE_MODALITIES), (field, s)
   c.data_dir = '/data'
   resolve_phases(c)  # the check a run does at start
   for field in {f for f, _ in named}:
@@ -114,13 +115,13 @@ def test_a_source_the_pipeline_cannot_read_stops_the_run_at_start():
   c = _load('long_context').get_config('')
   c.data_dir = '/data'
   c.data.sources = list(c.data.sources) + [
-      {'name': 'long_video', 'kind': 'chat', 'path': '{data_dir}/long/video.array_record',
+      {'name': 'long_audio', 'kind': 'chat', 'path': '{data_dir}/long/audio.array_record',
        'weight': 0.05}]
-  with pytest.raises(ValueError, match=r"config.data.sources\[5\] \('long_video'\).*video"):
+  with pytest.raises(ValueError, match=r"config.data.sources\[6\] \('long_audio'\).*audio"):
     resolve_phases(c)
   c = _load('joint_sft').get_config('tiny')
-  c.eval.data = {'sources': [{'name': 'clips', 'kind': 'chat', 'path': 'demo:video/test.jsonl'}]}
-  with pytest.raises(ValueError, match=r'config.eval.data.sources\[0\].*video'):
+  c.eval.data = {'sources': [{'name': 'clips', 'kind': 'chat', 'path': 'demo:audio/test.jsonl'}]}
+  with pytest.raises(ValueError, match=r'config.eval.data.sources\[0\].*audio'):
     resolve_phases(c)
   c = _load('joint_sft').get_config('tiny')
   c.phases[1]['data']['sources'] = [{'name': 'x', 'kind': 'audio', 'path': 'demo:a.jsonl'}]

@@ -18,6 +18,10 @@ from kimi_vl_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'train', 'resume_config.py')
+# The three tests share one reference run: keep them on one xdist worker (pytest.ini: --dist
+# loadgroup), so the reference is computed once.
+pytestmark = pytest.mark.xdist_group('resume')
+
 STEPS = 20  # phases a (steps 1-10) and b (11-20); checkpoints every 3 steps
 
 
