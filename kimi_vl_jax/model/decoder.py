@@ -15,6 +15,12 @@ the MoE stack runs through it over the same stacked parameters: S stages x M mic
 circular repeats); the dense layers, the final norm and the head stay outside it. Aux statistics
 are recombined over the microbatches (`combine_microbatch_aux`) so they equal the unpipelined
 ones.
+
+`mode` (`mla.MODES`) adds KV-cache decoding (`docs/sampling.md`): 'prefill' runs the training
+computation and also returns every layer's cache entries; 'decode' takes the stacked per-layer
+cache `{'c_kv': [L, B, S, R], 'k_rope': [L, B, S, Hr]}` (dense layers first; each scanned layer
+gets its slice) and returns the entries of the new tokens in the same layout. No pipeline and
+no permuted sequence layout in those modes (the sampler builds kernels without them).
 """
 
 from __future__ import annotations
@@ -43,23 +49,32 @@ class DecoderLayer(nn.Module):
   moe: bool
   kernels: Kernels | None = None
   layout: str = 'sequence'
+  mode: str = 'train'   # mla.MODES; 'prefill' / 'decode' also return (aux, cache entries)
+  absorb: bool = True   # decode: weight-absorbed MLA
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array):
+  def __call__(self, x: Array, positions: Array, segment_ids: Array,
+               cache: dict[str, Array] | None = None):
     c, t = self.config, self.config.text
     dt, pdt = c.jnp_dtype, c.jnp_param_dtype
     k = default_kernels(c) if self.kernels is None else self.kernels
     norm = lambda name: RMSNorm(t.hidden_size, eps=t.rms_norm_eps, dtype=dt, param_dtype=pdt,
                                 name=name)
-    h = MLA(t, dt, pdt, k, self.layout, name='self_attn')(norm('input_layernorm')(x), positions,
-                                                           segment_ids)
+    mla = MLA(t, dt, pdt, k, self.layout, self.mode, self.absorb, name='self_attn')
+    kv = None if cache is None else (cache['c_kv'], cache['k_rope'])
+    h = mla(norm('input_layernorm')(x), positions, segment_ids, kv)
+    if self.mode != 'train':
+      h, (ckv, k_rope) = h
     x = constrain(x + h, _ACT)
     h = norm('post_attention_layernorm')(x)
     if self.moe:
       h, aux = MoE(t, dt, pdt, k, name='mlp')(h, segment_ids)
     else:
       h, aux = MLP(t.hidden_size, t.intermediate_size, dt, pdt, name='mlp')(h), None
-    return constrain(x + h, _ACT), aux
+    x = constrain(x + h, _ACT)
+    if self.mode == 'train':
+      return x, aux
+    return x, (aux, {'c_kv': ckv, 'k_rope': k_rope})
 
 
 class LanguageModel(nn.Module):
@@ -74,15 +89,20 @@ class LanguageModel(nn.Module):
   config: KimiVLConfig
   kernels: Kernels | None = None
   layout: str = 'sequence'
+  mode: str = 'train'   # mla.MODES (module docstring)
+  absorb: bool = True   # decode: weight-absorbed MLA
 
   def _kernels(self) -> Kernels:
     return default_kernels(self.config) if self.kernels is None else self.kernels
 
   def _layer_stack(self, moe: bool, length: int):
-    """`length` decoder layers: an nn.scan (scan_layers) or a list, remat by the config."""
+    """`length` decoder layers: an nn.scan (scan_layers) or a list, remat by the config. In
+    decode mode the scan also slices the per-layer cache."""
     c = self.config
-    return layer_stack(DecoderLayer, (c, moe, self._kernels(), self.layout), length=length,
-                       scan=c.scan_layers, remat=c.remat_policy, broadcast=2)
+    return layer_stack(DecoderLayer, (c, moe, self._kernels(), self.layout, self.mode,
+                                      self.absorb),
+                       length=length, scan=c.scan_layers, remat=c.remat_policy, broadcast=2,
+                       scanned=int(self.mode == 'decode'))
 
   def setup(self):
     c, t = self.config, self.config.text
@@ -103,17 +123,20 @@ class LanguageModel(nn.Module):
     """input_ids int [B, T] -> embeddings [B, T, D] in the compute dtype."""
     return self.embed_tokens(input_ids)
 
-  def _run(self, stack, x: Array, positions: Array, segment_ids: Array):
-    """Runs a layer stack (scanned module or list); returns (x, stacked aux or None)."""
+  def _run(self, stack, x: Array, positions: Array, segment_ids: Array, cache=None):
+    """Runs a layer stack (scanned module or list); returns (x, stacked per-layer outputs: aux,
+    or (aux, cache entries) outside 'train'; None for a dense stack in 'train')."""
+    extra = () if cache is None else (cache,)
     if not isinstance(stack, (list, tuple)):
-      return stack(x, positions, segment_ids)
-    auxes = []
-    for layer in stack:
-      x, aux = layer(x, positions, segment_ids)
-      auxes.append(aux)
-    if not auxes or auxes[0] is None:
+      return stack(x, positions, segment_ids, *extra)
+    outs = []
+    for i, layer in enumerate(stack):
+      x, out = layer(x, positions, segment_ids,
+                     *(jax.tree.map(lambda a, i=i: a[i], e) for e in extra))
+      outs.append(out)
+    if not outs or outs[0] is None:
       return x, None
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
   def _run_pipelined(self, x: Array, positions: Array, segment_ids: Array):
     """The MoE stack through the kernels' pipeline over its stacked params; aux as the scan
@@ -125,8 +148,21 @@ class LanguageModel(nn.Module):
                       positions, segment_ids, combine_aux=combine_microbatch_aux)
 
   def __call__(self, inputs_embeds: Array, positions: Array | None = None,
-               segment_ids: Array | None = None) -> tuple[Array, dict[str, Array]]:
+               segment_ids: Array | None = None, cache: dict[str, Array] | None = None,
+               logit_index: Array | None = None):
+    """'train': (logits [B, T, V], aux). 'prefill' / 'decode': (logits, aux, cache entries
+    {'c_kv': [L, B, T, R], 'k_rope': [L, B, T, Hr]}); `cache` (decode only) is the stacked
+    cache [L, B, S, ...]. `logit_index` [B] (optional): logits [B, V] of that token per row
+    only (the vocabulary projection of the other tokens is skipped)."""
     c, t = self.config, self.config.text
+    if (cache is not None) != (self.mode == 'decode'):
+      raise ValueError(f"LanguageModel: a cache is given exactly in 'decode' mode "
+                       f'(mode={self.mode!r})')
+    if self.mode != 'train' and (self._kernels().pipeline is not None
+                                 or self.layout != 'sequence'):
+      raise ValueError(f'mode={self.mode!r} runs without a pipeline schedule and in sequence '
+                       'order; build the kernels from a config with pipeline_stages=1 and no '
+                       'context-parallel rules')
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != t.hidden_size:
       raise ValueError(f'inputs_embeds must be [B, T, {t.hidden_size}], got {inputs_embeds.shape}')
     B, T, _ = inputs_embeds.shape
@@ -142,25 +178,41 @@ class LanguageModel(nn.Module):
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
 
     x = constrain(inputs_embeds.astype(c.jnp_dtype), _ACT)
-    if t.num_dense_layers:
-      x, _ = self._run(self.dense_layers, x, positions, segment_ids)
+    Ld = t.num_dense_layers
+    layer_cache = lambda lo, hi: (None if cache is None
+                                  else jax.tree.map(lambda a: a[lo:hi], cache))
+    entries = []
+    if Ld:
+      x, out = self._run(self.dense_layers, x, positions, segment_ids, layer_cache(0, Ld))
+      if self.mode != 'train':
+        entries.append(out[1])
     aux = {'expert_load': jnp.zeros((0, t.n_routed_experts), jnp.float32),
            'balance_loss': jnp.zeros((), jnp.float32)}
     if t.num_moe_layers:
       if self._kernels().pipeline is not None and not self.is_initializing():
         x, moe_aux = self._run_pipelined(x, positions, segment_ids)
       else:
-        x, moe_aux = self._run(self.moe_layers, x, positions, segment_ids)
+        x, moe_aux = self._run(self.moe_layers, x, positions, segment_ids,
+                               layer_cache(Ld, t.num_layers))
+      if self.mode != 'train':
+        moe_aux, moe_entries = moe_aux
+        entries.append(moe_entries)
       aux = {'expert_load': moe_aux['expert_load'],
              'balance_loss': moe_aux['balance_loss'].mean()}
     h = self.norm(x)                                                           # [B, T, D] fp32
+    if logit_index is not None:
+      h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     if t.tie_word_embeddings:
       table = self.embed_tokens.embedding.astype(c.jnp_dtype)
-      logits = jnp.einsum('BTD,VD->BTV', h.astype(c.jnp_dtype), table,
+      logits = jnp.einsum('...D,VD->...V', h.astype(c.jnp_dtype), table,
                           preferred_element_type=jnp.float32)
     else:
-      logits = self.lm_head('BTD,DV->BTV', h, preferred_element_type=jnp.float32)
-    return constrain(logits, ('act_batch', 'act_len', 'act_vocab')), aux
+      logits = self.lm_head('...D,DV->...V', h, preferred_element_type=jnp.float32)
+    logits = constrain(logits, ('act_batch', 'act_len', 'act_vocab') if logits.ndim == 3
+                       else ('act_batch', 'act_vocab'))
+    if self.mode == 'train':
+      return logits, aux
+    return logits, aux, jax.tree.map(lambda *a: jnp.concatenate(a), *entries)
 
 
 def combine_microbatch_aux(aux: dict[str, Array], segment_ids: Array) -> dict[str, Array]:

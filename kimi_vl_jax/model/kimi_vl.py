@@ -11,6 +11,12 @@ Two ways to call it, one code path:
   order, `patch_coords [B, P, 2]`, `patch_image_ids [B, P]`, `image_grid_hws [B, I, 2]`; row b's
   merged image tokens fill row b's placeholders in order. Fully jittable with static shapes.
 
+KV-cache decoding (`docs/sampling.md`): `KimiVL(config, mode='prefill')` takes the same inputs
+and returns `(logits, cache)` with every layer's cache entries of the sequence; `mode='decode'`
+takes `input_ids [B, T]` (new tokens), `positions` (their cache slots) and `cache` (stacked
+`[L, B, S, ...]`, see `decoder.LanguageModel`) and returns `(logits, new entries)`; images only
+at prefill. `logit_index` [B] narrows the logits to one token per row ([B, V]).
+
 `KimiVL(config, kernels=...)` takes the `Kernels` (`model/kernels.py`) that compute attention,
 routed experts, the MoE stack's schedule and the decoder's row order; the default is the
 single-device computation of the config. A run on a mesh passes
@@ -56,6 +62,8 @@ class KimiVL(nn.Module):
   """The whole vision-language model; see the module docstring for the two input forms."""
   config: KimiVLConfig
   kernels: Kernels | None = None   # None: `default_kernels(config)` (one device)
+  mode: str = 'train'              # 'train' | 'prefill' | 'decode' (module docstring)
+  absorb: bool = True              # decode: weight-absorbed MLA over the latent cache
 
   def setup(self):
     c = self.config
@@ -65,7 +73,8 @@ class KimiVL(nn.Module):
                                 scan_layers=c.scan_layers, remat_policy=c.remat_policy,
                                 kernels=k)
     self.projector = Projector(c)
-    self.language_model = LanguageModel(c, kernels=k, layout=k.layout)
+    self.language_model = LanguageModel(c, kernels=k, layout=k.layout, mode=self.mode,
+                                        absorb=self.absorb)
 
   def encode_images(self, patches: Array, patch_coords: Array, patch_image_ids: Array,
                     image_grid_hws: Array) -> Array:
@@ -77,13 +86,56 @@ class KimiVL(nn.Module):
                image_grid_hws: Array | None = None, *, positions: Array | None = None,
                segment_ids: Array | None = None, patches: Array | None = None,
                patch_coords: Array | None = None, patch_image_ids: Array | None = None,
-               return_aux: bool = False) -> Array | tuple[Array, dict[str, Any]]:
-    c = self.config
+               return_aux: bool = False, cache: dict[str, Array] | None = None,
+               logit_index: Array | None = None) -> Array | tuple:
+    if self.mode != 'train':
+      return self._cached(input_ids, pixel_values, image_grid_hws, positions=positions,
+                          segment_ids=segment_ids, patches=patches, patch_coords=patch_coords,
+                          patch_image_ids=patch_image_ids, return_aux=return_aux, cache=cache,
+                          logit_index=logit_index)
+    if cache is not None or logit_index is not None:
+      raise ValueError("cache / logit_index are for mode='prefill' / 'decode'")
     B, T = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
+    embeds = self._embed(input_ids, pixel_values, image_grid_hws, patches=patches,
+                         patch_coords=patch_coords, patch_image_ids=patch_image_ids)
+    if self.sequence_layout is not None:
+      # E.g. load-balanced context parallelism: permute the rows after the image scatter (it fills
+      # placeholders in sequence order), run the decoder in that order, restore the logits' order.
+      embeds, positions, segment_ids = (self.sequence_layout.to_layout(a)
+                                        for a in (embeds, positions, segment_ids))
+      logits, aux = self.language_model(embeds, positions, segment_ids)
+      logits = self.sequence_layout.from_layout(logits)
+    else:
+      logits, aux = self.language_model(embeds, positions, segment_ids)
+    return (logits, aux) if return_aux else logits
+
+  def _cached(self, input_ids, pixel_values, image_grid_hws, *, positions, segment_ids, patches,
+              patch_coords, patch_image_ids, return_aux, cache, logit_index):
+    """'prefill' / 'decode': (logits, cache entries), with aux in the middle if return_aux."""
+    B, T = input_ids.shape
+    if positions is None:
+      if self.mode == 'decode':
+        raise ValueError("mode='decode' needs the positions (cache slots) of the new tokens")
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+      segment_ids = jnp.ones((B, T), jnp.int32)
+    if self.mode == 'decode' and (pixel_values is not None or patches is not None):
+      raise ValueError('images enter at prefill; decode takes only new text tokens')
+    embeds = self._embed(input_ids, pixel_values, image_grid_hws, patches=patches,
+                         patch_coords=patch_coords, patch_image_ids=patch_image_ids)
+    logits, aux, entries = self.language_model(embeds, positions, segment_ids, cache,
+                                               logit_index)
+    return (logits, aux, entries) if return_aux else (logits, entries)
+
+  def _embed(self, input_ids, pixel_values, image_grid_hws, *, patches, patch_coords,
+             patch_image_ids) -> Array:
+    """Token embeddings with the image features scattered into the placeholders: [B, T, D]."""
+    c = self.config
+    B, T = input_ids.shape
     embeds = self.language_model.embed(input_ids)                       # [B, T, D]
 
     if pixel_values is not None:
@@ -112,17 +164,7 @@ class KimiVL(nn.Module):
         raise ValueError('packed patches need patch_coords, patch_image_ids and image_grid_hws')
       feats = self.encode_images(patches, patch_coords, patch_image_ids, image_grid_hws)
       embeds = scatter_image_features(embeds, input_ids, feats, c.media_placeholder_token_id)
-
-    if self.sequence_layout is not None:
-      # E.g. load-balanced context parallelism: permute the rows after the image scatter (it fills
-      # placeholders in sequence order), run the decoder in that order, restore the logits' order.
-      embeds, positions, segment_ids = (self.sequence_layout.to_layout(a)
-                                        for a in (embeds, positions, segment_ids))
-      logits, aux = self.language_model(embeds, positions, segment_ids)
-      logits = self.sequence_layout.from_layout(logits)
-    else:
-      logits, aux = self.language_model(embeds, positions, segment_ids)
-    return (logits, aux) if return_aux else logits
+    return embeds
 
 
 def init_params(config: KimiVLConfig, rng: Array, *, with_images: bool = True) -> dict:

@@ -141,19 +141,21 @@ def remat_policy(name: str):
 
 
 def layer_stack(layer: type[nn.Module], args: tuple, *, length: int, scan: bool, remat: str,
-                broadcast: int, name: str | None = None):
+                broadcast: int, scanned: int = 0, name: str | None = None):
   """`length` copies of `layer(*args)`, optionally rematerialised with the `remat` policy.
 
   scan: one `nn.scan` module whose params carry a leading layer axis (logical name 'layers') and
-  whose call broadcasts its `broadcast` trailing arguments to every layer; else a list of layers
-  (named `{name}_{i}`; inside `setup`, name=None lets the attribute name them).
+  whose call broadcasts its next `broadcast` arguments (after the carry) to every layer and
+  slices the `scanned` arguments after those along axis 0 (one slice per layer, e.g. a
+  per-layer KV cache); else a list of layers (named `{name}_{i}`; inside `setup`, name=None lets
+  the attribute name them).
   """
   if remat != 'none':
     layer = nn.remat(layer, policy=remat_policy(remat), prevent_cse=not scan)
   if not scan:
     return [layer(*args, name=None if name is None else f'{name}_{i}') for i in range(length)]
   scanned = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
-                    in_axes=(nn.broadcast,) * broadcast, length=length,
+                    in_axes=(nn.broadcast,) * broadcast + (0,) * scanned, length=length,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   return scanned(*args, name=name)
 

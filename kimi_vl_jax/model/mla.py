@@ -12,6 +12,20 @@ mscale_all_dim)^2`, fp32 softmax. The causal + segment-masked attention is the g
 `causal_attention` (by default `attention.causal_attention` on one device), so packed examples
 never attend to each other.
 
+Decoding with a KV cache (`docs/sampling.md`): the cache holds, per token, only the normalised
+latent `c_kv` [R] and the rotated rope key `k_rope` [Hr] (576 values for Kimi-VL-A3B). `mode`
+selects what the module does with it:
+
+* 'train': the attention above over the whole sequence; returns out.
+* 'prefill': the same computation; also returns this call's cache entries `(c_kv, k_rope)`.
+* 'decode': queries at `positions` over a cache `(c_kv [B, S, R], k_rope [B, S, Hr])` whose slot s
+  holds position s: the new entries are written at their positions, each query sees slots
+  `<= its position`. With `absorb` (DeepSeek-V2 section 2.1.3, "absorbed" inference) `kv_b_proj`
+  is split into W_UK [R, N, Hn] and W_UV [R, N, Hv]: `q_lat = q_nope W_UK^T`, scores
+  `q_lat . c_kv + q_rope . k_rope`, output `(softmax . c_kv) W_UV`, so decode reads only the
+  latent cache; without it the cache is expanded to per-head K/V every step (the same numbers).
+  Returns (out, new entries).
+
 Einsum letters: B batch, T query, S key, D model, N heads, H head dim, R lora rank.
 """
 
@@ -24,11 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimi_vl_jax.model.attention import dot_product_attention
 from kimi_vl_jax.model.config import TextConfig
 from kimi_vl_jax.model.kernels import Kernels
 from kimi_vl_jax.model.layers import Einsum, RMSNorm, apply_rope_interleaved, constrain
 
 Array = jax.Array
+MODES = ('train', 'prefill', 'decode')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +125,8 @@ class MLA(nn.Module):
   # per-device kernel); the default is dense, on one device.
   kernels: Kernels = Kernels()
   layout: str = 'sequence'  # the order of the rows (`Kernels.layout` of the caller)
+  mode: str = 'train'       # 'train' | 'prefill' | 'decode' (module docstring)
+  absorb: bool = True       # decode: weight-absorbed attention over the latent cache
 
   def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> Einsum:
     return Einsum(shape, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -119,8 +137,13 @@ class MLA(nn.Module):
                    param_dtype=self.param_dtype, name=name)
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array,
+               cache: tuple[Array, Array] | None = None):
     t = self.config
+    if self.mode not in MODES:
+      raise ValueError(f'MLA mode {self.mode!r}: choose one of {MODES}')
+    if (cache is not None) != (self.mode == 'decode'):
+      raise ValueError(f"MLA: a cache is given exactly in 'decode' mode (mode={self.mode!r})")
     D, N, R = t.hidden_size, t.num_heads, t.kv_lora_rank
     Hn, Hr, Hv, Hqk = t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim, t.qk_head_dim
     if x.shape[-1] != D:
@@ -141,15 +164,19 @@ class MLA(nn.Module):
     ckv = self._proj('kv_a_proj_with_mqa', (D, R + Hr), ('embed', 'kv_lora'))('BSD,DR->BSR', x)
     ckv, k_rope = ckv[..., :R], ckv[..., R:]                        # [B, S, R], [B, S, Hr]
     ckv = self._norm('kv_a_layernorm', R)(ckv)
-    kv = self._proj('kv_b_proj', (R, N, Hn + Hv), ('kv_lora', 'heads', 'kv'))(
-        'BSR,RNH->BSNH', ckv)
-    k_nope, v = kv[..., :Hn], kv[..., Hn:]                          # [B, S, N, Hn], [B, S, N, Hv]
+    kv_b_proj = self._proj('kv_b_proj', (R, N, Hn + Hv), ('kv_lora', 'heads', 'kv'))
 
     inv_freq, attention_factor, scale = rope_parameters(t)
     cos, sin = rope_cos_sin(positions, inv_freq, attention_factor)  # [B, T, Hr/2]
     q_rope = apply_rope_interleaved(q_rope, cos[:, :, None, :], sin[:, :, None, :])
     k_rope = apply_rope_interleaved(k_rope, cos, sin)               # [B, S, Hr], shared by heads
+    o_proj = self._proj('o_proj', (N, Hv, D), ('heads', 'kv', 'embed'))
+    if self.mode == 'decode':
+      out, entries = self._decode(q_nope, q_rope, ckv, k_rope, positions, cache, kv_b_proj, scale)
+      return o_proj('BTNH,NHD->BTD', out), entries
 
+    kv = kv_b_proj('BSR,RNH->BSNH', ckv)
+    k_nope, v = kv[..., :Hn], kv[..., Hn:]                          # [B, S, N, Hn], [B, S, N, Hv]
     q = jnp.concatenate([q_nope, q_rope], axis=-1)                  # [B, T, N, Hqk]
     k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + (Hr,))
     k = jnp.concatenate([k_nope, k_rope], axis=-1)                  # [B, S, N, Hqk]
@@ -157,4 +184,44 @@ class MLA(nn.Module):
     out = self.kernels.causal_attention(q, k, v, segment_ids, scale,
                                         kernel=self.kernels.attention, layout=self.layout)
     out = constrain(out, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
-    return self._proj('o_proj', (N, Hv, D), ('heads', 'kv', 'embed'))('BTNH,NHD->BTD', out)
+    out = o_proj('BTNH,NHD->BTD', out)
+    if self.mode == 'prefill':
+      return out, (ckv, k_rope[:, :, 0, :])
+    return out
+
+  def _decode(self, q_nope: Array, q_rope: Array, ckv: Array, k_rope: Array, positions: Array,
+              cache: tuple[Array, Array], kv_b_proj: Einsum, scale: float):
+    """Attention of the T new queries over the cache with their own entries written in.
+
+    q_nope [B, T, N, Hn], q_rope [B, T, N, Hr] (rotated), ckv [B, T, R], k_rope [B, T, Hr]
+    (rotated), positions [B, T] (= cache slots), cache ([B, S, R], [B, S, Hr]) ->
+    (out [B, T, N, Hv], (ckv, k_rope) in the cache dtype).
+    """
+    t = self.config
+    Hn = t.qk_nope_head_dim
+    cache_ckv, cache_rope = cache
+    B, S = cache_ckv.shape[:2]
+    if cache_ckv.shape != (B, S, t.kv_lora_rank) or cache_rope.shape != (B, S, t.qk_rope_head_dim):
+      raise ValueError(f'MLA decode: cache shapes {cache_ckv.shape}, {cache_rope.shape} must be '
+                       f'[B, S, {t.kv_lora_rank}] and [B, S, {t.qk_rope_head_dim}]')
+    entries = (ckv.astype(cache_ckv.dtype), k_rope.astype(cache_rope.dtype))
+    rows = jnp.arange(B)[:, None]
+    c = cache_ckv.at[rows, positions].set(entries[0]).astype(self.dtype)      # [B, S, R]
+    kr = cache_rope.at[rows, positions].set(entries[1]).astype(self.dtype)    # [B, S, Hr]
+    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]              # [B, T, S]
+    if not self.absorb:
+      kv = kv_b_proj('BSR,RNH->BSNH', c)
+      k = jnp.concatenate(
+          [kv[..., :Hn], jnp.broadcast_to(kr[:, :, None, :], kv.shape[:-1] + kr.shape[-1:])], -1)
+      q = jnp.concatenate([q_nope, q_rope], axis=-1)
+      return dot_product_attention(q, k, kv[..., Hn:], mask, scale), entries
+    # The kernel itself: an einsum with the scalar 1 reads it in the compute dtype.
+    w = kv_b_proj(',RNH->RNH', jnp.ones((), self.dtype))                      # [R, N, Hn + Hv]
+    w_uk, w_uv = w[..., :Hn], w[..., Hn:]
+    q_lat = jnp.einsum('BTNH,RNH->BTNR', q_nope, w_uk)
+    logits = (jnp.einsum('BTNR,BSR->BNTS', q_lat, c, preferred_element_type=jnp.float32)
+              + jnp.einsum('BTNH,BSH->BNTS', q_rope, kr, preferred_element_type=jnp.float32))
+    logits = jnp.where(mask[:, None], logits * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)                # [B, N, T, S]
+    o_lat = jnp.einsum('BNTS,BSR->BTNR', probs, c)
+    return jnp.einsum('BTNR,RNH->BTNH', o_lat, w_uv), entries
