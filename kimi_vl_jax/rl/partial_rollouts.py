@@ -33,7 +33,7 @@ class Response:
   logprobs: list[float] = dataclasses.field(default_factory=list)
   iterations: list[int] = dataclasses.field(default_factory=list)
   segments: int = 0
-  finish_reason: str | None = None    # None while unfinished; 'stop' | 'length'
+  finish_reason: str | None = None    # None while unfinished; 'stop' | 'length' | 'invalid'
 
   @property
   def done(self) -> bool:
@@ -73,8 +73,11 @@ class RolloutBuffer:
     return [(g, j) for g in sorted(self.groups) for j, r in enumerate(self.groups[g].responses)
             if not r.done]
 
-  def extend(self, gid: int, j: int, tokens, logprobs, iteration: int, stopped: bool) -> None:
-    """Appends one segment sampled at `iteration`; `stopped`: the sampler hit a stop token."""
+  def extend(self, gid: int, j: int, tokens, logprobs, iteration: int, stopped: bool,
+             invalid: bool = False) -> None:
+    """Appends one segment sampled at `iteration`; `stopped`: the sampler hit a stop token;
+    `invalid`: the response was cut at a token a response may not hold (it ends here, scored
+    0)."""
     r = self.groups[gid].responses[j]
     if r.done:
       raise ValueError(f'response {gid}/{j} is finished; it cannot be extended')
@@ -86,7 +89,9 @@ class RolloutBuffer:
     r.logprobs += logprobs
     r.iterations += [int(iteration)] * len(tokens)
     r.segments += 1
-    if stopped:
+    if invalid:
+      r.finish_reason = 'invalid'
+    elif stopped:
       r.finish_reason = 'stop'
     elif r.segments >= self.max_segments:
       r.finish_reason = 'length'
