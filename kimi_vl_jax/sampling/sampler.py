@@ -45,7 +45,8 @@ class SamplingParams:
 
   temperature 0 is greedy; top_k 0 and top_p 1.0 switch those truncations off
   (`truncation.py`). n samples per prompt share one prefill. stop_token_ids None: the
-  tokenizer's `<|im_end|>` and `[EOS]` (no stop token without a tokenizer).
+  tokenizer's `<|im_end|>` and `[EOS]` (no stop token without a tokenizer). A row also ends
+  ('length') after max_new_tokens or when its cache (`Sampler.max_len`) is full.
   """
   max_new_tokens: int = 64
   temperature: float = 0.0
@@ -170,74 +171,87 @@ class Sampler:
     return tuple(int(self.tokenizer.special[k]) for k in ('<|im_end|>', '[EOS]')
                  if k in self.tokenizer.special)
 
-  def generate(self, prompts: Sequence[Any], params: SamplingParams | None = None,
+  def generate(self, prompts: Sequence[Any],
+               params: SamplingParams | Sequence[SamplingParams] | None = None,
                on_token: Callable[[int, int], None] | None = None) -> GenerateOutput:
-    """Samples `params.n` continuations of each prompt (a `Prompt`, a dict of its fields or a
-    list of chat messages). `on_token(row, token_id)` is called as tokens are produced, row
-    indexing the output lists."""
-    params = params or SamplingParams()
+    """Samples `n` continuations of each prompt (a `Prompt`, a dict of its fields or a list of
+    chat messages). `params` is one `SamplingParams` for all prompts or one per prompt (each row
+    then has its own budget, stop set, temperature, top-k / top-p, n and seed). Sample j of
+    prompt i draws from the key `fold_in(PRNGKey(seed), j)`, so it reproduces with the same
+    seed whatever it is batched with. `on_token(row, token_id)` is called as tokens are
+    produced, `row` indexing the output lists."""
     prompts = [as_prompt(p, self.tokenizer, image_root=self.image_root) for p in prompts]
     if not prompts:
       raise ValueError('generate: no prompts')
+    if params is None or isinstance(params, SamplingParams):
+      params = [params or SamplingParams()] * len(prompts)
+    params = list(params)
+    if len(params) != len(prompts):
+      raise ValueError(f'{len(params)} SamplingParams for {len(prompts)} prompts')
     for i, p in enumerate(prompts):
       if len(p.input_ids) >= self.max_len:
         raise ValueError(f'prompt {i} has {len(p.input_ids)} tokens; max_len={self.max_len} '
                          'leaves no room to generate')
-    n = params.n
     most_rows = bucket(max(self.batch_buckets), self.batch_buckets, multiple=self.row_multiple)
-    per_group = max(1, most_rows // n)
-    tokens, logprobs = [], []
-    for g in range(0, len(prompts), per_group):
-      t, lp = self._generate_group(prompts[g:g + per_group], g, params, on_token)
+    groups, start = [], 0
+    for i in range(1, len(prompts) + 1):  # consecutive prompts while their rows fit
+      if i == len(prompts) or sum(sp.n for sp in params[start:i + 1]) > most_rows:
+        groups.append((start, i))
+        start = i
+    tokens, logprobs, row = [], [], 0
+    for lo, hi in groups:
+      t, lp = self._generate_group(prompts[lo:hi], params[lo:hi], row, on_token)
       tokens += t
       logprobs += lp
-    stops = set(self.stop_ids(params))
-    reasons = ['stop' if len(t) and int(t[-1]) in stops else 'length' for t in tokens]
+      row += len(t)
+    stops = [set(self.stop_ids(sp)) for sp in params for _ in range(sp.n)]
+    reasons = ['stop' if len(t) and int(t[-1]) in st else 'length' for t, st in zip(tokens, stops)]
     texts = None
     if self.tokenizer is not None:
       texts = [self.tokenizer.decode([int(i) for i in (t[:-1] if r == 'stop' else t)])
                for t, r in zip(tokens, reasons)]
     return GenerateOutput(tokens, logprobs, texts, reasons)
 
-  def _generate_group(self, prompts: list[Prompt], first: int, params: SamplingParams,
+  def _settings(self, params: list[SamplingParams], Bd: int) -> dict[str, Any]:
+    """Per decode row (prompt-major, n rows per prompt, then padding rows): the loop's settings
+    and `row_prompt`, the prompt each row continues."""
+    per_row = [(i, j, sp) for i, sp in enumerate(params) for j in range(sp.n)]
+    pad = Bd - len(per_row)
+    stops = [self.stop_ids(sp) for _, _, sp in per_row]
+    K = max(8, -(-max(map(len, stops)) // 8) * 8)
+    col = lambda f, dtype, fill: np.asarray([f(sp) for _, _, sp in per_row] + [fill] * pad, dtype)
+    keys = [jax.random.fold_in(jax.random.PRNGKey(sp.seed), j) for _, j, sp in per_row]
+    return {
+        'rng': jnp.stack(keys + [jax.random.PRNGKey(0)] * pad),
+        'temperature': col(lambda sp: sp.temperature, np.float32, 0.0),
+        'top_k': col(lambda sp: sp.top_k, np.int32, 0),
+        'top_p': col(lambda sp: sp.top_p, np.float32, 1.0),
+        'max_new': col(lambda sp: sp.max_new_tokens, np.int32, 0),
+        'stop_ids': np.asarray([list(s) + [-1] * (K - len(s)) for s in stops]
+                               + [[-1] * K] * pad, np.int32),
+        'active': np.arange(Bd) < len(per_row),
+    }, np.asarray([i for i, _, _ in per_row] + [0] * pad, np.int32)
+
+  def _generate_group(self, prompts: list[Prompt], params: list[SamplingParams], first_row: int,
                       on_token) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    n = params.n
-    rows = len(prompts) * n
+    rows = sum(sp.n for sp in params)
     Bp = bucket(len(prompts), self.batch_buckets, multiple=self.row_multiple, what='batch')
     Bd = bucket(rows, self.batch_buckets, multiple=self.row_multiple, what='batch')
     longest = max(len(p.input_ids) for p in prompts)
     T = min(bucket(longest, self.prompt_buckets, what='prompt length'), self.max_len)
     batch = prefill_batch(prompts, Bp, T, self.config)
-    stops = self.stop_ids(params)
-    K = max(8, -(-len(stops) // 8) * 8)
-    active = np.arange(Bd) < rows
-    base = jax.random.PRNGKey(params.seed)
-    sample_index = first * n + np.arange(Bd)
-    settings = {
-        'rng': jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(sample_index)),
-        'temperature': np.full(Bd, params.temperature, np.float32),
-        'top_k': np.full(Bd, params.top_k, np.int32),
-        'top_p': np.full(Bd, params.top_p, np.float32),
-        'max_new': np.where(active, params.max_new_tokens, 0).astype(np.int32),
-        'stop_ids': np.broadcast_to(np.asarray(list(stops) + [-1] * (K - len(stops)), np.int32),
-                                    (Bd, K)).copy(),
-        'active': active,
-    }
-    row_prompt = np.where(active, np.arange(Bd) // n, 0).astype(np.int32)
-    truncate = params.top_k > 0 or params.top_p < 1.0
+    settings, row_prompt = self._settings(params, Bd)
+    truncate = any(sp.top_k > 0 or sp.top_p < 1.0 for sp in params)
     with self._context():
       state = self._start(self.params, batch, row_prompt, settings, truncate=truncate)
       emitted = np.zeros(Bd, np.int64)
-      if on_token is not None:
-        emitted = self._emit(state, emitted, rows, first * n, on_token)
       while True:
-        step = int(state.step)
-        until = step + self.stream_chunk if on_token is not None else _RUN_TO_END
-        state = self._loop(self.params, state, jnp.int32(until), truncate=truncate)
         if on_token is not None:
-          emitted = self._emit(state, emitted, rows, first * n, on_token)
+          emitted = self._emit(state, emitted, rows, first_row, on_token)
         if bool(jnp.all(state.done)):
           break
+        until = int(state.step) + self.stream_chunk if on_token is not None else _RUN_TO_END
+        state = self._loop(self.params, state, jnp.int32(until), truncate=truncate)
     num, toks, lps = jax.device_get((state.num_tokens, state.tokens, state.logprobs))
     return ([np.asarray(toks[r, :num[r]]) for r in range(rows)],
             [np.asarray(lps[r, :num[r]]) for r in range(rows)])
