@@ -195,10 +195,10 @@ class RLTrainer:
     """k1.5: drop the prompts the starting model solves in all N samples."""
     n = self.rl.drop_solved_samples
     if n > 0:
-      out = self.sampler.generate([p.prompt for p in self.prompts], SamplingParams(
-          max_new_tokens=self.rl.segment_tokens * self.rl.max_segments,
-          temperature=self.rl.temperature, top_p=self.rl.top_p, top_k=self.rl.top_k, n=n,
-          seed=_seed(self.cfg.seed, 7, 0)))
+      budget = self.rl.segment_tokens * self.rl.max_segments
+      out = self.sampler.generate([p.prompt for p in self.prompts], [
+          self._sampling(_seed(self.cfg.seed, 7, i), budget, n=n)
+          for i in range(len(self.prompts))])
       solved = [self._answer_reward(self.prompts[i // n], t) > 0
                 for i, t in enumerate(out.texts)]
       ids = np.repeat(np.arange(len(self.prompts)), n)
@@ -233,13 +233,16 @@ class RLTrainer:
       prompts = [rollouts_lib.continuation(self.prompts[host.buffer.groups[g].prompt_id],
                                            host.buffer.groups[g].responses[j])
                  for g, j in pending]
-      out = self.sampler.generate(prompts, self._sampling(_seed(self.cfg.seed, 2, it),
-                                                          rl.segment_tokens))
+      # One seed per response and iteration: sample j of a prompt draws from fold_in(seed, j),
+      # so prompts sharing a seed would share their random streams.
+      out = self.sampler.generate(prompts, [
+          self._sampling(_seed(self.cfg.seed, 2, it, g, j), rl.segment_tokens)
+          for g, j in pending])
       for (g, j), toks, lps, why in zip(pending, out.tokens, out.logprobs, out.finish_reasons):
         self._extend(g, j, toks, lps, it, why)
-    out = self.sampler.generate([self.prompts[i].prompt for i in chosen],
-                                self._sampling(_seed(self.cfg.seed, 3, it), rl.segment_tokens,
-                                               n=rl.k))
+    out = self.sampler.generate([self.prompts[i].prompt for i in chosen], [
+        self._sampling(_seed(self.cfg.seed, 3, it, i), rl.segment_tokens, n=rl.k)
+        for i in chosen])
     for p_idx, prompt_id in enumerate(chosen):
       g = host.buffer.add(int(prompt_id))
       for j in range(rl.k):
@@ -371,8 +374,8 @@ class RLTrainer:
     greedy = self.sampler.generate(prompts, self._sampling(0, budget, greedy=True))
     g = np.asarray([self._answer_reward(r, t) for r, t in zip(self.heldout, greedy.texts)])
     n = rl.heldout_samples
-    sampled = self.sampler.generate(prompts, self._sampling(_seed(self.cfg.seed, 4, it), budget,
-                                                            n=n))
+    sampled = self.sampler.generate(prompts, [
+        self._sampling(_seed(self.cfg.seed, 4, it, i), budget, n=n) for i in range(len(prompts))])
     s = np.asarray([self._answer_reward(self.heldout[i // n], t)
                     for i, t in enumerate(sampled.texts)]).reshape(-1, n)
     res = {'heldout/mean_reward': float(s.mean()), 'heldout/greedy_accuracy': float(g.mean()),
