@@ -42,7 +42,9 @@ def get_config(arg: str = ''):
         iterations=20, prompts_per_iteration=8, segment_tokens=32, max_segments=2,
         max_len=192, length_buckets=(64, 128, 192), batch_buckets=(1, 8, 64),
         groups_per_step=4, epochs=1,
-        length_penalty={'weight': 0.0}, loop_penalty={}, curriculum=(), drop_solved_samples=0)
+        length_penalty={'weight': 0.0, 'warmup_iterations': 0, 'ramp_iterations': 0},
+        loop_penalty={'penalty': 0.0, 'min_n': 1, 'max_n': 20, 'min_repeats': 8}, curriculum=(),
+        drop_solved_samples=0)
     c.rl = ml_collections.ConfigDict(rl)
     return c
 

@@ -15,17 +15,21 @@ from kimi_vl_jax.train.metrics import read_metrics
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('rl_resume')]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ITERATIONS = 4
+ITERATIONS = 3
 
 
 def _cmd(workdir):
   return [sys.executable, '-m', 'kimi_vl_jax.main', '--config=configs/rl.py:tiny',
           f'--workdir={workdir}', '--config.init_from=scratch',
           f'--config.rl.iterations={ITERATIONS}', '--config.rl.prompts_per_iteration=2',
-          '--config.rl.k=2', '--config.rl.groups_per_step=2', '--config.rl.segment_tokens=8',
+          '--config.rl.k=4', '--config.rl.groups_per_step=2', '--config.rl.segment_tokens=8',
+          # A random policy earns no answer reward; top-2 sampling makes it loop now and then,
+          # and the loop penalty then gives the groups non-zero advantages to train on.
+          '--config.rl.top_k=2', '--config.rl.loop_penalty.penalty=0.5',
+          '--config.rl.loop_penalty.max_n=4', '--config.rl.loop_penalty.min_repeats=3',
           '--config.rl.max_segments=2', '--config.rl.heldout_examples=2',
           '--config.rl.heldout_samples=2', '--config.rl.eval_every=100',
-          '--config.rl.length_buckets=(64,)', '--config.rl.batch_buckets=(4,)',
+          '--config.rl.length_buckets=(64,)', '--config.rl.batch_buckets=(8,)',
           '--config.train.tensorboard=False']
 
 
@@ -35,7 +39,7 @@ def _env():
   return env
 
 
-KEYS = ('loss', 'grad_norm', 'reward/answer_mean', 'length/mean', 'kl/to_pi_i',
+KEYS = ('loss', 'grad_norm', 'reward/total_mean', 'length/mean', 'kl/to_pi_i',
         'rollout/unfinished', 'rollout/groups_done', 'priority/chosen_mean_weight')
 
 
@@ -50,7 +54,7 @@ def reference(tmp_path_factory):
   ref = _rl(d)
   assert [r['step'] for r in ref] == list(range(1, ITERATIONS + 1))
   assert any(r['rollout/unfinished'] for r in ref)        # partial rollouts were carried over
-  assert any(r['loss'] is not None for r in ref)          # and some groups trained
+  assert any(r['loss'] for r in ref)                      # and some groups trained
   return ref
 
 
