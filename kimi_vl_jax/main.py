@@ -39,8 +39,11 @@ def run(config, workdir: str) -> dict:
   if config.stage in LM_STAGES:
     from kimi_vl_jax.train.loop import Trainer
     return Trainer(config, workdir).run()
+  if config.stage == 'rl':
+    from kimi_vl_jax.rl.trainer import RLTrainer
+    return RLTrainer(config, workdir).run()
   raise ValueError(f'config.stage={config.stage!r} is not a stage this entry point trains; '
-                   f'known: {", ".join(LM_STAGES)}')
+                   f'known: {", ".join(LM_STAGES)}, rl')
 
 
 def main(argv):

@@ -139,6 +139,12 @@ class Sampler:
                        '(compare with init_params(config, ...))')
     return jax.device_put(params, rules_lib.param_shardings(abstract, self.mesh, self.rules))
 
+  def load_params(self, params) -> None:
+    """Decode with new parameters from now on (an RL iteration's updated policy): arrays already
+    on the devices move device to device into the sampler's shardings (nothing when they match),
+    never through the host; the compiled prefill and decode are reused."""
+    self.params = self._place(params)
+
   def _context(self):
     if self.mesh is None:
       return contextlib.nullcontext()
