@@ -18,9 +18,10 @@ selects what the module does with it:
 
 * 'train': the attention above over the whole sequence; returns out.
 * 'prefill': the same computation; also returns this call's cache entries `(c_kv, k_rope)`.
-* 'decode': queries at `positions` over a cache `(c_kv [B, S, R], k_rope [B, S, Hr])` whose slot s
-  holds position s: the new entries are written at their positions, each query sees slots
-  `<= its position`. With `absorb` (DeepSeek-V2 section 2.1.3, "absorbed" inference) `kv_b_proj`
+* 'decode': queries at `positions` (consecutive per row) over a cache `(c_kv [B, S, R], k_rope
+  [B, S, Hr])` whose slot s holds position s: each query sees the slots before its row's first
+  new position and the new tokens up to itself; the cache is only read, the caller writes the
+  returned entries at `positions`. With `absorb` (DeepSeek-V2 section 2.1.3, "absorbed" inference) `kv_b_proj`
   is split into W_UK [R, N, Hn] and W_UV [R, N, Hv]: `q_lat = q_nope W_UK^T`, scores
   `q_lat . c_kv + q_rope . k_rope`, output `(softmax . c_kv) W_UV`, so decode reads only the
   latent cache; without it the cache is expanded to per-head K/V every step (the same numbers).
@@ -191,11 +192,15 @@ class MLA(nn.Module):
 
   def _decode(self, q_nope: Array, q_rope: Array, ckv: Array, k_rope: Array, positions: Array,
               cache: tuple[Array, Array], kv_b_proj: Einsum, scale: float):
-    """Attention of the T new queries over the cache with their own entries written in.
+    """Attention of the T new queries over the cache and over their own entries.
 
     q_nope [B, T, N, Hn], q_rope [B, T, N, Hr] (rotated), ckv [B, T, R], k_rope [B, T, Hr]
-    (rotated), positions [B, T] (= cache slots), cache ([B, S, R], [B, S, Hr]) ->
-    (out [B, T, N, Hv], (ckv, k_rope) in the cache dtype).
+    (rotated), positions [B, T] (consecutive per row; = cache slots), cache ([B, S, R],
+    [B, S, Hr]) -> (out [B, T, N, Hv], (ckv, k_rope) in the cache dtype, for the caller to
+    write at `positions`).
+
+    The cache is only read: a query sees the cache slots before its row's first new position
+    and the new tokens up to itself, one softmax over both.
     """
     t = self.config
     Hn = t.qk_nope_head_dim
@@ -205,23 +210,33 @@ class MLA(nn.Module):
       raise ValueError(f'MLA decode: cache shapes {cache_ckv.shape}, {cache_rope.shape} must be '
                        f'[B, S, {t.kv_lora_rank}] and [B, S, {t.qk_rope_head_dim}]')
     entries = (ckv.astype(cache_ckv.dtype), k_rope.astype(cache_rope.dtype))
-    rows = jnp.arange(B)[:, None]
-    c = cache_ckv.at[rows, positions].set(entries[0]).astype(self.dtype)      # [B, S, R]
-    kr = cache_rope.at[rows, positions].set(entries[1]).astype(self.dtype)    # [B, S, Hr]
-    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]              # [B, T, S]
+    # Round the new entries through the cache dtype, so a step sees what later steps will read.
+    ckv, k_rope = (e.astype(self.dtype) for e in entries)
+    c, kr = cache_ckv.astype(self.dtype), cache_rope.astype(self.dtype)
+    T = positions.shape[1]
+    mask = jnp.concatenate([
+        jnp.broadcast_to(jnp.arange(S)[None, None, :] < positions[:, :1, None], (B, T, S)),
+        positions[:, :, None] >= positions[:, None, :]], axis=-1)            # [B, T, S + T]
     if not self.absorb:
-      kv = kv_b_proj('BSR,RNH->BSNH', c)
+      c_all, kr_all = jnp.concatenate([c, ckv], 1), jnp.concatenate([kr, k_rope], 1)
+      kv = kv_b_proj('BSR,RNH->BSNH', c_all)
       k = jnp.concatenate(
-          [kv[..., :Hn], jnp.broadcast_to(kr[:, :, None, :], kv.shape[:-1] + kr.shape[-1:])], -1)
+          [kv[..., :Hn], jnp.broadcast_to(kr_all[:, :, None, :], kv.shape[:-1] + kr.shape[-1:])],
+          -1)
       q = jnp.concatenate([q_nope, q_rope], axis=-1)
       return dot_product_attention(q, k, kv[..., Hn:], mask, scale), entries
     # The kernel itself: an einsum with the scalar 1 reads it in the compute dtype.
     w = kv_b_proj(',RNH->RNH', jnp.ones((), self.dtype))                      # [R, N, Hn + Hv]
     w_uk, w_uv = w[..., :Hn], w[..., Hn:]
     q_lat = jnp.einsum('BTNH,RNH->BTNR', q_nope, w_uk)
-    logits = (jnp.einsum('BTNR,BSR->BNTS', q_lat, c, preferred_element_type=jnp.float32)
-              + jnp.einsum('BTNH,BSH->BNTS', q_rope, kr, preferred_element_type=jnp.float32))
-    logits = jnp.where(mask[:, None], logits * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)                # [B, N, T, S]
-    o_lat = jnp.einsum('BNTS,BSR->BTNR', probs, c)
+
+    def scores(c_, kr_):                                                      # [B, N, T, S]
+      return (jnp.einsum('BTNR,BSR->BNTS', q_lat, c_, preferred_element_type=jnp.float32)
+              + jnp.einsum('BTNH,BSH->BNTS', q_rope, kr_, preferred_element_type=jnp.float32))
+
+    logits = jnp.concatenate([scores(c, kr), scores(ckv, k_rope)], axis=-1) * scale
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)                # [B, N, T, S + T]
+    o_lat = (jnp.einsum('BNTS,BSR->BTNR', probs[..., :S], c)
+             + jnp.einsum('BNTS,BSR->BTNR', probs[..., S:], ckv))
     return jnp.einsum('BTNR,RNH->BTNH', o_lat, w_uv), entries

@@ -50,12 +50,14 @@ def _check(cfg, p, prompts, seed=0):
   assert np.abs(got[True] - got[False]).max() <= 1e-5
 
 
-@pytest.mark.parametrize('variant', ['plain', 'qlora', 'yarn'])
+@pytest.mark.parametrize('variant', ['plain', pytest.param('qlora', marks=pytest.mark.slow),
+                                     pytest.param('yarn', marks=pytest.mark.slow)])
 def test_cached_logits_equal_full_forward_ragged_text(variant):
   cfg, p = helpers.config(variant), helpers.params(variant)
   _check(cfg, p, helpers.text_prompts((5, 11, 3)))
 
 
+@pytest.mark.slow
 def test_cached_logits_equal_full_forward_with_images():
   cfg, p = helpers.config(), helpers.params()
   prompts = [helpers.image_prompt(cfg, grids=((4, 4),), seed=1),

@@ -112,6 +112,12 @@ def test_groups_larger_than_the_biggest_batch_bucket(sampler):
   assert len(out.tokens) == 20
   np.testing.assert_array_equal(out.tokens[14], ref.tokens[0])
   np.testing.assert_array_equal(out.tokens[15], ref.tokens[1])
+  # Other prompt lengths, budgets, temperatures and row counts inside the same buckets compile
+  # nothing new.
+  before = sampler._start._cache_size(), sampler._loop._cache_size()
+  sampler.generate(helpers.text_prompts((4, 13, 7), seed=9),
+                   SamplingParams(max_new_tokens=3, n=2, temperature=0.5, seed=4))
+  assert (sampler._start._cache_size(), sampler._loop._cache_size()) == before
 
 
 def test_chat_messages_render_with_images_and_decode_texts(tmp_path):
@@ -137,3 +143,28 @@ def test_chat_messages_render_with_images_and_decode_texts(tmp_path):
   np.testing.assert_array_equal(a.tokens[0], b.tokens[0])
   assert a.texts == [tok.decode([int(i) for i in a.tokens[0]
                                  if a.finish_reasons[0] == 'length' or i != a.tokens[0][-1]])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('preset, sizes', [('dp_ep', dict(data=2, expert=4))])
+def test_mesh_equals_single_device(sampler, preset, sizes):
+  """8 CPU devices (tests/conftest.py): rows over data x expert, experts split over 'expert'
+  with the dropless all-to-all; tokens and log-probs equal the single-device sampler's."""
+  from kimi_vl_jax.parallel import mesh as mesh_lib
+  assert jax.device_count() == 8
+  c = mesh_lib.default_config()
+  c.update(sizes)
+  mesh = mesh_lib.make_mesh(c)
+  sharded = Sampler(helpers.config(), helpers.params(), mesh=mesh, rules=preset, max_len=32,
+                    prompt_buckets=(16,), batch_buckets=(4, 8))
+  assert sharded.config.text.moe_impl == 'ep_dropless' and sharded.row_multiple == 8
+  prompts = helpers.text_prompts((5, 11, 3))
+  for sp in (SamplingParams(max_new_tokens=NEW),
+             SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.9, n=2, seed=2)):
+    ref, got = sampler.generate(prompts, sp), sharded.generate(prompts, sp)
+    for x, y in zip(ref.tokens, got.tokens):
+      np.testing.assert_array_equal(x, y)
+    for x, y in zip(ref.logprobs, got.logprobs):
+      assert np.abs(x - y).max() <= 1e-5
+  state_cache = sharded.params['language_model']['moe_layers']['mlp']['experts']['gate_proj']
+  assert 'expert' in str(state_cache.sharding.spec)
