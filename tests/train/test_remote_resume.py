@@ -93,7 +93,7 @@ def test_s3_run_killed_and_resumed_from_the_bucket_is_bitwise(tmp_path, s3_env):
     proc.wait()
   killed_at = read_metrics(run_dir)[-1]['step']
   resume_from = max(committed())
-  assert 2 <= resume_from < STEPS and killed_at < STEPS
+  assert 1 <= resume_from < STEPS and killed_at < STEPS  # orbax saves step 1 too
 
   # A new machine: nothing local but the metrics log; the checkpoint comes from the bucket.
   log = str(tmp_path / 'resumed.log')
