@@ -21,7 +21,7 @@ from object_store import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'train', 'remote_config.py')
-STEPS = 10  # checkpoints every 2 steps
+STEPS = 16  # checkpoints every 2 steps
 
 
 def _write_dataset(d):
@@ -82,9 +82,9 @@ def test_s3_run_killed_and_resumed_from_the_bucket_is_bitwise(tmp_path, s3_env):
     keys = [o['Key'].split('/') for o in r.get('Contents', [])]
     return sorted(int(k[2]) for k in keys if len(k) == 4 and k[3] == 'commit_success.txt')
 
-  def ready():
-    done = read_metrics(run_dir)
-    return 4 in committed() and done and done[-1]['step'] >= 5
+  def ready():  # a step is complete in the bucket and the run trains past it
+    done, steps = read_metrics(run_dir), committed()
+    return steps and done and done[-1]['step'] > steps[-1]
   try:
     assert wait_until(lambda: ready() or proc.poll() is not None, timeout=1800)
     assert proc.poll() is None, 'the run finished before it could be killed'
@@ -93,7 +93,7 @@ def test_s3_run_killed_and_resumed_from_the_bucket_is_bitwise(tmp_path, s3_env):
     proc.wait()
   killed_at = read_metrics(run_dir)[-1]['step']
   resume_from = max(committed())
-  assert 4 <= resume_from < STEPS and killed_at < STEPS
+  assert 1 <= resume_from < STEPS and killed_at < STEPS  # orbax saves step 1 too
 
   # A new machine: nothing local but the metrics log; the checkpoint comes from the bucket.
   log = str(tmp_path / 'resumed.log')
