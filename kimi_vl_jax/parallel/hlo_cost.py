@@ -223,7 +223,7 @@ def parse_module(text: str) -> tuple[dict[str, Computation], str]:
         if line.startswith('ENTRY'):
           entry = cur.name
       continue
-    if line.strip() == '}':
+    if line.startswith('}'):                       # '}' or '}, execution_thread="..."'
       comps[cur.name] = cur
       cur = None
       continue

@@ -89,7 +89,7 @@ _HLO = """HloModule m, entry_computation_layout={(f32[4,256]{1,0}, f32[64,8]{1,0
   %a = f32[] parameter(0)
   %b = f32[] parameter(1)
   ROOT %s = f32[] add(%a, %b)
-}
+}, execution_thread="sparsecore"
 
 %fused_update (p0: f32[64,8], p1: f32[1,8], p2: s32[]) -> f32[64,8] {
   %p0 = f32[64,8]{1,0} parameter(0)
