@@ -274,7 +274,7 @@ class Evaluator:
                               prompt_buckets=(self.prompt_bucket,),
                               batch_buckets=(self.answer_batch,), tokenizer=self.tok)
     else:
-      self._sampler.params = params     # new weights, same shapes: nothing recompiles
+      self._sampler.load_params(params)   # new weights, same shapes: nothing recompiles
     texts = sampler_answers(self._sampler, self.examples, self.tok, max_new_tokens=self.max_new,
                             blank_images=self.blank)
     return score_answers(self.examples, texts)
