@@ -31,36 +31,45 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'stage config of the --orbax run',
-                                          lock_config=True)
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'tiktoken.model (default: in --hf_dir)')
-_ORBAX = flags.DEFINE_string('orbax', None, 'training run directory (with --config)')
-_STEP = flags.DEFINE_integer('step', None, 'checkpoint step of --orbax (default: newest)')
-_CONTEXT = flags.DEFINE_integer('context', None, 'longest prompt + answer to evaluate '
-                                '(default: the model: HF max_position_embeddings or the stage '
-                                "config's last seq_len)")
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'generation budget (default: benchmark '
-                                '64, niah 16)')
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'prompts generated together')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'sampling temperature (0: greedy)')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'nucleus sampling mass (1: off)')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'top-k sampling (0: off)')
-_SEED = flags.DEFINE_integer('seed', 0, 'sampling and haystack seed')
 
-_FILE = flags.DEFINE_string('file', None, 'benchmark: JSONL file')
-_SCORER = flags.DEFINE_string('scorer', None, 'benchmark: scorer for every record')
-_LIMIT = flags.DEFINE_integer('limit', None, 'benchmark: the first N records')
-_OUT = flags.DEFINE_string('out', None, 'benchmark: predictions JSONL to write')
+def _define_flags() -> None:
+  """The command's flags, defined only when this module runs as a program: importing it
+  (tests, other entry points) must not claim names such as --config and --hf_dir, which
+  `main.py` and `checkpoint/convert.py` define too."""
+  global _CONFIG, _HF_DIR, _TOKENIZER, _ORBAX, _STEP, _CONTEXT, _MAX_NEW, _BATCH, _TEMPERATURE, \
+      _TOP_P, _TOP_K, _SEED, _FILE, _SCORER, _LIMIT, _OUT, _HAYSTACKS, _FIRST_BUCKET, _PER_BUCKET, \
+      _DEPTHS, _IMAGE_SIZE, _OUT_DIR
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'stage config of the --orbax run',
+                                            lock_config=True)
+  _HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory')
+  _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'tiktoken.model (default: in --hf_dir)')
+  _ORBAX = flags.DEFINE_string('orbax', None, 'training run directory (with --config)')
+  _STEP = flags.DEFINE_integer('step', None, 'checkpoint step of --orbax (default: newest)')
+  _CONTEXT = flags.DEFINE_integer('context', None, 'longest prompt + answer to evaluate '
+                                  '(default: the model: HF max_position_embeddings or the stage '
+                                  "config's last seq_len)")
+  _MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'generation budget (default: benchmark '
+                                  '64, niah 16)')
+  _BATCH = flags.DEFINE_integer('batch_size', 8, 'prompts generated together')
+  _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'sampling temperature (0: greedy)')
+  _TOP_P = flags.DEFINE_float('top_p', 1.0, 'nucleus sampling mass (1: off)')
+  _TOP_K = flags.DEFINE_integer('top_k', 0, 'top-k sampling (0: off)')
+  _SEED = flags.DEFINE_integer('seed', 0, 'sampling and haystack seed')
 
-_HAYSTACKS = flags.DEFINE_list('haystacks', ['text', 'image'], 'niah: haystack kinds')
-_FIRST_BUCKET = flags.DEFINE_integer('first_bucket', 2048, 'niah: upper edge of the first length '
-                                     'bucket; the next ones double')
-_PER_BUCKET = flags.DEFINE_integer('per_bucket', 1, 'niah: prompt lengths per bucket')
-_DEPTHS = flags.DEFINE_integer('depths', 5, 'niah: needle depths per length, 0..100%')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 56,
-                                   'niah: side of each haystack image / video frame (px)')
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'niah: directory for the table, results and PNG')
+  _FILE = flags.DEFINE_string('file', None, 'benchmark: JSONL file')
+  _SCORER = flags.DEFINE_string('scorer', None, 'benchmark: scorer for every record')
+  _LIMIT = flags.DEFINE_integer('limit', None, 'benchmark: the first N records')
+  _OUT = flags.DEFINE_string('out', None, 'benchmark: predictions JSONL to write')
+
+  _HAYSTACKS = flags.DEFINE_list('haystacks', ['text', 'image'], 'niah: haystack kinds')
+  _FIRST_BUCKET = flags.DEFINE_integer('first_bucket', 2048, 'niah: upper edge of the first length '
+                                       'bucket; the next ones double')
+  _PER_BUCKET = flags.DEFINE_integer('per_bucket', 1, 'niah: prompt lengths per bucket')
+  _DEPTHS = flags.DEFINE_integer('depths', 5, 'niah: needle depths per length, 0..100%')
+  _IMAGE_SIZE = flags.DEFINE_integer('image_size', 56,
+                                     'niah: side of each haystack image / video frame (px)')
+  _OUT_DIR = flags.DEFINE_string('out_dir', None, 'niah: directory for the table, results and PNG')
+
 
 COMMANDS = ('benchmark', 'niah')
 
@@ -163,4 +172,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
