@@ -45,7 +45,7 @@ from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.rl import length_penalty, mirror_descent, partial_rollouts, policy_step
 from kimi_vl_jax.rl import prompt_selection, rewards as rewards_lib, rollouts as rollouts_lib
 from kimi_vl_jax.rl.config import RLConfig
-from kimi_vl_jax.rl.report import plot_run
+from kimi_vl_jax.rl.report import format_change, heldout_change, plot_run
 from kimi_vl_jax.sampling import Sampler, SamplingParams
 from kimi_vl_jax.train import checkpointing, metrics as metrics_lib
 from kimi_vl_jax.train.init import StateFactory, model_config
@@ -400,6 +400,10 @@ class RLTrainer:
     summary['counters'] = {k: int(v) for k, v in jax.device_get(state.counters).items()}
     if self.is_main:
       summary['plot'] = plot_run(self.workdir, self.host.stats)
+      change = heldout_change(self.workdir)
+      if change is not None:
+        summary['heldout_change'] = change
+        print(format_change(change), flush=True)
     return summary
 
 
