@@ -206,7 +206,8 @@ def param_shapes(vision: VisionConfig, text: SiglipTextConfig) -> dict[tuple[str
 def configs_from_hf_dict(cfg: dict, vision: VisionConfig | None = None
                          ) -> tuple[VisionConfig, SiglipTextConfig, int]:
   """An HF SigLIP `config.json` dict -> (MoonViT VisionConfig, SiglipTextConfig, G), G the
-  checkpoint's position grid side (image_size / patch_size).
+  checkpoint's position grid side, image_size // patch_size (the conv drops the remainder:
+  384 px / 14 -> 27).
 
   Without `vision`, MoonViT takes SigLIP's width, depth, heads, MLP width, patch size and
   activation and keeps its own 64 x 64 grid, RoPE theta, merge kernel and LayerNorm eps (module
@@ -231,9 +232,9 @@ def configs_from_hf_dict(cfg: dict, vision: VisionConfig | None = None
       raise ValueError(f'SigLIP {name}_config.hidden_act={act!r} is not supported; use one of '
                        f'{sorted(ACTIVATIONS)}')
   size, patch = vc['image_size'], vc['patch_size']
-  if not isinstance(size, int) or not isinstance(patch, int) or size % patch:
+  if not isinstance(size, int) or not isinstance(patch, int) or size < patch:
     raise ValueError(f'SigLIP vision_config image_size={size!r} / patch_size={patch!r}: need '
-                     'square int sizes with image_size a multiple of patch_size')
+                     'square int sizes, image_size >= patch_size')
   if vision is None:
     vision = VisionConfig(patch_size=patch, hidden_size=vc['hidden_size'],
                           num_layers=vc['num_hidden_layers'],
