@@ -166,7 +166,8 @@ def rules() -> list[Rule]:
 def param_shapes(vision: VisionConfig, text: SiglipTextConfig) -> dict[tuple[str, ...], tuple]:
   """Flat {path: shape} of every parameter `load` returns (the modules' `init` gives the same:
   tests/checkpoint/test_siglip.py)."""
-  shapes = {p: s for p, s in hf_mapping.param_shapes(config_lib.tiny().replace(vision=vision))
+  # MoonViT's own shapes come from the Kimi-VL table (the text config there is irrelevant).
+  shapes = {p: s for p, s in hf_mapping.param_shapes(config_lib.KimiVLConfig(vision=vision))
             .items() if p[0] == 'vision_tower'}
   D, N, H, F = vision.hidden_size, vision.num_heads, vision.head_dim, vision.intermediate_size
   ip = ('image_pooling',)
@@ -319,17 +320,19 @@ def convert(tensors, vision: VisionConfig, text: SiglipTextConfig, grid: int,
   source = tensors if hasattr(tensors, 'read') else hf_mapping.ArraySource(tensors)
   shapes = param_shapes(vision, text)
   entries = list(_expand(vision, text))
-  wanted = {key for key, _, _ in entries}
+  expected = {key: _hf_shape(rule, _slice_shape(rule, shapes[rule.path]), grid)
+              for key, rule, _ in entries}
   keys = [k for k in source.keys() if not k.endswith(IGNORED_SUFFIXES)]
-  missing = sorted(wanted - set(keys))
-  unexpected = sorted(set(keys) - wanted)
+  missing = [f'{k} {expected[k]}' for k in sorted(expected.keys() - set(keys))]
+  unexpected = [f'{k} {tuple(source.shape(k))}' for k in sorted(set(keys) - expected.keys())]
   if missing or unexpected:
     raise CheckpointMismatch(
-        f'SigLIP checkpoint does not match the configs: {len(missing)} missing tensors '
+        f'SigLIP checkpoint does not match the configs: {len(missing)} missing tensors (with '
+        f'the shapes the configs expect) '
         f'{missing[:8]}{" ..." if len(missing) > 8 else ""}, {len(unexpected)} unexpected '
-        f'tensors {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
+        f'tensors (with their shapes) {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}')
   for key, rule, _ in entries:
-    want = _hf_shape(rule, _slice_shape(rule, shapes[rule.path]), grid)
+    want = expected[key]
     got = tuple(source.shape(key))
     if got != want:
       raise CheckpointMismatch(f'{key}: checkpoint shape {got} but the configs expect {want} '

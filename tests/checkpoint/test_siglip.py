@@ -315,11 +315,13 @@ def test_bad_checkpoints_raise_checkpoint_mismatch():
   v, t = init.vision, init.text
   convert = lambda tensors: siglip.convert(tensors, v, t, grid=4)
   missing = {k: a for k, a in hf.items() if k != 'vision_model.head.probe'}
-  with pytest.raises(hf_mapping.CheckpointMismatch, match=r"1 missing.*vision_model\.head\.probe"):
+  with pytest.raises(hf_mapping.CheckpointMismatch,
+                     match=r"1 missing.*vision_model\.head\.probe \(1, 1, 32\)"):
     convert(missing)
   extra = dict(hf, **{'text_model.encoder.layers.2.mlp.fc1.bias': np.zeros(40, np.float32)})
   with pytest.raises(hf_mapping.CheckpointMismatch,
-                     match=r"1 unexpected.*text_model\.encoder\.layers\.2\.mlp\.fc1\.bias"):
+                     match=r"1 unexpected.*text_model\.encoder\.layers\.2\.mlp\.fc1\.bias "
+                           r"\(40,\)"):
     convert(extra)
   bad = dict(hf)
   bad['text_model.head.weight'] = np.zeros((32, 25), np.float32)
