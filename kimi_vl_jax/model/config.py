@@ -341,3 +341,67 @@ def demo() -> KimiVLConfig:
 
 
 PRESETS['demo'] = demo
+
+
+# --------------------------------------------------------------------------------------------
+# SigLIP text tower (MoonViT pre-training, Kimi-VL report sec. 2.3: both encoders start from
+# SigLIP-SO400M).
+
+@dataclasses.dataclass(frozen=True)
+class SiglipTextConfig:
+  """SigLIP's text encoder (`model/siglip_text.py`); field names follow the HF `text_config`
+  of a `SiglipModel` checkpoint (`siglip_text_from_hf_dict`). Defaults: SigLIP-SO400M/14."""
+  vocab_size: int = 32000
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_layers: int = 27
+  num_heads: int = 16
+  max_position_embeddings: int = 64
+  projection_size: int = 1152
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = 'gelu_pytorch_tanh'
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'SigLIP text hidden_size {self.hidden_size} is not divisible by '
+                       f'num_heads {self.num_heads}')
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+def siglip_so400m_text() -> SiglipTextConfig:
+  """The text tower of `siglip-so400m-patch14-384` (and -224): width 1152, 27 layers, 16 heads,
+  MLP 4304, 32000 tokens, 64 positions, projected to 1152 (the vision width)."""
+  return SiglipTextConfig()
+
+
+def siglip_tiny_text() -> SiglipTextConfig:
+  """A few-thousand-parameter text tower for tests, projecting to tiny().vision's width."""
+  return SiglipTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=4, max_position_embeddings=16, projection_size=64)
+
+
+SIGLIP_TEXT_PRESETS = {'so400m': siglip_so400m_text, 'tiny': siglip_tiny_text}
+
+_SIGLIP_TEXT_FIELDS = {  # HF SiglipTextConfig key -> SiglipTextConfig field
+    'vocab_size': 'vocab_size', 'hidden_size': 'hidden_size',
+    'intermediate_size': 'intermediate_size', 'num_hidden_layers': 'num_layers',
+    'num_attention_heads': 'num_heads', 'max_position_embeddings': 'max_position_embeddings',
+    'projection_size': 'projection_size', 'layer_norm_eps': 'layer_norm_eps',
+    'hidden_act': 'hidden_act',
+}
+# HF defaults of the keys a SigLIP config.json may leave out (transformers' SiglipTextConfig).
+_SIGLIP_TEXT_HF_DEFAULTS = {'vocab_size': 32000, 'hidden_size': 768, 'intermediate_size': 3072,
+                            'num_hidden_layers': 12, 'num_attention_heads': 12,
+                            'max_position_embeddings': 64, 'layer_norm_eps': 1e-6,
+                            'hidden_act': 'gelu_pytorch_tanh'}
+
+
+def siglip_text_from_hf_dict(text_config: dict) -> SiglipTextConfig:
+  """The `text_config` dict of an HF SigLIP `config.json` -> SiglipTextConfig (HF's defaults for
+  absent keys; `projection_size` defaults to `hidden_size` as in HF)."""
+  tc = {**_SIGLIP_TEXT_HF_DEFAULTS, **{k: v for k, v in text_config.items() if v is not None}}
+  tc.setdefault('projection_size', tc['hidden_size'])
+  return SiglipTextConfig(**{f: tc[k] for k, f in _SIGLIP_TEXT_FIELDS.items()})

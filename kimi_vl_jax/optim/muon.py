@@ -73,6 +73,9 @@ PATH_RULES = (
     (r'^language_model/embed_tokens/embedding$', 'adamw', 'token embedding'),
     (r'^language_model/lm_head/kernel$', 'adamw', 'LM head'),
     (r'(^|/)pos_emb$', 'adamw', 'position-embedding grid'),
+    # MoonViT pre-training's SigLIP text tower (model/siglip_text.py): its embedding tables.
+    (r'(^|/)token_embedding$', 'adamw', 'token embedding'),
+    (r'(^|/)position_embedding$', 'adamw', 'position-embedding table'),
     (r'(^|/)bias$', 'adamw', 'bias'),
 )
 

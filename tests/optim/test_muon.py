@@ -167,6 +167,19 @@ def test_grouping_of_the_test_tree():
       assert groups[p].matrix_shape == view, p
 
 
+def test_siglip_text_tower_embeddings_use_adamw():
+  from kimi_vl_jax.model import siglip_text
+  model = siglip_text.SiglipTextTower(config_lib.siglip_tiny_text())
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  groups = _flat(muon.muon_param_groups(boxed['params']))
+  assert groups['token_embedding'].kind == 'adamw'
+  assert groups['position_embedding'].kind == 'adamw'
+  assert groups['layers/wqkv/kernel'].kind == 'muon'
+  assert groups['layers/wqkv/kernel'].matrix_shape == (2, 32, 96)   # L matrices [D, 3 N H]
+  assert groups['layers/wo/kernel'].matrix_shape == (2, 32, 32)
+  assert groups['head/kernel'].kind == 'muon'
+
+
 def test_newton_schulz_matches_numpy_and_optax():
   x = np.random.default_rng(0).standard_normal((3, 20, 12)).astype(np.float32)
   got = np.asarray(muon.newton_schulz(jnp.asarray(x)))
