@@ -1,0 +1,80 @@
+"""The SigLIP sigmoid contrastive loss of MoonViT pre-training (Kimi-VL report, section 2.3).
+
+Kimi-VL trains MoonViT with `L = L_siglip + 2 * L_caption` (CoCa-style; `train/coca_loss.py`
+combines them). `L_siglip` is SigLIP's pairwise sigmoid loss: for a batch of B image embeddings
+`zimg [B, D]` and the embeddings of their B captions `ztxt [B, D]` (both L2-normalised by the
+towers' heads; `l2_normalize`),
+
+    logits_ij = (zimg_i . ztxt_j) * exp(t') + b,     label_ij = +1 if i == j else -1,
+    L_siglip  = -(1 / B) * sum_i sum_j log_sigmoid(label_ij * logits_ij),
+
+with a learned log-temperature `t'` (initialised to log 10) and bias `b` (initialised to -10, so
+the B - 1 negatives of a row start near zero loss). Normalisation: the sum over texts j of each
+image's B terms, averaged over the B images (the SigLIP convention: a per-image sum, not a mean
+over all B^2 pairs). Everything runs in fp32 whatever the embeddings' dtype.
+
+The loss is a sum of independent blocks: rows of images times columns of texts. `block_sum`
+is one block's sum (positive diagonal or negatives only); the single-device loss is one block,
+and the distributed form (`parallel/siglip_ring.py`) sums each device's local block plus the
+negative-only blocks of the texts it receives around a ring, so no device holds the [B, B]
+logits. This file is the per-device math; it knows no mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+INIT_LOG_TEMPERATURE = math.log(10.0)
+INIT_BIAS = -10.0
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+  """x / max(||x||, eps) along the last axis, in fp32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def logits(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array) -> Array:
+  """`zimg [Bi, D] . ztxt [Bt, D]^T * exp(t') + b` -> fp32 [Bi, Bt]."""
+  zimg = zimg.astype(jnp.float32)
+  ztxt = ztxt.astype(jnp.float32)
+  t = jnp.exp(jnp.asarray(log_temperature, jnp.float32))
+  return jnp.einsum('id,jd->ij', zimg, ztxt) * t + jnp.asarray(bias, jnp.float32)
+
+
+def block_sum(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array, *,
+              positive_diagonal: bool) -> Array:
+  """`-sum_ij log_sigmoid(label_ij * logits_ij)` over one block of pairs (fp32 scalar).
+
+  `positive_diagonal=True`: the block pairs each image with its own caption on the diagonal
+  (needs Bi == Bt), label +1 there and -1 elsewhere. False: every pair is a negative (label -1),
+  the case of texts from another device.
+  """
+  z = logits(zimg, ztxt, log_temperature, bias)
+  if positive_diagonal:
+    if z.shape[0] != z.shape[1]:
+      raise ValueError(f'a block with positives needs as many images as texts; got {z.shape}')
+    labels = 2.0 * jnp.eye(z.shape[0], dtype=jnp.float32) - 1.0
+  else:
+    labels = -1.0
+  return -jnp.sum(jax.nn.log_sigmoid(labels * z))
+
+
+def siglip_loss(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array) -> Array:
+  """The SigLIP loss of one batch on one device (module docstring): zimg, ztxt [B, D] where
+  row i of each is the same pair -> fp32 scalar, the mean over images of the per-image sum."""
+  if zimg.ndim != 2 or zimg.shape != ztxt.shape:
+    raise ValueError(f'zimg and ztxt must both be [B, D]; got {zimg.shape} and {ztxt.shape}')
+  return block_sum(zimg, ztxt, log_temperature, bias, positive_diagonal=True) / zimg.shape[0]
+
+
+def init_params() -> dict[str, Array]:
+  """The loss's two learned scalars at SigLIP's initialisation: `{'log_temperature': log 10,
+  'bias': -10}` (fp32)."""
+  return {'log_temperature': jnp.asarray(INIT_LOG_TEMPERATURE, jnp.float32),
+          'bias': jnp.asarray(INIT_BIAS, jnp.float32)}
