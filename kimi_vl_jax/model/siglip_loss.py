@@ -13,6 +13,10 @@ the B - 1 negatives of a row start near zero loss). Normalisation: the sum over 
 image's B terms, averaged over the B images (the SigLIP convention: a per-image sum, not a mean
 over all B^2 pairs). Everything runs in fp32 whatever the embeddings' dtype.
 
+Packed MoonViT batches have image slots that hold no image (`image_grid_hws` (0, 0)): an optional
+`valid [B]` mask drops every pair whose image or text is padding, and B becomes the number of
+valid pairs.
+
 The loss is a sum of independent blocks: rows of images times columns of texts. `block_sum`
 is one block's sum (positive diagonal or negatives only); the single-device loss is one block,
 and the distributed form (`parallel/siglip_ring.py`) sums each device's local block plus the
@@ -48,12 +52,14 @@ def logits(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array) -> Arr
 
 
 def block_sum(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array, *,
-              positive_diagonal: bool) -> Array:
+              positive_diagonal: bool, img_valid: Array | None = None,
+              txt_valid: Array | None = None) -> Array:
   """`-sum_ij log_sigmoid(label_ij * logits_ij)` over one block of pairs (fp32 scalar).
 
   `positive_diagonal=True`: the block pairs each image with its own caption on the diagonal
   (needs Bi == Bt), label +1 there and -1 elsewhere. False: every pair is a negative (label -1),
-  the case of texts from another device.
+  the case of texts from another device. `img_valid [Bi]`, `txt_valid [Bt]` (None = all): only
+  pairs of a valid image and a valid text count.
   """
   z = logits(zimg, ztxt, log_temperature, bias)
   if positive_diagonal:
@@ -62,15 +68,28 @@ def block_sum(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array, *,
     labels = 2.0 * jnp.eye(z.shape[0], dtype=jnp.float32) - 1.0
   else:
     labels = -1.0
-  return -jnp.sum(jax.nn.log_sigmoid(labels * z))
+  terms = -jax.nn.log_sigmoid(labels * z)
+  if img_valid is None and txt_valid is None:
+    return jnp.sum(terms)
+  iv = jnp.ones(z.shape[0], bool) if img_valid is None else jnp.asarray(img_valid) > 0
+  tv = jnp.ones(z.shape[1], bool) if txt_valid is None else jnp.asarray(txt_valid) > 0
+  return jnp.sum(jnp.where(iv[:, None] & tv[None, :], terms, 0.0))
 
 
-def siglip_loss(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array) -> Array:
+def siglip_loss(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array,
+                valid: Array | None = None) -> Array:
   """The SigLIP loss of one batch on one device (module docstring): zimg, ztxt [B, D] where
-  row i of each is the same pair -> fp32 scalar, the mean over images of the per-image sum."""
+  row i of each is the same pair, optional `valid [B]` -> fp32 scalar, the mean over (valid)
+  images of the per-image sum over (valid) texts; 0 when no pair is valid."""
   if zimg.ndim != 2 or zimg.shape != ztxt.shape:
     raise ValueError(f'zimg and ztxt must both be [B, D]; got {zimg.shape} and {ztxt.shape}')
-  return block_sum(zimg, ztxt, log_temperature, bias, positive_diagonal=True) / zimg.shape[0]
+  if valid is None:
+    return block_sum(zimg, ztxt, log_temperature, bias, positive_diagonal=True) / zimg.shape[0]
+  if valid.shape != zimg.shape[:1]:
+    raise ValueError(f'valid must be [B={zimg.shape[0]}]; got {valid.shape}')
+  total = block_sum(zimg, ztxt, log_temperature, bias, positive_diagonal=True, img_valid=valid,
+                    txt_valid=valid)
+  return total / jnp.maximum(jnp.sum((jnp.asarray(valid) > 0).astype(jnp.float32)), 1.0)
 
 
 def init_params() -> dict[str, Array]:

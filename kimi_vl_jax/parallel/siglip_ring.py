@@ -14,7 +14,9 @@ at once: at each step every device sends the block it last received on to the ne
 each way and adds the negative-only terms of the two blocks it receives, so the n - 1 foreign
 blocks are seen in ceil((n - 1) / 2) steps (for even n, the last step goes one way only). Each
 device then holds at most three [B/n, D] text blocks and one [B/n, B/n] logits block; the loss is
-the `psum` of the per-device sums divided by B.
+the `psum` of the per-device sums divided by B. With a `valid` mask (packed batches' empty image
+slots) the mask travels with the texts, pairs with a padding image or text count nothing and B is
+the number of valid pairs.
 
 The backward is a second ring (a `jax.custom_vjp`), not autodiff through the first: autodiff would
 keep every received block as a residual, i.e. every device would end up storing all B text
@@ -55,44 +57,48 @@ def _shift(n: int, k: int) -> list[tuple[int, int]]:
 
 def _ring_sum(axes: tuple[str, ...], n: int):
   """The per-device `sum over my images i, all texts j` of the SigLIP terms, as a custom_vjp
-  function of (zimg, ztxt, log_temperature, bias), all device-local (varying)."""
+  function of (zimg, ztxt, log_temperature, bias, valid), all device-local (varying); `valid`
+  (fp32 0 / 1 per pair) travels with the texts and gets a zero cotangent."""
   bidir, extra = divmod(n - 1, 2)
   right, left = _shift(n, 1), _shift(n, -1)
 
-  def foreign(zimg, zt, t, b):
-    return siglip_loss.block_sum(zimg, zt, t, b, positive_diagonal=False)
+  def block(zimg, valid, zt, tv, t, b, positive=False):
+    return siglip_loss.block_sum(zimg, zt, t, b, positive_diagonal=positive, img_valid=valid,
+                                 txt_valid=tv)
 
-  def forward(zimg, ztxt, t, b):
-    total = siglip_loss.block_sum(zimg, ztxt, t, b, positive_diagonal=True)
+  def forward(zimg, ztxt, t, b, valid):
+    total = block(zimg, valid, ztxt, valid, t, b, positive=True)
 
     def step(_, carry):
       to_right, to_left, total = carry
       from_left = jax.lax.ppermute(to_right, axes, right)
       from_right = jax.lax.ppermute(to_left, axes, left)
-      total = total + foreign(zimg, from_left, t, b) + foreign(zimg, from_right, t, b)
+      total = (total + block(zimg, valid, *from_left, t, b)
+               + block(zimg, valid, *from_right, t, b))
       return from_left, from_right, total
 
-    to_right, _, total = jax.lax.fori_loop(0, bidir, step, (ztxt, ztxt, total))
+    packet = (ztxt, valid)
+    to_right, _, total = jax.lax.fori_loop(0, bidir, step, (packet, packet, total))
     if extra:
-      total = total + foreign(zimg, jax.lax.ppermute(to_right, axes, right), t, b)
+      total = total + block(zimg, valid, *jax.lax.ppermute(to_right, axes, right), t, b)
     return total
 
   @jax.custom_vjp
-  def ring_sum(zimg, ztxt, t, b):
-    return forward(zimg, ztxt, t, b)
+  def ring_sum(zimg, ztxt, t, b, valid):
+    return forward(zimg, ztxt, t, b, valid)
 
-  def fwd(zimg, ztxt, t, b):
-    return forward(zimg, ztxt, t, b), (zimg, ztxt, t, b)
+  def fwd(zimg, ztxt, t, b, valid):
+    return forward(zimg, ztxt, t, b, valid), (zimg, ztxt, t, b, valid)
 
   def bwd(res, g):
-    zimg, ztxt, t, b = res
+    zimg, ztxt, t, b, valid = res
 
-    def vjp(zt, positive):
-      _, pull = jax.vjp(functools.partial(siglip_loss.block_sum, positive_diagonal=positive),
-                        zimg, zt, t, b)
+    def vjp(zt, tv, positive):
+      _, pull = jax.vjp(
+          lambda zi, zt, t, b: block(zi, valid, zt, tv, t, b, positive), zimg, zt, t, b)
       return pull(g)
 
-    d_img, d_txt, d_t, d_b = vjp(ztxt, True)
+    d_img, d_txt, d_t, d_b = vjp(ztxt, valid, True)
     d_img = d_img.astype(jnp.float32)
     zeros = jnp.zeros_like(d_txt, jnp.float32)  # device-varying, as the carry it starts
 
@@ -101,19 +107,21 @@ def _ring_sum(axes: tuple[str, ...], n: int):
       return (d_img + terms[0].astype(jnp.float32), d_t + terms[2], d_b + terms[3])
 
     def step(_, carry):
-      (tr, gr), (tl, gl), acc = carry
-      tr, gr = jax.lax.ppermute((tr, gr), axes, right)
-      tl, gl = jax.lax.ppermute((tl, gl), axes, left)
-      a, c = vjp(tr, False), vjp(tl, False)
+      (tr, vr, gr), (tl, vl, gl), acc = carry
+      tr, vr, gr = jax.lax.ppermute((tr, vr, gr), axes, right)
+      tl, vl, gl = jax.lax.ppermute((tl, vl, gl), axes, left)
+      a, c = vjp(tr, vr, False), vjp(tl, vl, False)
       acc = add(add(acc, a), c)
-      return (tr, gr + a[1].astype(jnp.float32)), (tl, gl + c[1].astype(jnp.float32)), acc
+      return ((tr, vr, gr + a[1].astype(jnp.float32)), (tl, vl, gl + c[1].astype(jnp.float32)),
+              acc)
 
-    (tr, gr), (_, gl), acc = jax.lax.fori_loop(
-        0, bidir, step, ((ztxt, zeros), (ztxt, zeros), (d_img, d_t, d_b)))
+    packet = (ztxt, valid, zeros)
+    (tr, vr, gr), (_, _, gl), acc = jax.lax.fori_loop(
+        0, bidir, step, (packet, packet, (d_img, d_t, d_b)))
     hops_right = bidir
     if extra:
-      tr, gr = jax.lax.ppermute((tr, gr), axes, right)
-      a = vjp(tr, False)
+      tr, vr, gr = jax.lax.ppermute((tr, vr, gr), axes, right)
+      a = vjp(tr, vr, False)
       acc = add(acc, a)
       gr = gr + a[1].astype(jnp.float32)
       hops_right += 1
@@ -126,7 +134,7 @@ def _ring_sum(axes: tuple[str, ...], n: int):
     if bidir:
       d_txt = d_txt + jax.lax.ppermute(gl, axes, _shift(n, bidir))
     return (d_img.astype(zimg.dtype), d_txt.astype(ztxt.dtype), d_t.astype(t.dtype),
-            d_b.astype(b.dtype))
+            d_b.astype(b.dtype), jnp.zeros_like(valid))
 
   ring_sum.defvjp(fwd, bwd)
   return ring_sum
@@ -138,8 +146,9 @@ def batch_axes(mesh: Mesh, rules, batch: int) -> tuple[str, ...]:
   return row_axes(mesh, rules_lib.get_rules(rules), batch)
 
 
-def siglip_loss_ring(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array, *,
-                     mesh: Mesh, axes: Sequence[str] | None = None, rules='dp') -> Array:
+def siglip_loss_ring(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array,
+                     valid: Array | None = None, *, mesh: Mesh,
+                     axes: Sequence[str] | None = None, rules='dp') -> Array:
   """`siglip_loss.siglip_loss` of the global batch, computed as a ring over `axes` (module
   docstring); same value and gradients.
 
@@ -147,6 +156,8 @@ def siglip_loss_ring(zimg: Array, ztxt: Array, log_temperature: Array, bias: Arr
     zimg, ztxt: [B, D] global arrays, row i of each the same pair, split (or to be split) over
       `axes` on their first dimension.
     log_temperature, bias: fp32 scalars (replicated).
+    valid: optional [B] mask of real pairs (packed batches' empty image slots are 0), split like
+      the embeddings; it travels with the texts.
     mesh: the device mesh.
     axes: mesh axes of the ring, outermost first; None = `batch_axes(mesh, rules, B)`.
   Returns:
@@ -155,6 +166,8 @@ def siglip_loss_ring(zimg: Array, ztxt: Array, log_temperature: Array, bias: Arr
   if zimg.ndim != 2 or zimg.shape != ztxt.shape:
     raise ValueError(f'zimg and ztxt must both be [B, D]; got {zimg.shape} and {ztxt.shape}')
   batch = zimg.shape[0]
+  if valid is not None and valid.shape != (batch,):
+    raise ValueError(f'valid must be [B={batch}]; got {valid.shape}')
   axes = tuple(batch_axes(mesh, rules, batch) if axes is None else axes)
   unknown = [a for a in axes if a not in mesh.axis_names]
   if unknown:
@@ -164,15 +177,18 @@ def siglip_loss_ring(zimg: Array, ztxt: Array, log_temperature: Array, bias: Arr
     raise ValueError(f'the batch of {batch} pairs does not split over the {n} devices of the '
                      f'ring axes {axes}')
   if n == 1:
-    return siglip_loss.siglip_loss(zimg, ztxt, log_temperature, bias)
+    return siglip_loss.siglip_loss(zimg, ztxt, log_temperature, bias, valid)
   ring_sum = _ring_sum(axes, n)
   rows = P(axes)
+  valid = (jnp.ones((batch,), jnp.float32) if valid is None
+           else (jnp.asarray(valid) > 0).astype(jnp.float32))
 
-  def body(zimg, ztxt, t, b):
+  def body(zimg, ztxt, t, b, valid):
     t = jax.lax.pcast(t, axes, to='varying')
     b = jax.lax.pcast(b, axes, to='varying')
-    return jax.lax.psum(ring_sum(zimg, ztxt, t, b), axes) / batch
+    count = jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
+    return jax.lax.psum(ring_sum(zimg, ztxt, t, b, valid), axes) / count
 
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, P(), P()), out_specs=P())
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, P(), P(), rows), out_specs=P())
   return fn(zimg, ztxt, jnp.asarray(log_temperature, jnp.float32),
-            jnp.asarray(bias, jnp.float32))
+            jnp.asarray(bias, jnp.float32), valid)

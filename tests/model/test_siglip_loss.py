@@ -68,3 +68,14 @@ def test_negative_only_block_and_shape_errors():
     siglip_loss.block_sum(zimg[:2], ztxt[:3], 0.5, -1.0, positive_diagonal=True)
   with pytest.raises(ValueError, match=r'\[B, D\]'):
     siglip_loss.siglip_loss(zimg, ztxt[:3], 0.5, -1.0)
+
+
+def test_valid_mask_drops_padding_pairs():
+  zimg, ztxt = _pairs(b=8)
+  valid = np.array([1, 1, 0, 1, 0, 1, 1, 0], bool)
+  got = siglip_loss.siglip_loss(zimg, ztxt, 0.7, -2.0, jnp.asarray(valid))
+  np.testing.assert_allclose(float(got), _by_hand(zimg[valid], ztxt[valid], 0.7, -2.0), rtol=1e-5)
+  none = siglip_loss.siglip_loss(zimg, ztxt, 0.7, -2.0, jnp.zeros(8))
+  assert float(none) == 0.0
+  with pytest.raises(ValueError, match='valid'):
+    siglip_loss.siglip_loss(zimg, ztxt, 0.7, -2.0, jnp.ones(3))

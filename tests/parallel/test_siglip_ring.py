@@ -68,6 +68,29 @@ def test_loss_and_gradients_equal_the_single_device_loss(ring, reference):
     assert err < 1e-5, (ring, name, err)
 
 
+@pytest.mark.parametrize('ring', ['data4_expert2', 'data3'])
+def test_padding_pairs_are_masked_like_the_single_device_loss(ring):
+  """A `valid` mask (empty image slots of packed rows): ring == single-device masked loss ==
+  the plain loss of the valid pairs alone, and padding rows get zero gradient."""
+  make_mesh, axes = RINGS[ring]
+  mesh = make_mesh()
+  zimg, ztxt, t, b = _pairs()
+  valid = np.random.default_rng(1).random(B) < 0.7
+  ref = jax.value_and_grad(siglip_loss.siglip_loss, argnums=(0, 1, 2, 3))(zimg, ztxt, t, b,
+                                                                          jnp.asarray(valid))
+  subset = siglip_loss.siglip_loss(zimg[valid], ztxt[valid], t, b)
+  np.testing.assert_allclose(float(ref[0]), float(subset), rtol=1e-5)
+  rows = NamedSharding(mesh, P(axes))
+  fn = jax.jit(jax.value_and_grad(
+      lambda zi, zt, t, b, v: siglip_ring.siglip_loss_ring(zi, zt, t, b, v, mesh=mesh, axes=axes),
+      argnums=(0, 1, 2, 3)), in_shardings=(rows, rows, None, None, rows))
+  loss, grads = fn(zimg, ztxt, t, b, jnp.asarray(valid, jnp.float32))
+  np.testing.assert_allclose(float(loss), float(ref[0]), rtol=1e-5)
+  for g, r in zip(grads, ref[1]):
+    assert float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r))) < 1e-5
+  assert not np.asarray(grads[0])[~valid].any() and not np.asarray(grads[1])[~valid].any()
+
+
 def test_dropping_the_other_devices_negatives_is_detected(reference):
   """Control: the local blocks alone (what a ring that lost its foreign blocks computes) give a
   loss and gradients far from the reference, so the equality above needs every foreign block."""

@@ -51,6 +51,10 @@ def test_total_is_siglip_plus_twice_caption_and_weights_are_configurable():
   other, _ = coca_loss.vit_pretrain_loss(zimg, ztxt, t, b, logits, targets, mask,
                                          siglip_weight=0.5, caption_weight=1.0)
   np.testing.assert_allclose(float(other), 0.5 * s + c, rtol=1e-6)
+  valid = jnp.asarray([1, 1, 1, 0, 1, 1, 0, 1], jnp.float32)
+  masked, m = coca_loss.vit_pretrain_loss(zimg, ztxt, t, b, logits, targets, mask, valid=valid)
+  np.testing.assert_allclose(float(m['siglip_loss']),
+                             float(siglip_loss.siglip_loss(zimg, ztxt, t, b, valid)), rtol=1e-6)
   with pytest.raises(ValueError, match='weights'):
     coca_loss.vit_pretrain_loss(zimg, ztxt, t, b, logits, targets, mask, caption_weight=-1)
 
