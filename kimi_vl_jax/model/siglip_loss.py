@@ -38,9 +38,11 @@ INIT_BIAS = -10.0
 
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
-  """x / max(||x||, eps) along the last axis, in fp32."""
+  """x / max(||x||, eps) along the last axis, in fp32. The clamp is on the squared norm, so an
+  all-zero row (an empty image slot) has a finite (zero) gradient, not the NaN of d||x|| at 0."""
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def logits(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array) -> Array:

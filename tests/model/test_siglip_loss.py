@@ -79,3 +79,11 @@ def test_valid_mask_drops_padding_pairs():
   assert float(none) == 0.0
   with pytest.raises(ValueError, match='valid'):
     siglip_loss.siglip_loss(zimg, ztxt, 0.7, -2.0, jnp.ones(3))
+
+
+def test_l2_normalize_of_a_zero_row_has_a_finite_gradient():
+  x = jnp.asarray([[3.0, 4.0], [0.0, 0.0]])
+  np.testing.assert_allclose(np.asarray(siglip_loss.l2_normalize(x)), [[0.6, 0.8], [0, 0]],
+                             rtol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(siglip_loss.l2_normalize(x) * jnp.asarray([1.0, 2.0])))(x)
+  assert np.isfinite(np.asarray(g)).all()
