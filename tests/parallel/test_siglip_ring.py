@@ -15,7 +15,7 @@ from kimi_vl_jax.model import siglip_loss
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import siglip_ring
 
-B, D = 120, 16            # 120 splits over rings of 2, 3, 5 and 8; no other size below is 120
+B, D = 120, 16            # 120 splits over rings of 2, 3, 4, 5 and 8; no other size is 120
 T, BIAS = math.log(10.0) - 0.7, -4.0   # a bias whose negatives still carry weight
 
 
@@ -26,12 +26,14 @@ def _mesh(devices, **sizes):
 
 
 # (mesh, ring axes): 8 devices over data x expert (bidirectional hops and one last one-way hop),
-# 2 (one one-way hop), 3 and 5 (odd: bidirectional hops only).
+# 2 (one one-way hop), 3 and 5 (odd: bidirectional hops only), 4 with replicas.
 RINGS = {
     'data4_expert2': (lambda: _mesh(8, data=4, expert=2), ('data', 'expert')),
     'data2': (lambda: _mesh(2, data=2), ('data',)),
     'data3': (lambda: _mesh(3, data=3), ('data',)),
     'data5': (lambda: _mesh(5, data=5), ('data',)),
+    # A ring of 4 over 'data' while 'expert' (2) holds replicas that compute the same.
+    'data4_of_data4_expert2': (lambda: _mesh(8, data=4, expert=2), ('data',)),
 }
 
 
