@@ -6,7 +6,8 @@ Records are JSONL lines `{"image": "<path relative to the file>", "caption": "..
 (`data/resolution_schedule.py`, progressive resolution), and image-caption pairs are packed into
 fixed-shape rows, next-fit in record order: a pair joins the current row while its patches, its
 image slot and its caption tokens all fit, else the next row starts. A pair that fits no empty
-row is skipped and counted; a pair that does not fit the batch's last row waits for the next
+row (more patches than a row holds) is skipped and counted, a caption longer than a row is cut
+to the row's length (`truncated_captions`); a pair that does not fit the batch's last row waits for the next
 batch (nothing is dropped at a batch boundary).
 
 A batch (numpy, B rows; host-side `_stats` aside):
@@ -165,15 +166,15 @@ class CaptionPairIterator:
   def _make_pair(self, record: dict, image_cfg: images_lib.ImageConfig) -> _Pair:
     img = images_lib.load_image(os.path.join(self.root, record['image']))
     patches, coords, grid = images_lib.preprocess(img, image_cfg)
-    caption = np.asarray([self.bos] + self.tok.encode(record['caption']) + [self.eos], np.int32)
+    caption = [self.bos] + self.tok.encode(record['caption']) + [self.eos]
+    # A caption longer than a whole row is cut (its end, [EOS] included, is not trained on).
+    caption = np.asarray(caption[:self.cfg.caption_len], np.int32)
     text = np.asarray(self.text_tok.encode(record['caption'])[:self.cfg.text_len], np.int32)
     return _Pair(patches, coords, tuple(grid), caption, text)
 
   def _fits_empty_row(self, pair: _Pair) -> str | None:
     if len(pair.patches) > self.cfg.max_patches:
       return 'too_many_patches'
-    if len(pair.caption) > self.cfg.caption_len:
-      return 'too_long'
     return None
 
   # -- batches ------------------------------------------------------------------------------
@@ -222,6 +223,8 @@ class CaptionPairIterator:
       batch['caption_targets'][row, used_t:used_t + k - 1] = pair.caption[1:]
       batch['caption_loss_mask'][row, used_t:used_t + k - 1] = 1.0
       used_p, used_i, used_t = used_p + n, used_i + 1, used_t + k
+      if k == cfg.caption_len and pair.caption[-1] != self.eos:
+        stats['truncated_captions'] += 1
       stats['images'] += 1
       stats['image_patches'] += n
       self.index += 1

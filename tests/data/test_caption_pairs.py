@@ -114,3 +114,31 @@ def test_missing_image_is_counted(tmp_path, tok):
   assert batch['_stats']['skipped_missing_image'] >= 1
   with pytest.raises(ValueError, match='caption'):
     cp.read_records(write_jsonl(str(tmp_path / 'bad.jsonl'), [{'image': 'a.png'}]))
+
+
+def test_long_captions_are_cut_to_the_row(tmp_path, tok):
+  write_png(str(tmp_path / 'a.png'), (28, 28))
+  long = ' '.join(['circle'] * 40)
+  path = write_jsonl(str(tmp_path / 'c.jsonl'), [{'image': 'a.png', 'caption': long}])
+  cfg = cp.CaptionBatchConfig(batch_size=1, max_patches=8, max_images=2, caption_len=10,
+                              text_len=4)
+  batch = next(cp.CaptionPairIterator(path, tok, cfg, 16))
+  assert batch['_stats']['truncated_captions'] == 1 and batch['_stats']['images'] == 1
+  np.testing.assert_array_equal(batch['caption_image_ids'][0], np.ones(10))
+  assert batch['caption_tokens'][0, 0] == tok.special['[BOS]']
+  assert tok.special['[EOS]'] not in batch['caption_tokens'][0]
+  assert batch['caption_loss_mask'][0].sum() == 9
+
+
+def test_the_demo_captions(tok):
+  """The bundled easy-vqa captions ("A blue circle.", 64x64 images) pack as the tiny configs
+  would: 16-patch images at a budget of 9 patches, 36 at 36."""
+  from kimi_vl_jax.data import build_demo
+  path = build_demo.resolve_path('demo:easy_vqa/captions_train.jsonl')
+  cfg = cp.CaptionBatchConfig(batch_size=2, max_patches=64, max_images=4, caption_len=32,
+                              text_len=8)
+  it = cp.CaptionPairIterator(path, tok, cfg, [(0, SMALL), (1, LARGE)])
+  small, large = next(it), next(it)
+  assert small['_stats']['images'] == 8 and large['_stats']['images'] == 2
+  text = tok.decode(small['text_tokens'][0, 0][small['text_tokens'][0, 0] != tok.special['[PAD]']])
+  assert text.startswith('A ') and text.endswith('.')
