@@ -206,7 +206,8 @@ class CaptionPairIterator:
         continue
       skipped_in_a_row = 0
       n, k = len(pair.patches), len(pair.caption)
-      if used_p + n > cfg.max_patches or used_i + 1 > cfg.max_images or used_t + k > cfg.caption_len:
+      if (used_p + n > cfg.max_patches or used_i + 1 > cfg.max_images
+          or used_t + k > cfg.caption_len):
         row, used_p, used_i, used_t = row + 1, 0, 0, 0
         continue                      # the pair waits for the next row (or the next batch)
       image_id = used_i + 1

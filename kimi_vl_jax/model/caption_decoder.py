@@ -25,8 +25,8 @@ image has one caption. Padding tokens attend to nothing (output 0 before the res
 Presets (`CAPTION_PRESETS`): `tiny` for tests; `so400m`, the size used with the SO400M-shaped
 MoonViT (vision width 1152): 6 layers of width 768, 12 heads, MLP 3072, vocabulary 32000 (the
 SigLIP text tokenizer's size; set `vocab_size` to the caption tokenizer's), max 64 caption
-tokens: about 68M parameters with the tied embedding, small against MoonViT's ~413M. Our choice of
-"tiny"; the report does not give one.
+tokens: 82.2M parameters (24.6M of them the tied embedding), small against MoonViT's ~413M. Our
+choice of "tiny"; the report does not give one.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ rows of its images:
 The text embeddings travel around the ring of the n devices with `ppermute`, in both directions
 at once: at each step every device sends the block it last received on to the next neighbour
 each way and adds the negative-only terms of the two blocks it receives, so the n - 1 foreign
-blocks are seen in ceil((n - 1) / 2) steps (for even n, the last step goes one way only). Each
-device then holds at most three [B/n, D] text blocks and one [B/n, B/n] logits block; the loss is
-the `psum` of the per-device sums divided by B. With a `valid` mask (packed batches' empty image
+blocks are seen in ceil((n - 1) / 2) steps (for even n, the last step goes one way only). A
+device holds its own text block and the two in flight (in the backward each with its gradient
+accumulator) and logits blocks of [B/n, B/n], never anything of size B; the loss is the `psum`
+of the per-device sums divided by B. With a `valid` mask (packed batches' empty image
 slots) the mask travels with the texts, pairs with a padding image or text count nothing and B is
 the number of valid pairs.
 
@@ -29,13 +30,12 @@ shard_map.
 The ring is the devices of `axes` (the mesh axes the batch is split over, e.g. ('data',
 'expert') in the expert-parallel rule presets) in their linear order; any other mesh axis holds
 replicas that compute the same thing. `tests/parallel/test_siglip_ring.py` checks loss and
-gradients against the single-device loss for rings of 2, 3 and 8 devices and that no compiled
-buffer has the global [B, B] or [B, D] shape.
+gradients against the single-device loss for rings of 2, 3, 4, 5 and 8 devices and that no
+compiled buffer has the global batch as a dimension.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 

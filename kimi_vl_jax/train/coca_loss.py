@@ -37,13 +37,15 @@ def caption_loss(logits: Array, targets: Array, loss_mask: Array) -> dict[str, A
 
 def vit_pretrain_loss(zimg: Array, ztxt: Array, log_temperature: Array, bias: Array,
                       caption_logits: Array, caption_targets: Array, caption_mask: Array, *,
-                      valid: Array | None = None, siglip_weight: float = SIGLIP_WEIGHT, caption_weight: float = CAPTION_WEIGHT,
+                      valid: Array | None = None, siglip_weight: float = SIGLIP_WEIGHT,
+                      caption_weight: float = CAPTION_WEIGHT,
                       siglip_fn: Callable[..., Array] = siglip_loss.siglip_loss
                       ) -> tuple[Array, dict[str, Array]]:
   """`(L, metrics)` with L = siglip_weight * L_siglip + caption_weight * L_caption (module
   docstring). zimg, ztxt [B, D] (L2-normalised, row i the same pair); the caption arrays as in
-  `caption_loss`. `siglip_fn(zimg, ztxt, log_temperature, bias)` computes L_siglip (e.g. the
-  ring form bound to a mesh), with `valid [B]` (pairs of real images) when given. Metrics: both terms, the total, the temperature exp(t') and bias."""
+  `caption_loss`. `siglip_fn(zimg, ztxt, log_temperature, bias[, valid])` computes L_siglip (e.g.
+  the ring form bound to a mesh), with `valid [B]` (pairs of real images) when given. Metrics:
+  both terms, the total, the temperature exp(t') and the bias."""
   if siglip_weight < 0 or caption_weight < 0:
     raise ValueError(f'loss weights must be >= 0; got siglip {siglip_weight}, caption '
                      f'{caption_weight}')
