@@ -189,16 +189,20 @@ class CaptionPairIterator:
     stats: dict[str, int] = collections.Counter()
     row, used_p, used_i, used_t = 0, 0, 0, 0
     skipped_in_a_row = 0
+    pending = None                    # the pair that did not fit the previous row, not re-read
     while row < cfg.batch_size:
       if skipped_in_a_row > len(self.records):
         raise ValueError(f'every caption record was skipped ({dict(stats)}) at max '
                          f'{budget} patches per image; check the data and the batch shapes')
       record = self._peek()
-      try:
-        pair = self._make_pair(record, image_cfg)
-        reason = self._fits_empty_row(pair)
-      except images_lib.BadImage as e:
-        reason = e.reason
+      if pending is not None:
+        pair, reason, pending = pending, None, None
+      else:
+        try:
+          pair = self._make_pair(record, image_cfg)
+          reason = self._fits_empty_row(pair)
+        except images_lib.BadImage as e:
+          reason = e.reason
       if reason:
         stats[f'skipped_{reason}'] += 1
         skipped_in_a_row += 1
@@ -209,7 +213,8 @@ class CaptionPairIterator:
       if (used_p + n > cfg.max_patches or used_i + 1 > cfg.max_images
           or used_t + k > cfg.caption_len):
         row, used_p, used_i, used_t = row + 1, 0, 0, 0
-        continue                      # the pair waits for the next row (or the next batch)
+        pending = pair                # it waits for the next row (or the next batch)
+        continue
       image_id = used_i + 1
       batch['patches'][row, used_p:used_p + n] = pair.patches
       batch['patch_coords'][row, used_p:used_p + n] = pair.coords
