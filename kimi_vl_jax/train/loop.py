@@ -210,8 +210,8 @@ class Trainer:
 
   def _upload_logs(self, log, saved: bool) -> None:
     """Remote workdir: after a checkpoint save the logs up to its step are uploaded (the
-    step's own record is fetched first; its state is on the host already), otherwise every
-    `train.log_upload_s` seconds (both in the background)."""
+    step's own record is fetched and written first, not one step late), otherwise every
+    `train.log_upload_s` seconds; both in the background."""
     if self.remote_logs is None:
       return
     if saved:
