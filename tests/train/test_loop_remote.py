@@ -73,7 +73,7 @@ def _remote_steps(workdir):
   return sorted({json.loads(line)['step'] for line in text.splitlines() if line.strip()})
 
 
-@pytest.mark.slow  # about 50 s on an idle 2-core CPU (83 s busy): two runs, each builds the state (jit)
+@pytest.mark.slow  # about 50 s on an idle 2-core CPU: two runs, each builds the state (jit)
 def test_logs_reach_the_bucket_at_every_save_and_on_an_interval(s3_env, monkeypatch):
   _, bucket = s3_env
   monkeypatch.setattr(loop_lib, 'jit_train_step', _fake_jit_step)
