@@ -3,9 +3,9 @@ rest of each chat, one offline scorer per record (evaluation/scorers.py).
 
 A record is a JSONL line in the messages format (data/chat.py) plus its scorer's fields; images
 are paths relative to the file's directory. The file may be local, `s3://` or `gs://`
-(storage/jsonl.py: read through the read cache; a bad line stops the run with its number). Accuracy is reported overall, per scorer and per
-`task` when records carry one (e.g. `mmmu_val`), as `accuracy`, `accuracy/<scorer>`,
-`accuracy/task/<task>`.
+(storage/jsonl.py: read through the read cache; a bad line stops the run with its number).
+Accuracy is reported overall, per scorer and per `task` when records carry one (e.g.
+`mmmu_val`), as `accuracy`, `accuracy/<scorer>`, `accuracy/task/<task>`.
 """
 
 from __future__ import annotations
