@@ -93,9 +93,8 @@ def run_benchmark(model, generate, path: str, *, scorer=None, limit=None, out=No
                                      root=benchmark.file_root(path), scorer=scorer,
                                      system_prompt=model.system_prompt)
   if out:
-    with open(out, 'w') as f:
-      for row in rows:
-        f.write(json.dumps(row) + '\n')
+    from kimi_vl_jax.storage import paths as storage_paths
+    storage_paths.write_text(out, ''.join(json.dumps(row) + '\n' for row in rows))
   return metrics
 
 

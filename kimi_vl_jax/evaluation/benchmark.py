@@ -2,45 +2,32 @@
 rest of each chat, one offline scorer per record (evaluation/scorers.py).
 
 A record is a JSONL line in the messages format (data/chat.py) plus its scorer's fields; images
-are paths relative to the file's directory. Accuracy is reported overall, per scorer and per
-`task` when records carry one (e.g. `mmmu_val`), as `accuracy`, `accuracy/<scorer>`,
-`accuracy/task/<task>`.
+are paths relative to the file's directory. The file may be local, `s3://` or `gs://`
+(storage/jsonl.py: read through the read cache; a bad line stops the run with its number).
+Accuracy is reported overall, per scorer and per `task` when records carry one (e.g.
+`mmmu_val`), as `accuracy`, `accuracy/<scorer>`, `accuracy/task/<task>`.
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import os
 from typing import Callable, Sequence
 
 from kimi_vl_jax.data import chat
 from kimi_vl_jax.evaluation import prompts, scorers
+from kimi_vl_jax.storage import jsonl
+from kimi_vl_jax.storage import paths as storage_paths
 
 
 def load_records(path: str, limit: int | None = None) -> list[dict]:
   """The file's records (`_line`: the 1-based line number), checked to end in an assistant turn
   and to name a scorer or leave it to the caller's override."""
-  out = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        turns = chat.parse_conversation(record)
-      except (json.JSONDecodeError, chat.SkipExample) as e:
-        raise ValueError(f'{path} line {line_no}: {e}') from e
-      if turns[-1].role != 'assistant':
-        raise ValueError(f'{path} line {line_no}: the last turn must be the reference answer '
-                         '(role assistant)')
-      record['_line'] = line_no
-      out.append(record)
-      if limit is not None and len(out) >= limit:
-        break
-  if not out:
-    raise ValueError(f'{path}: no records')
-  return out
+  def parse(record: dict, line: int) -> dict:
+    if chat.parse_conversation(record)[-1].role != 'assistant':
+      raise ValueError('the last turn must be the reference answer (role assistant)')
+    record['_line'] = line
+    return record
+  return jsonl.read(path, parse, limit=limit, errors=(chat.SkipExample,), what='benchmark file')
 
 
 def split_reference(record: dict) -> tuple[list[dict], str]:
@@ -78,4 +65,5 @@ def evaluate(records: Sequence[dict], generate: Callable[[list[prompts.PromptArr
 
 
 def file_root(path: str) -> str:
-  return os.path.dirname(os.path.abspath(path))
+  """The directory the file's image paths are relative to (local or remote)."""
+  return storage_paths.dirname(path)

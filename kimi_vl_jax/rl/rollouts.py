@@ -10,14 +10,14 @@ question, optionally followed by an assistant turn with a reference solution, an
   kind        a free label (reported per kind)
 
 Images named by a record are resolved against the file's directory, which they must not leave.
-A malformed record stops the run at start with its line number: a prompt set is configuration.
+The file (and so its images) may be local, `s3://` or `gs://` (storage/jsonl.py, through the read
+cache). A malformed record stops the run at start with its line number: a prompt set is
+configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +28,8 @@ from kimi_vl_jax.data.sources import resolve_under_root
 from kimi_vl_jax.rl import partial_rollouts, rewards
 from kimi_vl_jax.sampling.prompts import (Prompt, bucket, parse_messages, prefill_batch,
                                           render_messages)
+from kimi_vl_jax.storage import jsonl
+from kimi_vl_jax.storage import paths as storage_paths
 
 
 @dataclasses.dataclass
@@ -45,22 +47,11 @@ def load_prompts(path: str, tokenizer, *, verifier: str, limit: int | None = Non
                  system_prompt: str | None = None) -> list[PromptRecord]:
   """The prompt set at `path` (`demo:` paths are built on first use); see the module docstring."""
   path = resolve_path(path)
-  root = os.path.dirname(os.path.abspath(path))
-  out = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        out.append(_record(json.loads(line), tokenizer, root, verifier, image_config,
-                           system_prompt))
-      except (ValueError, KeyError, chat.SkipExample, images_lib.BadImage) as e:
-        raise ValueError(f'{path} line {line_no}: {e}') from e
-      if limit is not None and len(out) >= limit:
-        break
-  if not out:
-    raise ValueError(f'{path}: no prompts')
-  return out
+  root = storage_paths.dirname(path)
+  return jsonl.read(
+      path, lambda rec, _: _record(rec, tokenizer, root, verifier, image_config, system_prompt),
+      limit=limit, errors=(KeyError, TypeError, chat.SkipExample, images_lib.BadImage),
+      what='prompt set')
 
 
 def _record(rec: dict, tokenizer, root: str, default_verifier: str, image_config,

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kimi_vl_jax.data import chat, images as images_lib
+from kimi_vl_jax.data import chat, images as images_lib, sources
 from kimi_vl_jax.model.vision import pack_hf_images
+from kimi_vl_jax.storage import paths as storage_paths
 
 
 @dataclasses.dataclass
@@ -55,16 +56,20 @@ def render_messages(messages: Sequence[dict], tokenizer, *, image_root: str | No
   """Chat messages -> a `Prompt` ending in the generation prompt.
 
   Image parts name files (relative paths resolve against `image_root`, default the working
-  directory), loaded and preprocessed by `data/images.py` with `image_config` (default
+  directory; a remote root, `s3://` / `gs://`, is read through the read cache and its paths
+  must stay under it), loaded and preprocessed by `data/images.py` with `image_config` (default
   `ImageConfig()`, no augmentation). `default_system_prompt` as in `chat.render_chat`.
   """
   turns = parse_messages(messages)
   cfg = image_config or images_lib.ImageConfig()
   pixel_values, grids, ntok = [], [], []
   for ref in chat.image_refs(turns):
-    path = ref if os.path.isabs(ref) or image_root is None else os.path.join(image_root, ref)
-    patches, _, (h, w) = images_lib.preprocess(
-        images_lib.load_image(path, draft_limit=cfg.max_patches), cfg)
+    if image_root is not None and storage_paths.is_remote(image_root):
+      patches, _, (h, w) = sources.load_image_patches(ref, image_root, cfg)
+    else:
+      path = ref if os.path.isabs(ref) or image_root is None else os.path.join(image_root, ref)
+      patches, _, (h, w) = images_lib.preprocess(
+          images_lib.load_image(path, draft_limit=cfg.max_patches), cfg)
     row_major = np.empty_like(patches)
     row_major[images_lib.merge_order_permutation(h, w)] = patches   # merge order -> row-major
     pixel_values.append(row_major.reshape(-1, 3, images_lib.PATCH, images_lib.PATCH))

@@ -16,7 +16,7 @@ step; only the newest to read parameters), so a run resumes on a new machine fro
 Uploads run in a background thread after each save, so the step loop does not wait; `finish()`
 waits for them and raises if a step could not be uploaded (never a silent loss). Single-process
 runs only: with several JAX processes each host's staging directory would hold only its own
-shards (`check_single_process`).
+shards (`check_single_process`); those write `gs://` directly (direct.py).
 """
 
 from __future__ import annotations
@@ -148,4 +148,4 @@ def check_single_process(remote: str, process_count: int) -> None:
     raise ValueError(
         f'checkpoints on {remote!r}: remote checkpoint directories are written through a local '
         f'staging directory, which holds only this host\'s shards with {process_count} '
-        'processes; use a shared file system (e.g. a mounted bucket) for multi-host runs')
+        'processes; multi-process runs write gs:// directly (storage/direct.py)')

@@ -35,6 +35,7 @@ CONFIG_ENV = {
     'cache_dir': 'KIMI_VL_JAX_STORAGE_CACHE_DIR',
     'cache_max_bytes': 'KIMI_VL_JAX_STORAGE_CACHE_MAX_BYTES',
     'block_bytes': 'KIMI_VL_JAX_STORAGE_BLOCK_BYTES',
+    'memory_bytes': 'KIMI_VL_JAX_STORAGE_MEMORY_BYTES',
     'retries': 'KIMI_VL_JAX_STORAGE_RETRIES',
     'backoff_s': 'KIMI_VL_JAX_STORAGE_BACKOFF_S',
     'max_backoff_s': 'KIMI_VL_JAX_STORAGE_MAX_BACKOFF_S',

@@ -11,10 +11,12 @@ checkpoint cut off mid-write (a SIGKILL during a save leaves only a `*.orbax-che
 directory, which is deleted on the next start). Retention: the newest `keep` checkpoints, plus
 every step that is a multiple of `keep_every` (0 = none).
 
-The directory may be `s3://` or `gs://` (`config.checkpoint.dir`): orbax then writes into a
-local staging directory whose finalized steps a background thread uploads, each with a commit
-file written last, and a restart (on any machine) first downloads the newest complete remote
-step (kimi_vl_jax/storage/mirror.py, which also says why orbax does not write there itself).
+The directory may be `s3://` or `gs://` (`config.checkpoint.dir`). A single-process run: orbax
+writes into a local staging directory whose finalized steps a background thread uploads, each
+with a commit file written last, and a restart (on any machine) first downloads the newest
+complete remote step (kimi_vl_jax/storage/mirror.py, which also says why orbax does not write
+s3:// itself). A multi-process run: orbax writes `gs://` directly from every process (each its
+own shards; kimi_vl_jax/storage/direct.py); `s3://` is refused at start.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from kimi_vl_jax.storage import direct as direct_lib
 from kimi_vl_jax.storage import mirror as mirror_lib
 from kimi_vl_jax.storage import paths as storage_paths
 
@@ -60,6 +63,10 @@ def make_manager(directory: str, *, interval: int, keep: int | None, keep_every:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=interval, max_to_keep=keep, keep_period=keep_every or None,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+  if storage_paths.is_remote(directory) and jax.process_count() > 1:
+    url = direct_lib.check(directory, 'checkpoint.dir', jax.process_count())
+    logging.info('checkpoints on %s, written by every process directly', url)
+    return ocp.CheckpointManager(url, options=options, item_names=('state', 'data', 'meta'))
   if storage_paths.is_remote(directory):
     mirror = remote_mirror(directory, 'checkpoint.dir')
     return MirroredManager(mirror, mirror.local, options=options,
@@ -145,12 +152,15 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
   `abstract_params` are the params' ShapeDtypeStructs (with shardings); the optimizer state
   and the rest of the saved TrainState are not read.
   """
-  if storage_paths.is_remote(workdir):
+  if storage_paths.is_remote(workdir) and jax.process_count() > 1:
+    directory = direct_lib.check(storage_paths.join(workdir, 'checkpoints'), 'init_from',
+                                 jax.process_count())
+  elif storage_paths.is_remote(workdir):
     directory = remote_mirror(storage_paths.join(workdir, 'checkpoints'), 'init_from',
                               newest_only=True).local
   else:
     directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  if not storage_paths.isdir(directory):
     raise FileNotFoundError(f'init_from orbax: no checkpoints directory at {directory}')
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                              item_names=('state', 'data', 'meta')) as mgr:

@@ -23,7 +23,6 @@ data marks easy-vqa questions 'yes/no', 'shape' or 'color') are also scored per 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -40,6 +39,7 @@ from kimi_vl_jax.model.kimi_vl import KimiVL
 from kimi_vl_jax.parallel import context as context_lib
 from kimi_vl_jax.parallel.kernels import build_kernels
 from kimi_vl_jax.sampling import Prompt, Sampler, SamplingParams
+from kimi_vl_jax.storage import jsonl
 from kimi_vl_jax.storage import paths as storage_paths
 from kimi_vl_jax.train import losses
 from kimi_vl_jax.train.stage_config import resolve_sources
@@ -52,29 +52,22 @@ def load_answer_examples(path: str, tok, data_cfg, limit: int) -> list[dict]:
   image_cfg = image_cfg.__class__(**{**image_cfg.__dict__, 'augment': False})
   root = storage_paths.dirname(path)  # local or s3:// / gs:// (images read from there too)
   system = data_cfg.get('default_system_prompt', None)
-  out = []
-  for line_no, line in enumerate(storage_paths.read_text(path).splitlines(), start=1):
-    if not line.strip():
-      continue
-    record = json.loads(line)
+
+  def parse(record: dict, line: int) -> dict:
     turns = chat.parse_conversation(record)
     if turns[-1].role != 'assistant':
-      raise ValueError(f'{path}: the last turn of an answer record must be the assistant')
+      raise ValueError('the last turn of an answer record must be the assistant')
     answer = ''.join(v for kind, v in turns[-1].parts if kind == 'text')
     prompt_turns = turns[:-1]
-    try:
-      patches, coords, grids, ntok = sources.load_images(chat.image_refs(prompt_turns), root,
-                                                         image_cfg)
-    except (chat.SkipExample, images_lib.BadImage) as e:
-      raise ValueError(f'{path} line {line_no}: {e}') from e
+    patches, coords, grids, ntok = sources.load_images(chat.image_refs(prompt_turns), root,
+                                                       image_cfg)
     ids, _ = chat.render_chat(prompt_turns, tok, ntok, default_system_prompt=system,
                               add_generation_prompt=True)
-    out.append({'ids': ids, 'answer': answer, 'kind': record.get('kind'),
-                'patches': patches if ntok else None, 'coords': coords if ntok else None,
-                'grids': grids})
-    if len(out) >= limit:
-      break
-  return out
+    return {'ids': ids, 'answer': answer, 'kind': record.get('kind'),
+            'patches': patches if ntok else None, 'coords': coords if ntok else None,
+            'grids': grids}
+  return jsonl.read(path, parse, limit=limit, errors=(chat.SkipExample, images_lib.BadImage),
+                    what='eval answer file')
 
 
 def prompt_batch(examples: list[dict], spec: BatchSpec) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ from kimi_vl_jax.parallel import rules as rules_lib
 from kimi_vl_jax.storage import files as storage_files
 from kimi_vl_jax.storage import paths as storage_paths
 from kimi_vl_jax.train import checkpointing, evaluate, metrics as metrics_lib, preemption
+from kimi_vl_jax.train import remote_logs as remote_logs_lib
 from kimi_vl_jax.train.init import StateFactory, model_config
 from kimi_vl_jax.train.stage_config import resolve_phases
 from kimi_vl_jax.train.train_step import jit_train_step
@@ -63,14 +64,20 @@ class Trainer:
     storage_paths.configure(cfg.get('storage'))  # endpoints, cache, retries (also for workers)
     self.cfg = cfg
     # A remote workdir (s3:// / gs://): checkpoints go there (through the mirror), the logs to a
-    # local staging copy that starts from the remote one and is uploaded when the run ends.
+    # local staging copy that starts from the remote one and is uploaded after every checkpoint
+    # save, every `train.log_upload_s` seconds and when the run ends (train/remote_logs.py).
     self.remote_workdir = storage_paths.normalize(workdir) if storage_paths.is_remote(
         workdir) else None
     self.workdir = (storage_files.staging_dir(workdir, 'workdir') if self.remote_workdir
                     else os.path.abspath(workdir))
+    self.is_main = jax.process_index() == 0
+    self.remote_logs = None
     if self.remote_workdir:
       storage_paths.check_bucket(self.remote_workdir, '--workdir')
-      _pull_logs(self.remote_workdir, self.workdir)
+      self.remote_logs = remote_logs_lib.RemoteLogs(
+          self.remote_workdir, self.workdir,
+          float(cfg.train.get('log_upload_s', remote_logs_lib.DEFAULT_INTERVAL_S)))
+      self.remote_logs.pull()
     self.phases = resolve_phases(cfg)
     validate_parallel(cfg, self.phases)
     self.log_every = int(cfg.train.get('log_every', 1))
@@ -83,7 +90,6 @@ class Trainer:
     self.total_steps = self.phases[-1]['end']
     self.mesh = mesh_lib.make_mesh(cfg.parallel)
     self.rules = rules_lib.get_rules(cfg.parallel.rules)
-    self.is_main = jax.process_index() == 0
     self.blank_images = bool(cfg.train.get('blank_images', False))
 
   def run(self) -> dict[str, Any]:
@@ -176,7 +182,8 @@ class Trainer:
       batch = None
       log.flush(keep=1)  # all but this step's: fetched one step late
       stop = self.preemption.reached(self.step)
-      self._checkpoint(state, iterator, p_idx, force=end or stop)
+      saved = self._checkpoint(state, iterator, p_idx, force=end or stop)
+      self._upload_logs(log, saved)
       self._maybe_eval(evaluator, state, log, bar, end)
       if stop:
         self._stop(log)
@@ -197,9 +204,22 @@ class Trainer:
     self.profile.after(self.step, metrics)
     return state, metrics
 
-  def _checkpoint(self, state, iterator, p_idx: int, force: bool) -> None:
+  def _checkpoint(self, state, iterator, p_idx: int, force: bool) -> bool:
     meta = {'phase': p_idx, 'stage': self.cfg.stage}
-    checkpointing.save(self.manager, self.step, state, iterator, meta, force=force)
+    return checkpointing.save(self.manager, self.step, state, iterator, meta, force=force)
+
+  def _upload_logs(self, log, saved: bool) -> None:
+    """Remote workdir: after a checkpoint save the logs up to its step are uploaded (the
+    step's own record is fetched and written first, not one step late), otherwise every
+    `train.log_upload_s` seconds; both in the background."""
+    if self.remote_logs is None:
+      return
+    if saved:
+      log.flush()
+      if self.is_main:
+        self.remote_logs.upload_in_background()
+    elif self.is_main:
+      self.remote_logs.maybe_upload()
 
   def _maybe_eval(self, evaluator, state, log, bar, phase_end: bool) -> None:
     if not (evaluator and evaluator.due(self.step, phase_end)):
@@ -235,21 +255,9 @@ class Trainer:
       if train:
         summary['first_loss'], summary['last_loss'] = train[0]['loss'], train[-1]['loss']
     self.writer.close()
-    if self.remote_workdir and self.is_main:
-      storage_paths.upload_tree(self.workdir, self.remote_workdir, skip=_NOT_LOGS)
+    if self.remote_logs is not None and self.is_main:
+      self.remote_logs.finish()
     return summary
-
-
-_NOT_LOGS = ('checkpoints',)
-
-
-def _pull_logs(remote: str, local: str) -> None:
-  """The log files (metrics.jsonl, summary, plots, TensorBoard) of a remote workdir, so a run
-  resumed on another machine appends to its metrics."""
-  os.makedirs(local, exist_ok=True)
-  for rel in storage_paths.walk_files(remote):
-    if rel.split('/')[0] not in _NOT_LOGS:
-      storage_paths.download(storage_paths.join(remote, rel), os.path.join(local, *rel.split('/')))
 
 
 def validate_parallel(cfg, phases: list[dict] | None = None) -> None:

@@ -21,7 +21,9 @@ A stage config (`configs/<stage>.py: get_config(arg)`) is an `ml_collections.Con
   train            grad_accum, z_loss_weight, balance_loss_weight, router_bias_rate,
                    loss_chunk_tokens (chunked cross-entropy, tokens per device), log_every,
                    blank_images (ablation: zero every image), tensorboard, peak_flops,
-                   profile_steps ('START,STOP': jax.profiler trace of those steps)
+                   profile_steps ('START,STOP': jax.profiler trace of those steps),
+                   log_upload_s (remote workdir: seconds between log uploads, besides the
+                   upload at every checkpoint save; train/remote_logs.py)
   eval             every, batches, data, answer_file, answer_examples, answer_batch,
                    max_new_tokens (train/evaluate.py)
 
@@ -113,6 +115,7 @@ def base(stage: str, arg: str) -> ml_collections.ConfigDict:
       'tensorboard': True,
       'peak_flops': ml_collections.config_dict.placeholder(float),
       'profile_steps': ml_collections.config_dict.placeholder(str),
+      'log_upload_s': 300.0,
   })
   c.eval = ml_collections.ConfigDict({
       'every': 0, 'batches': 2 if tiny else 16, 'data': {},

@@ -31,3 +31,18 @@ def vqa_record(img, q, a):
   return {'messages': [
       {'role': 'user', 'content': [{'type': 'image', 'image': img}, {'type': 'text', 'text': q}]},
       {'role': 'assistant', 'content': a}]}
+
+
+def write_chat_set(root, url=None, n=3):
+  """`root/test.jsonl`: n chats (reference answer 'circle', scorer 'exact') naming two images
+  beside it under `img/`; with `url` the directory is also uploaded there. Returns the file."""
+  from kimi_vl_jax.storage import paths
+  root = str(root)
+  for k in range(2):
+    write_png(os.path.join(root, 'img', f'{k}.png'), seed=k)
+  path = write_jsonl(os.path.join(root, 'test.jsonl'),
+                     [dict(vqa_record(f'img/{i % 2}.png', f'what shape {i}?', 'circle'),
+                           scorer='exact') for i in range(n)])
+  if url:
+    paths.upload_tree(root, url)
+  return path

@@ -22,6 +22,7 @@ from kimi_vl_jax.model import config as config_lib
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, 'multihost_worker.py')
 HF_WORKER = os.path.join(HERE, 'hf_load_worker.py')
+BUCKET_WORKER = os.path.join(HERE, 'bucket_checkpoint_worker.py')
 
 
 def _free_port() -> int:
@@ -122,3 +123,28 @@ def test_two_processes_each_read_only_their_part_of_an_hf_checkpoint(tmp_path):
           f'{sum(r["bytes_by_param"][p] for p in split):,d} of {split_bytes:,d} B)')
   assert split_bytes > 0.9 * tree
   assert all(r['bytes_read'] < 0.6 * tree for r in results)
+
+
+@pytest.mark.slow  # two jax start-ups, about 10-20 s on 2 busy cores
+def test_two_processes_checkpoint_to_a_gcs_bucket_directly(tmp_path, gcs_env):
+  """Train checkpoints on gs:// (the GCS emulator on localhost) from a 2-process run: each
+  process writes its own shards to the bucket (no staging directory), retention applies, and a
+  restart restores every process's shards and its data-iterator position."""
+  from kimi_vl_jax.storage import paths
+  _, bucket = gcs_env
+  url = f'gs://{bucket}/run/checkpoints'
+  prefix = str(tmp_path / 'out')
+  _wait(_spawn([BUCKET_WORKER, prefix, url], nproc=2, local_devices=2), timeout=300)
+  for pid in range(2):
+    with open(f'{prefix}.{pid}.json') as f:
+      r = json.load(f)
+    assert r['manager'] == 'CheckpointManager' and r['location'] == url   # not mirrored
+    assert r['all_steps'] == [2, 3] and r['latest'] == 3 and r['step'] == 3
+    assert r['shards_ok'] and r['local_shards'] == 2
+    assert r['iterator_pos'] == 300 + pid and r['meta'] == {'phase': 0}
+  assert paths.listdir(url) == ['2', '3']
+  assert paths.exists(f'{url}/3/commit_success.txt')
+  state = paths.listdir(f'{url}/3/state')
+  assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(state)   # each process wrote its shards
+  cache_dir = os.environ['KIMI_VL_JAX_STORAGE_CACHE_DIR']
+  assert not os.path.exists(os.path.join(cache_dir, 'staging'))

@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from kimi_vl_jax.storage import direct as direct_lib
 from kimi_vl_jax.storage import mirror as mirror_lib
 from kimi_vl_jax.storage import paths
 from kimi_vl_jax.train import checkpointing
@@ -90,6 +91,23 @@ def test_missing_bucket_and_multi_process_stop_at_start(s3_env):
     checkpointing.make_manager('s3://no-such-bucket-y/ckpt', interval=1, keep=1)
   with pytest.raises(ValueError, match='2 processes'):
     mirror_lib.check_single_process('s3://b/ckpt', 2)
+
+
+def test_multi_process_runs_write_gs_directly_and_refuse_s3(s3_env, gcs_env, monkeypatch):
+  """(The two-process save and restore itself: tests/parallel/test_multihost.py.)"""
+  _, s3_bucket = s3_env
+  _, gs_bucket = gcs_env
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match=r'2 processes .* gs:// only'):
+    checkpointing.make_manager(f's3://{s3_bucket}/ckpt', interval=1, keep=1)
+  with pytest.raises(ValueError, match='the bucket'):
+    checkpointing.make_manager('gs://no-such-bucket-y/ckpt', interval=1, keep=1)
+  for k in ('TENSORSTORE_GCS_HTTP_URL', 'GOOGLE_AUTH_TOKEN_FOR_TESTING'):
+    monkeypatch.setenv(k, '')       # restored (unset) after the test
+    monkeypatch.delenv(k)
+  assert direct_lib.check(f'gs://{gs_bucket}/ckpt/', 'checkpoint.dir', 2) == (
+      f'gs://{gs_bucket}/ckpt')
+  assert os.environ['TENSORSTORE_GCS_HTTP_URL'] == os.environ['STORAGE_EMULATOR_HOST']
 
 
 @pytest.mark.parametrize('store', ['s3_env', 'gcs_env'])

@@ -2,6 +2,8 @@
 compiling the model (the stand-in step of test_loop.py): checkpoints and logs land in the
 bucket, and the same command on another machine (an empty cache) resumes from there."""
 
+import json
+
 import jax.numpy as jnp
 import pytest
 
@@ -45,3 +47,65 @@ def test_remote_workdir_checkpoints_logs_and_resume(s3_env, monkeypatch, tmp_pat
   assert mirror_lib.CheckpointMirror(f'{workdir}/checkpoints').remote_steps() == [6, 8]
   text = paths.read_text(f'{workdir}/metrics.jsonl')
   assert '"step": 8' in text and '"step": 1,' in text
+
+
+class _Crash(RuntimeError):
+  pass
+
+
+def _crashing_rows(after: int):
+  """An iterator_fn whose iterators fail when asked for the batch of step `after + 1` (a run
+  killed there: nothing after it runs, no clean-up)."""
+  fetched = [0]
+
+  class Rows(_Rows):
+    def __next__(self):
+      fetched[0] += 1
+      if fetched[0] > after:
+        raise _Crash(f'killed before step {fetched[0]}')
+      return super().__next__()
+  return lambda d, seed: (Rows(d, seed=seed), None)
+
+
+def _remote_steps(workdir):
+  text = paths.read_text(f'{workdir}/metrics.jsonl') if paths.exists(
+      f'{workdir}/metrics.jsonl') else ''
+  return sorted({json.loads(line)['step'] for line in text.splitlines() if line.strip()})
+
+
+@pytest.mark.slow  # about 50 s on an idle 2-core CPU: two runs, each builds the state (jit)
+def test_logs_reach_the_bucket_at_every_save_and_on_an_interval(s3_env, monkeypatch):
+  _, bucket = s3_env
+  monkeypatch.setattr(loop_lib, 'jit_train_step', _fake_jit_step)
+
+  def config(interval, upload_s):
+    cfg = get_config('8')
+    cfg.phases = [{'name': 'a', 'steps': 8, 'data': {'seq_len': 128}}]
+    cfg.optim.schedule = {'kind': 'constant', 'peak_lr': 1e-3}
+    cfg.data.batch_size = 8
+    cfg.checkpoint.interval = interval
+    cfg.train.log_upload_s = upload_s
+    return cfg
+
+  # Saves every 3 steps, no timed uploads: killed after step 4, the bucket's metrics hold every
+  # step up to the save at step 3 (step 4's record is written one step late: not yet).
+  workdir = f's3://{bucket}/runs/saves'
+  trainer = loop_lib.Trainer(config(3, 1e9), workdir, iterator_fn=_crashing_rows(4))
+  with pytest.raises(_Crash):
+    trainer.run()
+  assert trainer.remote_logs.wait()
+  assert _remote_steps(workdir) == [1, 2, 3]
+  assert [r['step'] for r in read_metrics(trainer.workdir)] == [1, 2, 3]
+  trainer.manager.wait_until_finished()
+  trainer.manager.close()
+
+  # No save due before step 100, uploads after every step (log_upload_s=0): killed after step
+  # 5, the bucket holds what was written locally, steps 1-4.
+  workdir = f's3://{bucket}/runs/interval'
+  trainer = loop_lib.Trainer(config(100, 0), workdir, iterator_fn=_crashing_rows(5))
+  with pytest.raises(_Crash):
+    trainer.run()
+  assert trainer.remote_logs.wait()
+  assert _remote_steps(workdir) == [1, 2, 3, 4]
+  trainer.manager.wait_until_finished()
+  trainer.manager.close()
