@@ -2,6 +2,7 @@
 
     python -m kimi_vl_jax.aot --config=configs/joint_sft.py --topology=v5p-256 [--phase=NAME]
         [--num_slices=2] [--config.parallel.expert=16 ...]
+    python -m kimi_vl_jax.aot --config=configs/rl.py --topology=v5p-256   # `aot_rl.py`
 
 compiles the real train step (`train/train_step.py`, with the optimizer, ZeRO-1 shardings and the
 rule preset of the config) of the configured model for a TPU topology that is not attached, using
@@ -355,9 +356,16 @@ def main(argv=None):
     FLAGS = flags.FLAGS
     if FLAGS.config is None:
       raise app.UsageError('--config is required, e.g. --config=configs/joint_sft.py')
-    text, _ = plan(FLAGS.config, FLAGS.topology, num_slices=FLAGS.num_slices,
-                   phase=FLAGS.phase, global_batch=FLAGS.global_batch,
-                   hlo_out=FLAGS.hlo_out)
+    if FLAGS.config.stage == 'rl':   # the policy step and the colocated decode step
+      from kimi_vl_jax import aot_rl
+      if FLAGS.num_slices != 1 or FLAGS.phase or FLAGS.global_batch or FLAGS.hlo_out:
+        raise app.UsageError('an rl config takes --topology only (rows, lengths and the decode '
+                             'batch come from its rl section)')
+      text, _ = aot_rl.plan(FLAGS.config, FLAGS.topology)
+    else:
+      text, _ = plan(FLAGS.config, FLAGS.topology, num_slices=FLAGS.num_slices,
+                     phase=FLAGS.phase, global_batch=FLAGS.global_batch,
+                     hlo_out=FLAGS.hlo_out)
     print(text, flush=True)
 
   app.run(run, argv=argv or sys.argv)
