@@ -165,7 +165,12 @@ def set_field(cfg, path: list[str], value, where: str, raw: str | None = None,
     try:
       node[key] = value
     except TypeError as e:
-      raise ValueError(f'{where}: {e}') from None
+      if raw is None or isinstance(value, str):
+        raise ValueError(f'{where}: {e}') from None
+      try:
+        node[key] = raw   # a string placeholder field (None until set)
+      except TypeError:
+        raise ValueError(f'{where}: {e}') from None
 
 
 def stage_workdir(workdir: str, stage: Stage) -> str:
