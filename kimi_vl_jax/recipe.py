@@ -97,7 +97,7 @@ class Stage:
 # joint SFT and RL continue long context's RoPE base (800000) as the full configs do; alone,
 # their tiny variants start from scratch (RL: from the from-scratch SFT) at the preset's base.
 _DEMO = {'model': 'demo'}
-_LONG_ROPE = {'model_overrides.text': {'rope_theta': 800000.0}}
+_LONG_ROPE = {'model_overrides.text.rope_theta': 800000.0}
 
 STAGES: tuple[Stage, ...] = (
     Stage('joint_pretrain', 'joint_pretrain.py', final_loss, _DEMO),

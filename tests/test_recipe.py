@@ -111,18 +111,22 @@ def test_finished_reads_the_summary():
 
 # -- the short form of the tiny chain ---------------------------------------------------------------
 
+# One or two steps per stage on the `tiny` preset (the chain's check still needs every stage to
+# train the same model), short rows, one phase where the config has two, one compile per RL shape.
 SHORT = [
-    '*:eval.batches=0',
+    '*:model=tiny', '*:eval.batches=0', '*:train.tensorboard=False', '*:data.seq_len=128',
+    '*:data.batch_size=4',
     'joint_pretrain:phases.0.steps=2',
-    'joint_cooldown:phases.0.steps=2',
-    'long_context:phases.0.steps=1', 'long_context:phases.1.steps=1',
-    'joint_sft:phases.0.steps=1', 'joint_sft:phases.1.steps=1',
-    'joint_sft:eval.answer_examples=10', 'joint_sft:eval.answer_batch=10',
+    'joint_cooldown:phases.0.steps=1',
+    "long_context:phases=[{'name': 'ctx', 'steps': 1}]",
+    "joint_sft:phases=[{'name': 'sft', 'steps': 1}]",
+    'joint_sft:eval.answer_examples=8', 'joint_sft:eval.answer_batch=8',
     # Learning rate and router-bias rate 0: long-CoT SFT's params must stay joint SFT's exactly.
     'long_cot_sft:phases.0.steps=2', 'long_cot_sft:checkpoint.interval=1',
     'long_cot_sft:optim.schedule.peak_lr=0', 'long_cot_sft:optim.schedule.end_lr=0',
     'long_cot_sft:train.router_bias_rate=0',
     'rl:rl.iterations=1', 'rl:rl.heldout_examples=8', 'rl:rl.heldout_samples=2',
+    'rl:rl.length_buckets=(192,)', 'rl:rl.batch_buckets=(64,)',
 ]
 
 
