@@ -55,18 +55,26 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 # -- key figures: read from a stage's summary.json ------------------------------------------------
 
+def _heldout_loss(summary: dict) -> str:
+  ev = summary.get('eval') or {}
+  return f", held-out loss {ev['loss']:.3f}" if 'loss' in ev else ''
+
+
 def final_loss(summary: dict) -> str:
+  """Training loss at the first and last step (and the last held-out loss, if evaluated)."""
   if 'last_loss' not in summary:
     return 'no loss in summary.json'
-  return f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+  return f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" + _heldout_loss(summary)
 
 
 def answer_accuracy(summary: dict) -> str:
+  """Greedy answer accuracy on `eval.answer_file` (tiny: easy-vqa test questions), else the
+  losses."""
   ev = summary.get('eval') or {}
   if 'answer_accuracy' not in ev:
-    return 'no answer accuracy in summary.json (config.eval.answer_file unset?)'
-  return (f"easy-vqa answer accuracy {100 * ev['answer_accuracy']:.1f}% "
-          f"({ev['answer_examples']} questions); loss {summary.get('last_loss', float('nan')):.3f}")
+    return final_loss(summary)
+  return (f"answer accuracy {100 * ev['answer_accuracy']:.1f}% ({ev['answer_examples']} "
+          f"questions), loss {summary.get('last_loss', float('nan')):.3f}" + _heldout_loss(summary))
 
 
 def heldout_change(summary: dict) -> str:
