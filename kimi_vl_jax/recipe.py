@@ -337,11 +337,24 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def run_chain(workdir: str, tiny: bool, overrides=(), stages_flag: str | None = None,
-              from_stage: str | None = None, stages: tuple[Stage, ...] = STAGES,
-              configs_dir: str = CONFIGS_DIR) -> list[dict]:
-  """Runs the selected stages in order (see the module docstring); returns the table rows."""
-  from kimi_vl_jax.run_stage import check_workdir, run_and_record
+@dataclasses.dataclass
+class Plan:
+  """What `run_chain` runs: the selected stage indices, the configs (selected stages and their
+  predecessors) and which of them have finished."""
+  workdir: str
+  tiny: bool
+  stages: tuple[Stage, ...]
+  selected: list[int]
+  configs: dict[int, Any]
+  done: dict[int, bool]
+  configs_dir: str
+
+
+def plan_chain(workdir: str, tiny: bool, overrides=(), stages_flag: str | None = None,
+               from_stage: str | None = None, stages: tuple[Stage, ...] = STAGES,
+               configs_dir: str = CONFIGS_DIR) -> Plan:
+  """Builds and checks the chain (every refusal of the module docstring); trains nothing."""
+  from kimi_vl_jax.run_stage import check_workdir
   selected = select(stages_flag, from_stage, stages)
   configs = build(workdir, tiny, overrides, selected, stages, configs_dir)
   for i in selected:
@@ -353,6 +366,18 @@ def run_chain(workdir: str, tiny: bool, overrides=(), stages_flag: str | None = 
     if i > 0 and i - 1 not in selected and not done[i - 1]:
       raise ValueError(f'stage {stages[i].name} starts from {stages[i - 1].name}, which has not '
                        f'finished in {stage_workdir(workdir, stages[i - 1])}: run it first')
+  return Plan(workdir, tiny, stages, selected, configs, done, configs_dir)
+
+
+def run_chain(workdir: str, tiny: bool, overrides=(), stages_flag: str | None = None,
+              from_stage: str | None = None, stages: tuple[Stage, ...] = STAGES,
+              configs_dir: str = CONFIGS_DIR, plan: Plan | None = None) -> list[dict]:
+  """Runs the selected stages in order (see the module docstring); returns the table rows."""
+  from kimi_vl_jax.run_stage import run_and_record
+  if plan is None:
+    plan = plan_chain(workdir, tiny, overrides, stages_flag, from_stage, stages, configs_dir)
+  workdir, tiny, stages, configs_dir = plan.workdir, plan.tiny, plan.stages, plan.configs_dir
+  selected, configs, done = plan.selected, plan.configs, plan.done
   log_path = storage_paths.join(workdir, 'recipe.json')
   wall = json.loads(storage_paths.read_text(log_path)) if storage_paths.exists(log_path) else {}
   rows = []
@@ -400,7 +425,11 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  run_chain(_WORKDIR.value, _TINY.value, _OVERRIDE.value, _STAGES.value, _FROM.value)
+  try:
+    plan = plan_chain(_WORKDIR.value, _TINY.value, _OVERRIDE.value, _STAGES.value, _FROM.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  run_chain(_WORKDIR.value, _TINY.value, plan=plan)
 
 
 if __name__ == '__main__':
