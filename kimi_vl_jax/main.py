@@ -17,33 +17,15 @@ same command resumes it.
 
 from __future__ import annotations
 
-import json
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kimi_vl_jax.storage import paths as storage_paths
+from kimi_vl_jax.run_stage import LM_STAGES, run, run_and_record  # noqa: F401 (re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'stage config file[:variant]',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, plots); '
                                 'local, s3:// or gs://')
-
-LM_STAGES = ('joint_pretrain', 'joint_cooldown', 'long_context', 'joint_sft', 'long_cot_sft')
-
-
-def run(config, workdir: str) -> dict:
-  """Dispatches on `config.stage`; returns the run summary."""
-  from kimi_vl_jax.parallel import distributed
-  distributed.maybe_initialize()
-  if config.stage in LM_STAGES:
-    from kimi_vl_jax.train.loop import Trainer
-    return Trainer(config, workdir).run()
-  if config.stage == 'rl':
-    from kimi_vl_jax.rl.trainer import RLTrainer
-    return RLTrainer(config, workdir).run()
-  raise ValueError(f'config.stage={config.stage!r} is not a stage this entry point trains; '
-                   f'known: {", ".join(LM_STAGES)}, rl')
 
 
 def main(argv):
@@ -53,21 +35,9 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config=configs/joint_sft.py:tiny')
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  config = _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  if config.get('jax_matmul_precision'):
-    import jax
-    jax.config.update('jax_default_matmul_precision', config.jax_matmul_precision)
-  logging.info('stage %s, workdir %s', config.stage, _WORKDIR.value)
-  summary = run(config, _WORKDIR.value)
-  line = json.dumps({k: v for k, v in summary.items() if k != 'eval'}, default=str)
-  print(f'run summary: {line}', flush=True)
-  if summary.get('eval'):
-    print('final eval: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                                     for k, v in summary['eval'].items()), flush=True)
-  storage_paths.write_text(storage_paths.join(_WORKDIR.value, 'summary.json'),
-                           json.dumps(summary, indent=2, default=str))
+  run_and_record(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

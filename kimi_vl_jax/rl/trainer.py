@@ -123,7 +123,7 @@ class RLTrainer:
                                            tensorboard=bool(cfg.train.get('tensorboard', True)))
     self.host = HostState(len(self.prompts), rl)
     latest = checkpointing.latest_step(self.manager)
-    self.summary: dict[str, Any] = {'resumed_from': latest}
+    self.summary: dict[str, Any] = {'resumed_from': latest, 'init_from': cfg.init_from}
     start_state = self.factory.create()
     # The starting policy stays on the devices for KL(pi_i || pi_start).
     self.start_params = (jax.tree.map(jnp.copy, start_state.params) if rl.kl_to_start else None)

@@ -134,7 +134,9 @@ class Trainer:
     """Sets `self.step` from the newest complete checkpoint; returns a fresh state when there
     is none, else None (the state is restored with its phase's iterator, `_open_phase`)."""
     self.resume_step = checkpointing.latest_step(self.manager)
-    self.summary: dict[str, Any] = {'resumed_from': self.resume_step}
+    # init_from: where the run's first start took its params (a resume reads its own checkpoint).
+    self.summary: dict[str, Any] = {'resumed_from': self.resume_step,
+                                    'init_from': self.cfg.get('init_from') or 'scratch'}
     self.step = self.resume_step or 0
     if self.resume_step is None:
       return self.factory.create()
