@@ -15,6 +15,7 @@ import pytest
 from kimi_vl_jax import recipe
 from kimi_vl_jax.rl.trainer import resolve_templates
 from kimi_vl_jax.train.stage_config import resolve_phases
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = [s.name for s in recipe.STAGES]
@@ -132,7 +133,7 @@ SHORT = [
 
 def _run(workdir):
   # The rerun finds the interrupted stage's programs in the compilation cache.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_COMPILATION_CACHE_DIR=str(workdir.parent / 'jax_cache'),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   cmd = [sys.executable, '-m', 'kimi_vl_jax.recipe', '--tiny', f'--workdir={workdir}']

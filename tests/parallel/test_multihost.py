@@ -18,6 +18,7 @@ import pytest
 
 from kimi_vl_jax.checkpoint import hf, hf_mapping
 from kimi_vl_jax.model import config as config_lib
+from tests.xla_env import xla_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, 'multihost_worker.py')
@@ -34,7 +35,7 @@ def _free_port() -> int:
 def _env(local_devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('JAX_COORDINATOR', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'))}
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={local_devices}',
+  env.update(XLA_FLAGS=xla_flags(local_devices),
              JAX_PLATFORMS='cpu', **extra)
   return env
 

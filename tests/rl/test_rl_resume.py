@@ -11,6 +11,7 @@ import time
 import pytest
 
 from kimi_vl_jax.train.metrics import read_metrics
+from tests.xla_env import xla_flags
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('rl_resume')]
 
@@ -34,7 +35,7 @@ def _cmd(workdir):
 
 
 def _env():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS='cpu')
   return env
 

@@ -20,6 +20,7 @@ from kimi_vl_jax.train import loop as loop_lib
 from kimi_vl_jax.train.metrics import read_metrics
 from tests.train.helpers import packed_batch
 from tests.train.resume_config import get_config
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -109,7 +110,7 @@ def test_bad_profile_steps():
     ('--config.parallel.pipeline=4', 'parallel.pipeline'),  # 3 MoE layers over 4 stages
 ])
 def test_bad_parallel_config_stops_main_at_start(tmp_path, override, field):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   proc = subprocess.run(

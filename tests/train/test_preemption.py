@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.parallel.test_multihost import _free_port, _wait
+from tests.xla_env import xla_flags
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'preemption_worker.py')
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))
@@ -31,7 +32,7 @@ def test_sigterm_to_one_host_stops_all_at_one_step(tmp_path):
   procs = []
   for pid in range(2):
     env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
-    env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
+    env.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS='cpu',
                JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
                JAX_PROCESS_ID=str(pid), PYTHONPATH=ROOT)
     procs.append(subprocess.Popen([sys.executable, WORKER, prefix], env=env, cwd=ROOT,

@@ -18,6 +18,7 @@ from kimi_vl_jax.storage import paths
 from kimi_vl_jax.train.metrics import read_metrics
 
 from object_store import wait_until
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'train', 'remote_config.py')
@@ -45,7 +46,7 @@ def _cmd(workdir, data_root, ckpt_dir=None):
 def _env(extra, cache_dir, compile_cache):
   env = dict(os.environ)
   env.update(extra)
-  env.update({'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'JAX_PLATFORMS': 'cpu',
+  env.update({'XLA_FLAGS': xla_flags(1), 'JAX_PLATFORMS': 'cpu',
               'KIMI_VL_JAX_STORAGE_CACHE_DIR': cache_dir,
               'KIMI_VL_JAX_STORAGE_RETRIES': '8', 'KIMI_VL_JAX_STORAGE_BACKOFF_S': '0.2',
               'JAX_COMPILATION_CACHE_DIR': compile_cache,

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from kimi_vl_jax.train.metrics import read_metrics
+from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'train', 'resume_config.py')
@@ -32,7 +33,7 @@ def _cmd(workdir):
 
 def _env():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = xla_flags(1)
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
