@@ -47,7 +47,7 @@ from kimi_vl_jax.rl import prompt_selection, rewards as rewards_lib, rollouts as
 from kimi_vl_jax.rl.config import RLConfig
 from kimi_vl_jax.rl.report import format_change, heldout_change, plot_run
 from kimi_vl_jax.sampling import Sampler, SamplingParams
-from kimi_vl_jax.train import checkpointing, metrics as metrics_lib
+from kimi_vl_jax.train import checkpointing, metrics as metrics_lib, preemption
 from kimi_vl_jax.train.init import StateFactory, model_config
 
 
@@ -172,22 +172,36 @@ class RLTrainer:
     if self.host.iteration == 0 and self.summary['resumed_from'] is None:
       self._heldout(0)
     bar = _progress(self.is_main, self.host.iteration, rl.iterations)
-    while self.host.iteration < rl.iterations:
-      it = self.host.iteration
-      state, m = self._iteration(state, it)
-      self.host.iteration = it + 1
-      self.writer.write(it + 1, m, kind='rl')
-      bar.update(1)
-      if 'reward/answer_mean' in m:   # no group finished: nothing to report or train on
-        bar.set_postfix(reward=f"{m['reward/answer_mean']:.3f}", len=f"{m['length/mean']:.0f}")
-      if (it + 1) % rl.eval_every == 0 or it + 1 == rl.iterations:
-        res = self._heldout(it + 1)
-        bar.write(f'held-out @ iteration {it + 1}: mean reward '
-                  f"{res['heldout/mean_reward']:.3f}, greedy accuracy "
-                  f"{res['heldout/greedy_accuracy']:.3f}")
-      checkpointing.save(self.manager, it + 1, state, self.host,
-                         {'stage': self.cfg.stage, 'iteration': it + 1},
-                         force=it + 1 == rl.iterations)
+    with preemption.Preemption() as pre:
+      while self.host.iteration < rl.iterations:
+        it = self.host.iteration
+        state, m = self._iteration(state, it)
+        self.host.iteration = it + 1
+        self.writer.write(it + 1, m, kind='rl')
+        bar.update(1)
+        if 'reward/answer_mean' in m:   # no group finished: nothing to report or train on
+          bar.set_postfix(reward=f"{m['reward/answer_mean']:.3f}",
+                          len=f"{m['length/mean']:.0f}")
+        if (it + 1) % rl.eval_every == 0 or it + 1 == rl.iterations:
+          res = self._heldout(it + 1)
+          bar.write(f'held-out @ iteration {it + 1}: mean reward '
+                    f"{res['heldout/mean_reward']:.3f}, greedy accuracy "
+                    f"{res['heldout/greedy_accuracy']:.3f}")
+        # SIGTERM (`train/preemption.py`): the iteration in progress finishes (its host state,
+        # prompt statistics and buffer, is only consistent at the end), is saved, and the run
+        # stops; the same command resumes at the next iteration.
+        stop = pre.reached(it + 1) and it + 1 < rl.iterations
+        checkpointing.save(self.manager, it + 1, state, self.host,
+                           {'stage': self.cfg.stage, 'iteration': it + 1},
+                           force=stop or it + 1 == rl.iterations)
+        if stop:
+          self.summary['preempted_at'] = it + 1
+          msg = (f'preempted (SIGTERM): checkpoint at iteration {it + 1} of {rl.iterations}; '
+                 'run the same command again to resume')
+          logging.warning('%s', msg)
+          if self.is_main:
+            bar.write(msg)
+          break
     bar.close()
     return self._finish(state)
 
@@ -400,7 +414,7 @@ class RLTrainer:
     summary['counters'] = {k: int(v) for k, v in jax.device_get(state.counters).items()}
     if self.is_main:
       summary['plot'] = plot_run(self.workdir, self.host.stats)
-      change = heldout_change(self.workdir)
+      change = None if 'preempted_at' in summary else heldout_change(self.workdir)
       if change is not None:
         summary['heldout_change'] = change
         print(format_change(change), flush=True)

@@ -1,7 +1,9 @@
-"""The RL stage runs from its config, and a run killed with SIGKILL mid-iteration and restarted
-with the same command repeats the uninterrupted run's iterations bitwise (prompt statistics,
-unfinished responses, rng and iteration count live in the checkpoint)."""
+"""The RL stage runs from its config; a run killed with SIGKILL mid-iteration, or stopped by
+SIGTERM (it finishes the iteration, saves and exits 0), and restarted with the same command repeats
+the uninterrupted run's iterations bitwise (prompt statistics, unfinished responses, rng and
+iteration count live in the checkpoint)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -83,3 +85,29 @@ def test_sigkill_mid_iteration_resumes_bitwise(tmp_path, reference):
   assert sorted(by_step) == list(range(1, ITERATIONS + 1))
   for r in reference:
     assert by_step[r['step']] == r, (r, by_step[r['step']])
+
+
+def test_sigterm_finishes_the_iteration_saves_and_resumes_bitwise(tmp_path, reference):
+  run = str(tmp_path / 'run')
+  proc = subprocess.Popen(_cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  ckpt = os.path.join(run, 'checkpoints')
+  deadline = time.time() + 1800
+  while not os.path.isdir(os.path.join(ckpt, '1')):   # during iteration 2
+    if proc.poll() is not None or time.time() > deadline:
+      pytest.fail('the run ended before it could be stopped')
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=1800)
+  assert proc.returncode == 0, out
+  assert 'preempted (SIGTERM)' in out
+  with open(os.path.join(run, 'summary.json')) as f:
+    stopped = json.load(f)['preempted_at']
+  assert 1 <= stopped < ITERATIONS
+  assert os.path.isdir(os.path.join(ckpt, str(stopped)))   # saved at the iteration it stopped
+  assert len(read_metrics(run, kind='rl')) == stopped
+  subprocess.run(_cmd(run), check=True, cwd=ROOT, env=_env(), capture_output=True)
+  got = {r['step']: r for r in _rl(run)}
+  assert sorted(got) == list(range(1, ITERATIONS + 1))
+  for r in reference:
+    assert got[r['step']] == r, (r, got[r['step']])
