@@ -29,21 +29,24 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'stage config file[:va
 _WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, plots); '
                                 'local, s3:// or gs://')
 
-LM_STAGES = ('joint_pretrain', 'joint_cooldown', 'long_context', 'joint_sft', 'long_cot_sft')
+LM_STAGES = ('vit_align', 'joint_pretrain', 'joint_cooldown', 'long_context', 'joint_sft',
+             'long_cot_sft')
+# Stages the same loop runs with their own model, batches and loss (train/loop.py `stage_for`).
+LOOP_STAGES = LM_STAGES + ('vit_pretrain',)
 
 
 def run(config, workdir: str) -> dict:
   """Dispatches on `config.stage`; returns the run summary."""
   from kimi_vl_jax.parallel import distributed
   distributed.maybe_initialize()
-  if config.stage in LM_STAGES:
+  if config.stage in LOOP_STAGES:
     from kimi_vl_jax.train.loop import Trainer
     return Trainer(config, workdir).run()
   if config.stage == 'rl':
     from kimi_vl_jax.rl.trainer import RLTrainer
     return RLTrainer(config, workdir).run()
   raise ValueError(f'config.stage={config.stage!r} is not a stage this entry point trains; '
-                   f'known: {", ".join(LM_STAGES)}, rl')
+                   f'known: {", ".join(LOOP_STAGES)}, rl')
 
 
 def main(argv):
