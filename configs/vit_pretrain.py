@@ -47,16 +47,18 @@ def get_config(arg: str = ''):
     c.caption_decoder = {'preset': 'tiny'}
     c.data = {
         'sources': [sc.source('captions', 'caption', 'demo:easy_vqa/captions_train.jsonl')],
-        'batch_size': 8, 'max_patches': 144, 'max_images': 8, 'caption_len': 64,
+        # 8 rows of 288 patches, up to 8 images each: 64 image-caption pairs per step.
+        'batch_size': 8, 'max_patches': 288, 'max_images': 8, 'caption_len': 64,
         'text_len': 8,
-        # 64x64 images: 4x4 patches (shrunk to 56x56) first, then 6x6 (full size, padded).
-        'resolution': '0:16,200:36',
+        # Progressive resolution: the 64x64 images shrunk to 4x4 patches (at most 9 before
+        # padding), then from step 100 at full size (6x6 patches).
+        'resolution': '0:9,100:36',
         'image': {},
     }
     steps = 400
     c.phases = [{'name': 'vit_pretrain', 'steps': steps}]
-    c.optim.schedule = {'kind': 'warmup_cosine', 'warmup_steps': 20, 'peak_lr': 3e-3,
-                        'end_lr': 3e-4, 'total_steps': steps}
+    c.optim.schedule = {'kind': 'warmup_cosine', 'warmup_steps': 20, 'peak_lr': 5e-3,
+                        'end_lr': 5e-4, 'total_steps': steps}
     c.optim.weight_decay = 0.01
     c.checkpoint.interval = 200
     c.eval = {'every': 0, 'caption_file': 'demo:easy_vqa/captions_test.jsonl',
@@ -76,7 +78,7 @@ def get_config(arg: str = ''):
       'batch_size': rows, 'max_patches': ROW_PATCHES, 'max_images': 64, 'caption_len': 2048,
       'text_len': 64, 'num_workers': 8,
       # *repo*: the report says only that larger sizes are allowed gradually.
-      'resolution': '0:256,60000:1024,150000:4096',
+      'resolution': '0:256,20000:1024,40000:4096',
       'image': {'max_patches': 4096},
   }
   steps = sc.tokens_to_steps(TOKENS, ROW_PATCHES, global_rows)

@@ -429,6 +429,9 @@ class VitPretrainStage:
       if data.get(k) is None:
         raise ValueError(f'config.data.{k} is required for MoonViT pre-training')
     sched = ResolutionSchedule.from_config(data['resolution'])
+    if sched.stages[-1][0] >= phases[0]['end']:
+      raise ValueError(f'data.resolution changes at step {sched.stages[-1][0]}, but the run ends '
+                       f'at step {phases[0]["end"]}')
     if max(p for _, p in sched.stages) > int(data['max_patches']):
       raise ValueError(f'data.resolution allows {max(p for _, p in sched.stages)} patches per '
                        f'image but a row holds data.max_patches={data["max_patches"]}')
