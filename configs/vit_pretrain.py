@@ -57,8 +57,8 @@ def get_config(arg: str = ''):
     }
     steps = 400
     c.phases = [{'name': 'vit_pretrain', 'steps': steps}]
-    c.optim.schedule = {'kind': 'warmup_cosine', 'warmup_steps': 20, 'peak_lr': 5e-3,
-                        'end_lr': 5e-4, 'total_steps': steps}
+    c.optim.schedule = {'kind': 'warmup_cosine', 'warmup_steps': 20, 'peak_lr': 1e-2,
+                        'end_lr': 1e-3, 'total_steps': steps}
     c.optim.weight_decay = 0.01
     c.checkpoint.interval = 200
     c.eval = {'every': 0, 'caption_file': 'demo:easy_vqa/captions_test.jsonl',
