@@ -228,6 +228,10 @@ def make_tokenizers(cfg) -> tuple[Any, Any]:
   from kimi_vl_jax.data import tokenizer as tok_lib
 
   def make(tc):
+    path = as_dict(tc).get('path') if tc is not None and not isinstance(tc, str) else None
+    if isinstance(path, str) and '{' in path:
+      raise ValueError(f'tokenizer path {path!r} is a template: set --config.tokenizer.path '
+                       '(e.g. SIGLIP_DIR/spiece.model)')
     if tc is not None and str(as_dict(tc).get('kind', '')).lower() == 'siglip':
       return SiglipTokenizer(as_dict(tc)['path'])
     return tok_lib.make_tokenizer(tc)
@@ -271,8 +275,8 @@ class VitEvaluator:
   the label. Retrieval: such a held-out set's captions repeat (easy-vqa: 24 distinct captions
   over 880 images), so a text has many equally correct images; the recalls are measured on
   *galleries* of one image per class (gallery g = the g-th held-out image of every class, whose
-  C captions are all different), averaged over `eval.galleries` galleries (as many as the
-  rarest class allows). Without class prompts there is no zero-shot accuracy and the recalls
+  C captions are all different; classes without held-out images are left out), averaged over
+  `eval.galleries` galleries (at most as many as the rarest class has images). Without class prompts there is no zero-shot accuracy and the recalls
   are those of the whole held-out set, each image with its own caption."""
 
   def __init__(self, cfg, vcfg: VitPretrainConfig, mesh, rules, data_cfg, tokenizer,
@@ -313,8 +317,10 @@ class VitEvaluator:
     self.class_tokens = text_tower_tokens(text_tokenizer, self.classes, int(d['text_len']),
                                           text_pad_id(text_tokenizer))
     counts = np.bincount(self.labels, minlength=len(self.classes))
-    self.galleries = (int(min(counts.min(), int(ev.get('galleries', 10)))) if self.zero_shot
-                      else 1)
+    # Galleries hold the classes that have held-out images (all of them on easy-vqa's test set).
+    self.present = np.flatnonzero(counts)
+    self.galleries = (int(min(counts[self.present].min(), int(ev.get('galleries', 10))))
+                      if self.zero_shot else 1)
     self.by_class = [np.flatnonzero(self.labels == c) for c in range(len(self.classes))]
     model = VitPretrain(vcfg, kernels=build_kernels(vcfg.model, mesh, rules))
     self._images = jax.jit(lambda p, b: model.apply(
@@ -322,8 +328,8 @@ class VitEvaluator:
         b['image_grid_hws'], method=VitPretrain.embed_images))
     self._texts = jax.jit(lambda p, t: model.apply({'params': p}, t,
                                                    method=VitPretrain.embed_texts))
-    logging.info('vit eval: %d images, %d classes, %d galleries', len(records),
-                 len(self.classes), self.galleries)
+    logging.info('vit eval: %d images, %d classes (%d with images), %d galleries',
+                 len(records), len(self.classes), len(self.present), self.galleries)
 
   def due(self, step: int, phase_end: bool) -> bool:
     return phase_end or (self.every > 0 and step % self.every == 0)
@@ -346,9 +352,9 @@ class VitEvaluator:
     if self.galleries:
       recalls = []
       for g in range(self.galleries):
-        idx = np.array([self.by_class[c][g] for c in range(len(self.classes))])
-        recalls.append(retrieval.image_text_retrieval(zimg[idx], ztxt,
-                                                      np.arange(len(self.classes))))
+        idx = np.array([self.by_class[c][g] for c in self.present])
+        recalls.append(retrieval.image_text_retrieval(zimg[idx], ztxt[self.present],
+                                                      np.arange(len(self.present))))
       out.update({k: float(np.mean([r[k] for r in recalls])) for k in recalls[0]})
     return out
 
