@@ -20,7 +20,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kimi_vl_jax.run_stage import LM_STAGES, run, run_and_record  # noqa: F401 (re-exported)
+from kimi_vl_jax.run_stage import LM_STAGES, LOOP_STAGES, run, run_and_record  # noqa: F401 (re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'stage config file[:variant]',
                                           lock_config=True)

@@ -409,13 +409,17 @@ def run_chain(workdir: str, tiny: bool, overrides=(), stages_flag: str | None = 
   return rows
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'recipe directory: one sub-workdir per stage; '
-                               'local, s3:// or gs://')
-_TINY = flags.DEFINE_bool('tiny', False, 'the `:tiny` variants (CPU, bundled demo data)')
-_STAGES = flags.DEFINE_string('stages', None, 'comma-separated stages to run (default: all)')
-_FROM = flags.DEFINE_string('from_stage', None, 'run this stage and every later one')
-_OVERRIDE = flags.DEFINE_multi_string('override', [], 'STAGE:FIELD=VALUE (STAGE * = every '
-                                      'stage), e.g. joint_sft:phases.0.steps=10')
+def _define_flags() -> None:
+  """The command's flags, defined only when this module runs as a program: importing it (tests,
+  other entry points) must not claim --workdir, which `main.py` defines too."""
+  global _WORKDIR, _TINY, _STAGES, _FROM, _OVERRIDE
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'recipe directory: one sub-workdir per '
+                                 'stage; local, s3:// or gs://')
+  _TINY = flags.DEFINE_bool('tiny', False, 'the `:tiny` variants (CPU, bundled demo data)')
+  _STAGES = flags.DEFINE_string('stages', None, 'comma-separated stages to run (default: all)')
+  _FROM = flags.DEFINE_string('from_stage', None, 'run this stage and every later one')
+  _OVERRIDE = flags.DEFINE_multi_string('override', [], 'STAGE:FIELD=VALUE (STAGE * = every '
+                                        'stage), e.g. joint_sft:phases.0.steps=10')
 
 
 def main(argv):
@@ -433,4 +437,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

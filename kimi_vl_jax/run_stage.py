@@ -11,7 +11,10 @@ from absl import logging
 
 from kimi_vl_jax.storage import paths as storage_paths
 
-LM_STAGES = ('joint_pretrain', 'joint_cooldown', 'long_context', 'joint_sft', 'long_cot_sft')
+LM_STAGES = ('vit_align', 'joint_pretrain', 'joint_cooldown', 'long_context', 'joint_sft',
+             'long_cot_sft')
+# Stages the same loop runs with their own model, batches and loss (train/loop.py `stage_for`).
+LOOP_STAGES = LM_STAGES + ('vit_pretrain',)
 
 
 def check_workdir(config, workdir: str) -> None:
@@ -27,14 +30,14 @@ def run(config, workdir: str) -> dict:
   check_workdir(config, workdir)
   from kimi_vl_jax.parallel import distributed
   distributed.maybe_initialize()
-  if config.stage in LM_STAGES:
+  if config.stage in LOOP_STAGES:
     from kimi_vl_jax.train.loop import Trainer
     return Trainer(config, workdir).run()
   if config.stage == 'rl':
     from kimi_vl_jax.rl.trainer import RLTrainer
     return RLTrainer(config, workdir).run()
   raise ValueError(f'config.stage={config.stage!r} is not a stage this entry point trains; '
-                   f'known: {", ".join(LM_STAGES)}, rl')
+                   f'known: {", ".join(LOOP_STAGES)}, rl')
 
 
 def run_and_record(config, workdir: str) -> dict:

@@ -100,3 +100,13 @@ def test_storage_imports_nothing_else_from_the_package():
                                            and not m.startswith('kimi_vl_jax.storage'))
          for f in files}
   assert not {f: m for f, m in bad.items() if m}, bad
+
+
+def test_entry_points_import_together():
+  """Importing every entry point in one process defines no absl flag twice (each defines its
+  flags at import only if no other entry point claims the same names)."""
+  code = ('import kimi_vl_jax.main, kimi_vl_jax.recipe, kimi_vl_jax.eval, kimi_vl_jax.generate, '
+          'kimi_vl_jax.checkpoint.convert, kimi_vl_jax.aot, kimi_vl_jax.aot_rl')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr[-2000:]

@@ -4,10 +4,18 @@ The state is never materialised on one host: its shapes come from `jax.eval_shap
 shardings from the logical axis names through the rule preset (`parallel/rules.py`), and it is
 created by a jitted function with those `out_shardings`, or read straight into them. Sources:
 
-  init_from = 'scratch'        random init (`model.kimi_vl.init_params`)
+  init_from = 'scratch'        random init (`model.kimi_vl.init_params`, or the stage's model)
             | 'hf:DIR'         an HF Kimi-VL directory (`checkpoint.hf.load`)
             | 'params:DIR'     an orbax params directory (`checkpoint.convert.save_params`)
             | 'orbax:WORKDIR'  the params of another stage's train checkpoint (latest step)
+            | 'siglip:DIR'     MoonViT pre-training only: an HF SigLIP directory
+                               (`checkpoint.siglip.load`) for MoonViT, the pooling head, the
+                               text tower and the loss scalars; the caption decoder from scratch
+            followed by any number of ',SUBTREE=SOURCE' parts: the top-level subtree SUBTREE
+            (e.g. `vision_tower`) is then read from SOURCE instead, `orbax:WORKDIR` (just that
+            subtree of another stage's checkpoint, whatever else it holds) or `hf:DIR` (that
+            subtree of an HF directory; `language_model` reads a text-only one). E.g. the ViT
+            alignment stage: 'scratch,vision_tower=orbax:VIT_PRETRAIN_RUN'.
 
 Optimizer state, step and counters always start fresh except when resuming this run's own
 checkpoint (handled by the loop).
@@ -86,14 +94,37 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-class StateFactory:
-  """Abstract state, shardings, optimizer and initialisers of one run (all phases share them)."""
+def parse_init_from(init_from: str) -> tuple[str, list[tuple[str, str]]]:
+  """'BASE[,SUBTREE=SOURCE]*' -> (BASE, [(SUBTREE, SOURCE), ...]) (module docstring)."""
+  init_from = init_from or 'scratch'
+  if '{' in init_from:
+    raise ValueError(f'init_from={init_from!r} is a template: set --config.init_from to the '
+                     "previous stage's source, e.g. orbax:WORKDIR")
+  base, *rest = init_from.split(',')
+  parts = []
+  for part in rest:
+    subtree, eq, source = part.partition('=')
+    if not eq or not subtree or source.partition(':')[0] not in ('orbax', 'hf'):
+      raise ValueError(f"init_from={init_from!r}: each part after the first must be "
+                       f"'SUBTREE=orbax:WORKDIR' or 'SUBTREE=hf:DIR', got {part!r}")
+    parts.append((subtree.strip(), source.strip()))
+  if len({s for s, _ in parts}) != len(parts):
+    raise ValueError(f'init_from={init_from!r} names a subtree twice')
+  return base.strip(), parts
 
-  def __init__(self, cfg, mc: KimiVLConfig, mesh):
+
+class StateFactory:
+  """Abstract state, shardings, optimizer and initialisers of one run (all phases share them).
+
+  `init_fn(rng) -> boxed params` is the model's initialiser (default: `KimiVL` of `mc`); a
+  stage with another model (MoonViT pre-training) passes its own."""
+
+  def __init__(self, cfg, mc: KimiVLConfig, mesh, init_fn=None):
     self.cfg, self.mc, self.mesh = cfg, mc, mesh
     self.rules = rules_lib.get_rules(cfg.parallel.rules)
     rng = jax.random.PRNGKey(cfg.seed)
-    self.abstract_boxed = jax.eval_shape(lambda r: init_params(mc, r), rng)
+    self.init_fn = init_fn or (lambda r: init_params(mc, r))
+    self.abstract_boxed = jax.eval_shape(self.init_fn, rng)
     self.param_shardings = rules_lib.param_shardings(self.abstract_boxed, mesh, self.rules)
     abstract_params = nn.meta.unbox(self.abstract_boxed)
     self.tx, self.optimizer_summary = make_optimizer(cfg.optim, self.abstract_boxed)
@@ -123,18 +154,21 @@ class StateFactory:
   def create(self) -> TrainState:
     """A fresh state from `cfg.init_from` (not a resume), placed on the mesh."""
     init_from = self.cfg.get('init_from', 'scratch') or 'scratch'
-    kind, _, path = init_from.partition(':')
-    if '{' in init_from:
-      raise ValueError(f'init_from={init_from!r} is a template: set --config.init_from to the '
-                       "previous stage's source, e.g. orbax:WORKDIR")
+    base, parts = parse_init_from(init_from)
+    kind, _, path = base.partition(':')
     seed_rng = jax.random.PRNGKey(self.cfg.seed)
     init_rng, state_rng = jax.random.split(seed_rng)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      if kind == 'scratch':
-        fn = lambda r1, r2: self._from_params(nn.meta.unbox(init_params(self.mc, r1)), r2)
+      if kind == 'scratch' and not parts:
+        fn = lambda r1, r2: self._from_params(nn.meta.unbox(self.init_fn(r1)), r2)
         return jax.jit(fn, out_shardings=self.shardings)(init_rng, state_rng)
       abstract_params = self.abstract.params
-      if kind == 'hf':
+      if kind in ('scratch', 'siglip'):
+        params = jax.jit(lambda r: nn.meta.unbox(self.init_fn(r)),
+                         out_shardings=self.param_shardings)(init_rng)
+        if kind == 'siglip':
+          params = self._siglip(path, params)
+      elif kind == 'hf':
         from kimi_vl_jax.checkpoint import hf
         # Straight into the param shardings: each process reads only its devices' blocks.
         _, params = hf.load(path, dtype=self.mc.param_dtype, shardings=abstract_params)
@@ -144,12 +178,49 @@ class StateFactory:
       elif kind == 'orbax':
         params = checkpointing.restore_params(path, abstract_params)
       else:
-        raise ValueError(f"init_from={init_from!r}: expected 'scratch', 'hf:DIR', 'params:DIR' "
-                         "or 'orbax:WORKDIR'")
+        raise ValueError(f"init_from={init_from!r}: expected 'scratch', 'hf:DIR', 'params:DIR', "
+                         "'orbax:WORKDIR' or 'siglip:DIR'")
+      params = dict(params)
+      for subtree, source in parts:
+        params[subtree] = self._subtree(subtree, source)
       self._check_same_shapes(params, init_from)
       logging.info('initialised params from %s', init_from)
       return jax.jit(self._from_params, out_shardings=self.shardings,
                      donate_argnums=0)(params, state_rng)
+
+  def _subtree(self, subtree: str, source: str):
+    """The top-level `subtree` of the params, read from `source` ('orbax:WORKDIR' | 'hf:DIR')
+    into its shardings."""
+    if subtree not in self.abstract.params:
+      raise ValueError(f'init_from: {subtree!r} is not a top-level subtree of the model; it has '
+                       f'{sorted(self.abstract.params)}')
+    kind, _, path = source.partition(':')
+    abstract = self.abstract.params[subtree]
+    if kind == 'orbax':
+      got = checkpointing.restore_params(path, {subtree: abstract})[subtree]
+    else:
+      from kimi_vl_jax.checkpoint import hf
+      _, loaded = hf.load(path, dtype=self.mc.param_dtype,
+                          include_vision=subtree != 'language_model')
+      if subtree not in loaded:
+        raise ValueError(f'init_from: {source} has no {subtree!r} subtree')
+      got = jax.device_put(loaded[subtree], jax.tree.map(lambda a: a.sharding, abstract))
+    logging.info('initialised %s from %s', subtree, source)
+    return got
+
+  def _siglip(self, path: str, params: dict) -> dict:
+    """`params` with every subtree an HF SigLIP checkpoint provides (MoonViT, pooling head,
+    text tower, loss scalars) read from `path` (`checkpoint.siglip.load`)."""
+    from kimi_vl_jax.checkpoint import siglip
+    init = siglip.load(path, vision_config=self.mc.vision, dtype=self.mc.param_dtype)
+    params = dict(params)
+    for name, sub in init.params.items():
+      if name not in params:
+        raise ValueError(f'init_from siglip:{path}: the model has no {name!r} subtree (is this '
+                         'the MoonViT pre-training stage?)')
+      params[name] = jax.device_put(sub, jax.tree.map(lambda a: a.sharding,
+                                                      self.abstract.params[name]))
+    return params
 
   def _check_same_shapes(self, params, where: str) -> None:
     want = {jax.tree_util.keystr(p): (tuple(x.shape), jnp.dtype(x.dtype)) for p, x in

@@ -1,5 +1,12 @@
-"""The one training loop every LM stage runs (joint pre-training, cooldown, long context, SFT,
-long-CoT SFT; Kimi-VL report arXiv 2504.07491 section 2.3), driven entirely by the stage config.
+"""The one training loop every stage but RL runs (ViT pre-training and alignment, joint
+pre-training, cooldown, long context, SFT, long-CoT SFT; Kimi-VL report arXiv 2504.07491 sections
+2.3-2.4), driven entirely by the stage config.
+
+What a stage plugs in (its model, batches, loss, evaluator) is a `Stage` object: `LMStage` for
+every stage that trains `KimiVL` on token batches (ViT alignment included: an LM stage with the
+language model frozen), `train.vit_pretrain.VitPretrainStage` for MoonViT's SigLIP + caption
+pre-training (`stage_for` picks it from `config.stage`). The loop itself (phases, checkpoints
+and resume, preemption, metrics, evaluation schedule) is the same for all.
 
 A run is a sequence of *phases* (`config.phases`): each has its own number of steps, data
 overrides (e.g. `seq_len` 8K -> 32K -> 128K) and model overrides (e.g. RoPE base 50000 ->
@@ -52,6 +59,50 @@ def pipeline_iterator_fn(tokenizer_cfg) -> Callable:
   return make
 
 
+class LMStage:
+  """What a language-model stage plugs into the loop: `KimiVL` on the grain pipeline's token
+  batches, `losses.lm_loss`, the held-out loss / answer-accuracy evaluator. Another stage
+  (`train.vit_pretrain.VitPretrainStage`) provides the same methods."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def model_config(self, phase_overrides=None):
+    return model_config(self.cfg, phase_overrides)
+
+  def validate(self, phases: list[dict]) -> None:
+    validate_parallel(self.cfg, phases)
+
+  def state_factory(self, mc, mesh) -> StateFactory:
+    return StateFactory(self.cfg, mc, mesh)
+
+  def iterator_fn(self) -> Callable:
+    return pipeline_iterator_fn(self.cfg.get('tokenizer'))
+
+  def batch_spec(self, data_cfg, mc):
+    """An object with `keys` and `split(host_batch, blank_images=) -> (device part, extras)`."""
+    return BatchSpec.from_config(data_cfg, mc)
+
+  def jit_step(self, factory, mc, batch_spec) -> Callable:
+    return jit_train_step(factory, mc, self.cfg.train, batch_spec)
+
+  def evaluator(self, mc, mesh, rules, iterator_fn, data_cfg, tokenizer, blank_images):
+    return evaluate.Evaluator.maybe_create(self.cfg, mc, mesh, rules, iterator_fn, data_cfg,
+                                           tokenizer, blank_images)
+
+  def counts_fn(self, mc) -> Callable | None:
+    """`(host batch) -> (tokens, FLOPs)` for throughput / MFU; None = the LM batch's."""
+    return None
+
+
+def stage_for(cfg):
+  """The `Stage` of a config: MoonViT pre-training or (every other stage) `LMStage`."""
+  if cfg.stage == 'vit_pretrain':
+    from kimi_vl_jax.train.vit_pretrain import VitPretrainStage
+    return VitPretrainStage(cfg)
+  return LMStage(cfg)
+
+
 class Trainer:
   """Runs a stage config in a workdir (see the module docstring).
 
@@ -60,9 +111,10 @@ class Trainer:
   loop: `_train_step`, `_checkpoint`, `_maybe_eval`) -> `_finish` (summary, loss curve).
   """
 
-  def __init__(self, cfg, workdir: str, iterator_fn: Callable | None = None):
+  def __init__(self, cfg, workdir: str, iterator_fn: Callable | None = None, stage=None):
     storage_paths.configure(cfg.get('storage'))  # endpoints, cache, retries (also for workers)
     self.cfg = cfg
+    self.stage = stage or stage_for(cfg)
     # A remote workdir (s3:// / gs://): checkpoints go there (through the mirror), the logs to a
     # local staging copy that starts from the remote one and is uploaded after every checkpoint
     # save, every `train.log_upload_s` seconds and when the run ends (train/remote_logs.py).
@@ -79,14 +131,14 @@ class Trainer:
           float(cfg.train.get('log_upload_s', remote_logs_lib.DEFAULT_INTERVAL_S)))
       self.remote_logs.pull()
     self.phases = resolve_phases(cfg)
-    validate_parallel(cfg, self.phases)
+    self.stage.validate(self.phases)
     self.log_every = int(cfg.train.get('log_every', 1))
     if self.log_every < 1:
       raise ValueError(f'config.train.log_every must be >= 1, got {self.log_every}')
     self.profile = metrics_lib.ProfileWindow(cfg.train.get('profile_steps'),
                                              os.path.join(self.workdir, 'profile'))
     os.makedirs(self.workdir, exist_ok=True)
-    self.iterator_fn = iterator_fn or pipeline_iterator_fn(cfg.get('tokenizer'))
+    self.iterator_fn = iterator_fn or self.stage.iterator_fn()
     self.total_steps = self.phases[-1]['end']
     self.mesh = mesh_lib.make_mesh(cfg.parallel)
     self.rules = rules_lib.get_rules(cfg.parallel.rules)
@@ -112,8 +164,8 @@ class Trainer:
   def _start(self) -> None:
     """Optimizer and state layout, checkpoint manager, metric writer, MFU reference."""
     cfg, ck = self.cfg, self.cfg.checkpoint
-    self.factory = StateFactory(cfg, model_config(cfg, self.phases[0]['model_overrides']),
-                                self.mesh)
+    self.factory = self.stage.state_factory(
+        self.stage.model_config(self.phases[0]['model_overrides']), self.mesh)
     if self.is_main:
       print(self.factory.optimizer_summary, flush=True)  # shown whatever the log verbosity
       with open(os.path.join(self.workdir, 'config.txt'), 'w') as f:
@@ -150,7 +202,7 @@ class Trainer:
     """(state, iterator, first device batch, jitted step, evaluator, model config) of a phase;
     on resume the state (and the iterator position, if it is this phase's) is restored."""
     cfg = self.cfg
-    mc = model_config(cfg, phase['model_overrides'])
+    mc = self.stage.model_config(phase['model_overrides'])
     iterator, tokenizer = self.iterator_fn(phase['data'], seed=int(cfg.seed) + 1000 * p_idx)
     if state is None:
       same = self.data_phase == p_idx
@@ -160,12 +212,12 @@ class Trainer:
         raise RuntimeError(f'checkpoint at step {self.step} holds data state of phase '
                            f'{self.data_phase} but the run is in phase {p_idx} ({phase["name"]}) '
                            'mid-way')
-    self.batch_spec = BatchSpec.from_config(phase['data'], mc)
+    self.batch_spec = self.stage.batch_spec(phase['data'], mc)
     first, _ = self.batch_spec.split(next(iterator), blank_images=self.blank_images)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      jstep = jit_train_step(self.factory, mc, cfg.train, self.batch_spec)
-    evaluator = evaluate.Evaluator.maybe_create(cfg, mc, self.mesh, self.rules, self.iterator_fn,
-                                                phase['data'], tokenizer, self.blank_images)
+      jstep = self.stage.jit_step(self.factory, mc, self.batch_spec)
+    evaluator = self.stage.evaluator(mc, self.mesh, self.rules, self.iterator_fn, phase['data'],
+                                     tokenizer, self.blank_images)
     return state, iterator, first, jstep, evaluator, mc
 
   def _run_phase(self, p_idx: int, phase: dict, state):
@@ -173,7 +225,8 @@ class Trainer:
     are fetched, so the host reads the next batch while the device computes."""
     state, iterator, batch, jstep, evaluator, mc = self._open_phase(p_idx, phase, state)
     bar = _progress(self.is_main, self.step, self.total_steps, phase['name'])
-    log = metrics_lib.StepLog(self.writer, bar, mc, self.peak_total, self.log_every, p_idx)
+    log = metrics_lib.StepLog(self.writer, bar, mc, self.peak_total, self.log_every, p_idx,
+                              counts_fn=self.stage.counts_fn(mc))
     while self.step < phase['end']:
       if batch is None:
         batch = self.batch_spec.split(next(iterator), blank_images=self.blank_images)[0]

@@ -151,8 +151,11 @@ class StepLog:
   """
 
   def __init__(self, writer: MetricWriter, bar, config: KimiVLConfig, peak_flops_total: float,
-               log_every: int, phase: int):
+               log_every: int, phase: int, counts_fn=None):
     self.writer, self.bar, self.config = writer, bar, config
+    # `(host batch) -> (tokens, FLOPs)` of this host's rows; default: the LM batch's.
+    self.counts_fn = counts_fn or (lambda b: (float((b['segment_ids'] > 0).sum()),
+                                              batch_flops(config, b)))
     self.peak_total, self.log_every, self.phase = peak_flops_total, log_every, phase
     self.pending: list[tuple[int, Any, float, float, dict | None]] = []
     self.last_time, self.tokens, self.flops = time.time(), 0.0, 0.0
@@ -161,8 +164,8 @@ class StepLog:
           data_stats: dict | None) -> None:
     """`batch`: the step's host batch (this host's rows); `data_stats` None = not a log step."""
     n = jax.process_count()
-    tokens = float((batch['segment_ids'] > 0).sum()) * n
-    self.pending.append((step, metrics, tokens, batch_flops(self.config, batch) * n, data_stats))
+    tokens, flops = self.counts_fn(batch)
+    self.pending.append((step, metrics, tokens * n, flops * n, data_stats))
 
   def flush(self, keep: int = 0) -> None:
     """Fetches (one `device_get`) and writes every pending record but the newest `keep`."""

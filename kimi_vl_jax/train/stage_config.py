@@ -2,11 +2,12 @@
 
 A stage config (`configs/<stage>.py: get_config(arg)`) is an `ml_collections.ConfigDict`:
 
-  stage            which loop runs (main.LM_STAGES)
+  stage            which stage runs (main.LOOP_STAGES: the LM stages and vit_pretrain; rl)
   model            preset name ('kimi_vl_a3b', 'small', 'tiny', 'demo') or an HF config path
   model_overrides  {'text': {...}, 'vision': {...}, top-level KimiVLConfig fields (dtype, remat)}
   tokenizer        {kind: 'kimi', path} | {kind: 'sentencepiece'} (the bundled tiny model)
-  init_from        'scratch' | 'hf:DIR' | 'params:DIR' | 'orbax:WORKDIR'
+  init_from        'scratch' | 'hf:DIR' | 'params:DIR' | 'orbax:WORKDIR' | 'siglip:DIR', then
+                   optional ',SUBTREE=orbax:WORKDIR' / ',SUBTREE=hf:DIR' parts (train/init.py)
   data_dir         substituted for `{data_dir}` in data source paths (full-scale configs)
   seed
   data             the data pipeline config (data/pipeline.py; `batch_size` = rows per host)

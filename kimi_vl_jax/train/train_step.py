@@ -138,7 +138,9 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
     lr_fn: schedule `step -> lr`, only for the `lr` metric.
     loss_fn: `(model, params, micro_batch, *, z_loss_weight, balance_loss_weight,
       loss_chunk_tokens) -> (objective_sum, aux)` with aux holding at least `ce_sum`, `z_sum`,
-      `tokens`, `correct` and optionally `expert_load`.
+      `tokens`, `correct` and optionally `expert_load` and `metric_sums` (a dict of further
+      token-weighted sums, reported divided by the tokens like the loss, e.g. the SigLIP and
+      caption terms of MoonViT pre-training).
   """
   bias_trains = True
   if trainable is not None:
@@ -225,6 +227,7 @@ def make_train_step(model, tx: optax.GradientTransformation, opts: StepOptions,
         'skipped': (~ok).astype(jnp.int32),
         **{f'counters/{k}': v for k, v in counters.items()},
     }
+    metrics.update({k: v / n_tok for k, v in aux.get('metric_sums', {}).items()})
     if lr_fn is not None:
       metrics['lr'] = lr_fn(state.step - state.counters['skipped_steps'])
     if load is not None:

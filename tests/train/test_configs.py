@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from kimi_vl_jax.data import sources
-from kimi_vl_jax.main import LM_STAGES
+from kimi_vl_jax.main import LM_STAGES, LOOP_STAGES
 from kimi_vl_jax.model.config import PRESETS
 from kimi_vl_jax.optim import schedules
 from kimi_vl_jax.train.init import model_config
@@ -52,6 +52,33 @@ def test_config_builds(stage, variant):
     assert sum(p['steps'] for p in sched['phases']) == total
   elif 'total_steps' in sched:
     assert sched['total_steps'] == total
+
+
+@pytest.mark.parametrize('variant', ['', 'tiny'])
+def test_vit_pretrain_config_builds(variant):
+  from kimi_vl_jax.train.vit_pretrain import vit_config
+  c = _load('vit_pretrain').get_config(variant)
+  assert c.stage == 'vit_pretrain' and c.model in PRESETS
+  if variant == '':
+    assert c.init_from.startswith('siglip:') and '{' in c.init_from
+    c.data_dir = '/data'
+  else:
+    assert c.init_from == 'scratch'
+    assert all(s['path'].startswith('demo:') for s in c.data.sources)
+  (phase,) = resolve_phases(c)
+  vcfg = vit_config(c)
+  assert vcfg.vision == model_config(c).vision
+  assert c.train.grad_accum == 1 and c.train.caption_weight == 2.0
+  lr = schedules.make_schedule(c.optim.schedule)
+  assert c.optim.schedule['total_steps'] == phase['steps'] and float(lr(phase['steps'] - 1)) > 0
+
+
+def test_vit_align_trains_only_moonvit_and_the_projector():
+  for variant in ('', 'tiny'):
+    c = _load('vit_align').get_config(variant)
+    assert tuple(c.optim.trainable) == ('^vision_tower/', '^projector/')
+  c = _load('vit_align').get_config('')
+  assert 'vision_tower=orbax:' in c.init_from and 'language_model=hf:' in c.init_from
 
 
 def test_long_context_and_sft_recipes():
@@ -100,7 +127,7 @@ def _all_sources(c):
 def test_every_config_names_only_data_the_pipeline_reads(stage, variant):
   c = _load(stage).get_config(variant)
   named = _all_sources(c)
-  if c.stage not in LM_STAGES:   # rl reads prompt sets (rl.prompts, tests/rl), not the pipeline
+  if c.stage not in LOOP_STAGES:   # rl reads prompt sets (rl.prompts, tests/rl), not a pipeline
     assert not named, named
     return
   assert named
