@@ -442,10 +442,14 @@ def demo_sft_checkpoint() -> str:
   """The workdir of `configs/joint_sft.py:tiny` under the demo cache (`data/build_demo.py`),
   trained there first if it holds no complete checkpoint (about 10 minutes on a 2-core CPU)."""
   from kimi_vl_jax.data.build_demo import default_cache_dir
+  import json
   workdir = os.path.join(default_cache_dir(), 'joint_sft_tiny')
   done = os.path.join(workdir, 'summary.json')
   if os.path.exists(done):
-    return workdir
+    with open(done) as f:
+      if 'preempted_at' not in json.load(f):
+        return workdir
+    # A run stopped by SIGTERM left its summary: train on from its checkpoint.
   config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), 'configs', 'joint_sft.py')
   if not os.path.exists(config_file):
@@ -453,13 +457,15 @@ def demo_sft_checkpoint() -> str:
                             'next to this package; run it yourself and pass '
                             '--config.init_from=orbax:WORKDIR')
   import importlib.util
-  import json
   spec = importlib.util.spec_from_file_location('joint_sft_config', config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   from kimi_vl_jax.train.loop import Trainer
   print(f'init_from=demo_sft: training configs/joint_sft.py:tiny in {workdir} first', flush=True)
   summary = Trainer(module.get_config('tiny'), workdir).run()
+  if 'preempted_at' in summary:
+    raise RuntimeError(f'init_from=demo_sft: training {workdir} was stopped (SIGTERM) at step '
+                       f"{summary['preempted_at']}; run again to resume it")
   with open(done, 'w') as f:
     json.dump(summary, f, default=str)
   return workdir
