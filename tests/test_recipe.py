@@ -17,6 +17,9 @@ from kimi_vl_jax.rl.trainer import resolve_templates
 from kimi_vl_jax.train.stage_config import resolve_phases
 from tests.xla_env import xla_flags
 
+# The slow tests share one module-scoped run of the chain: keep them on one xdist worker.
+pytestmark = pytest.mark.xdist_group('recipe')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = [s.name for s in recipe.STAGES]
 FULL_START = 'joint_pretrain:init_from=params:/ckpt/aligned'
