@@ -2,8 +2,10 @@
 start-up refusals, and a short form of the tiny chain (a step or two per stage) run through the
 command line, then interrupted in one stage and rerun."""
 
+import fcntl
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -16,9 +18,6 @@ from kimi_vl_jax import recipe
 from kimi_vl_jax.rl.trainer import resolve_templates
 from kimi_vl_jax.train.stage_config import resolve_phases
 from tests.xla_env import xla_flags
-
-# The slow tests share one module-scoped run of the chain: keep them on one xdist worker.
-pytestmark = pytest.mark.xdist_group('recipe')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = [s.name for s in recipe.STAGES]
@@ -169,11 +168,10 @@ def _final_params(workdir, name):
   return flat
 
 
-@pytest.fixture(scope='module')
-def chain(tmp_path_factory):
+def _make_chain(workdir):
   """The short tiny chain, then long-CoT SFT 'killed' after its step-1 checkpoint (its newest
   checkpoint and summary removed) and the same command again."""
-  workdir = tmp_path_factory.mktemp('recipe')
+  workdir.mkdir()
   first = _run(workdir)
   summaries = {n: _summary(workdir, n) for n in NAMES}
   with open(workdir / 'recipe_table.md') as f:
@@ -186,6 +184,24 @@ def chain(tmp_path_factory):
   second = _run(workdir)
   return dict(workdir=workdir, first=first, second=second, summaries=summaries, table=table,
               sft=sft)
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+  """`_make_chain` once per test session: the xdist workers that get these tests share one run
+  through a file lock in the session's temporary directory."""
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base   # the session's dir
+  with open(shared / 'recipe_chain.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = shared / 'recipe_chain.pkl'
+    if not done.exists():
+      data = _make_chain(shared / 'recipe_chain')
+      with open(shared / 'recipe_chain.pkl.tmp', 'wb') as f:
+        pickle.dump(data, f)
+      os.replace(shared / 'recipe_chain.pkl.tmp', done)
+    with open(done, 'rb') as f:
+      return pickle.load(f)
 
 
 @pytest.mark.slow
