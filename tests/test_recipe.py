@@ -2,10 +2,8 @@
 start-up refusals, and a short form of the tiny chain (a step or two per stage) run through the
 command line, then interrupted in one stage and rerun."""
 
-import fcntl
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -17,6 +15,7 @@ import pytest
 from kimi_vl_jax import recipe
 from kimi_vl_jax.rl.trainer import resolve_templates
 from kimi_vl_jax.train.stage_config import resolve_phases
+from tests import session_once
 from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,20 +187,8 @@ def _make_chain(workdir):
 
 @pytest.fixture(scope='module')
 def chain(tmp_path_factory):
-  """`_make_chain` once per test session: the xdist workers that get these tests share one run
-  through a file lock in the session's temporary directory."""
-  base = tmp_path_factory.getbasetemp()
-  shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base   # the session's dir
-  with open(shared / 'recipe_chain.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    done = shared / 'recipe_chain.pkl'
-    if not done.exists():
-      data = _make_chain(shared / 'recipe_chain')
-      with open(shared / 'recipe_chain.pkl.tmp', 'wb') as f:
-        pickle.dump(data, f)
-      os.replace(shared / 'recipe_chain.pkl.tmp', done)
-    with open(done, 'rb') as f:
-      return pickle.load(f)
+  """`_make_chain` once per test session (`tests/session_once.py`)."""
+  return session_once.once(tmp_path_factory, 'recipe_chain', _make_chain)
 
 
 @pytest.mark.slow

@@ -13,9 +13,10 @@ import time
 import pytest
 
 from kimi_vl_jax.train.metrics import read_metrics
+from tests import session_once
 from tests.xla_env import xla_flags
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('rl_resume')]
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ITERATIONS = 3
@@ -50,11 +51,15 @@ def _rl(workdir):
   return [{k: r.get(k) for k in ('step',) + KEYS} for r in read_metrics(workdir, kind='rl')]
 
 
+def _reference(d):
+  d = str(d)
+  subprocess.run(_cmd(d), check=True, cwd=ROOT, env=_env(), capture_output=True)
+  return _rl(d)
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('rl_ref'))
-  subprocess.run(_cmd(d), check=True, cwd=ROOT, env=_env(), capture_output=True)
-  ref = _rl(d)
+  ref = session_once.once(tmp_path_factory, 'rl_reference', _reference)
   assert [r['step'] for r in ref] == list(range(1, ITERATIONS + 1))
   assert any(r['rollout/unfinished'] for r in ref)        # partial rollouts were carried over
   assert any(r['loss'] for r in ref)                      # and some groups trained
