@@ -98,10 +98,11 @@ def lower_policy_step(cfg, devices, *, rows: int | None = None, seq_len: int | N
 
 
 def lower_colocated_decode(cfg, devices, *, batch: int | None = None,
-                           context: int | None = None):
+                           context: int | None = None, factory=None):
   """(Lowered, info, params, state) of the sampler's decode step as the RL trainer builds it:
   the trainer's mesh, rules and fp32 parameter shardings (`Sampler(mesh=, rules=)`), `batch`
-  rows (default the largest batch bucket) with `context` cache slots (default rl.max_len)."""
+  rows (default the largest batch bucket) with `context` cache slots (default rl.max_len).
+  `factory`: the policy step's StateFactory (its mesh and model config), else built here."""
   import dataclasses
 
   from kimi_vl_jax import aot_decode
@@ -115,8 +116,9 @@ def lower_colocated_decode(cfg, devices, *, batch: int | None = None,
   rl = RLConfig.from_config(cfg.rl)
   batch = batch or max(rl.batch_buckets)
   context = context or rl.max_len
-  rl, mc, mesh, _, factory = _setup(cfg, devices, batch, context)
-  rules = factory.rules
+  if factory is None:
+    rl, _, _, _, factory = _setup(cfg, devices, batch, context)
+  mc, mesh, rules = factory.mc, factory.mesh, factory.rules
   sc = sampling_config(mc)
   if (mesh.shape.get(expert_lib.EXPERT_AXIS, 1) > 1
       and sc.text.moe_impl in ('dropless', 'dropless_blocked')):
@@ -161,7 +163,7 @@ def plan(cfg, topology: str | aot.Topology, *, rows: int | None = None,
   state_b = shard_bytes(factory.abstract)
   start_b = params_b if tinfo['kl_to_start'] else 0
   dl, dinfo, dparams, _ = lower_colocated_decode(cfg, devices, batch=decode_batch,
-                                                 context=context)
+                                                 context=context, factory=factory)
   if shard_bytes(dparams) != params_b:
     raise AssertionError('the decode step does not take the trainer parameter shards')
   decode, decode_s = _compile(dl, topo.hbm_bytes)
