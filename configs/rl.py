@@ -27,6 +27,7 @@ def get_config(arg: str = ''):
   rl = dict(
       k=8, tau=0.01, baseline='mean', length_normalise=False, temperature=0.8, top_p=1.0,
       top_k=0, verifier='boxed', grad_accum=1, reset_optimizer=False, kl_to_start=True,
+      skip_uniform_groups=False,
       priority_floor=0.0, prompt_limit=ml_collections.config_dict.placeholder(int),
       # k1.5: the length reward joins after a warm-up, then ramps in.
       length_penalty={'weight': 0.5, 'warmup_iterations': 20, 'ramp_iterations': 20},

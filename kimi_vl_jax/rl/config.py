@@ -22,6 +22,7 @@ FIELDS = {
     # the update (rl/mirror_descent.py, rl/policy_step.py)
     'tau': 0.01, 'baseline': 'mean', 'length_normalise': False, 'groups_per_step': 4,
     'epochs': 1, 'grad_accum': 1, 'reset_optimizer': False, 'kl_to_start': True,
+    'skip_uniform_groups': False,
     # rewards beyond the answer (rl/length_penalty.py, rl/rewards.py)
     'length_penalty': {}, 'loop_penalty': {},
     # prompt selection (rl/prompt_selection.py): ((first_iteration, max_difficulty), ...)
@@ -55,6 +56,7 @@ class RLConfig:
   grad_accum: int
   reset_optimizer: bool
   kl_to_start: bool
+  skip_uniform_groups: bool
   length_penalty: LengthPenaltyConfig
   loop_penalty: rewards.LoopPenaltyConfig
   curriculum: Curriculum
@@ -104,7 +106,7 @@ class RLConfig:
                                            length_normalise=bool(v['length_normalise'])),
         groups_per_step=int(v['groups_per_step']), epochs=int(v['epochs']),
         grad_accum=int(v['grad_accum']), reset_optimizer=bool(v['reset_optimizer']),
-        kl_to_start=bool(v['kl_to_start']),
+        kl_to_start=bool(v['kl_to_start']), skip_uniform_groups=bool(v['skip_uniform_groups']),
         length_penalty=LengthPenaltyConfig(**as_dict(v['length_penalty'])),
         loop_penalty=rewards.LoopPenaltyConfig(**as_dict(v['loop_penalty'])),
         curriculum=Curriculum(curriculum), priority_floor=float(v['priority_floor']),

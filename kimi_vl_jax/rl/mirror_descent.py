@@ -65,6 +65,22 @@ def baselines(rewards: Array, k: int, kind: str, tau: float) -> Array:
   return b.reshape(-1)
 
 
+def informative_groups(rewards, k: int, atol: float = 1e-9):
+  """rewards [R] (groups of k consecutive rows) -> bool [G]: the groups whose k rewards differ.
+
+  A group whose responses all got the same reward has r_j - b_j = 0 under both baselines, so at
+  Delta = 0 (an iteration's first step) its gradient is exactly zero; at later steps of the same
+  iteration only its `tau * Delta` term remains, a pull back toward pi_i. Skipping such groups
+  (`rl.skip_uniform_groups`; DAPO's "dynamic sampling", arXiv 2503.14476 section 3.2) spends the
+  optimizer steps on the prompts that carry signal and drops that pull for the others."""
+  import numpy as np
+  r = np.asarray(rewards, np.float64)
+  if r.shape[0] % k:
+    raise ValueError(f'{r.shape[0]} rewards do not form groups of k={k}')
+  r = r.reshape(-1, k)
+  return (r.max(axis=1) - r.min(axis=1)) > atol
+
+
 def log_ratio(logp: Array, old_logp: Array, mask: Array) -> Array:
   """Delta_j = sum over the row's loss tokens of log pi_theta - log pi_i: [R, T] x 3 -> [R]."""
   m = mask.astype(jnp.float32)

@@ -65,3 +65,21 @@ def make_policy_step(model, tx, *, k: int, md: MirrorDescentConfig, grad_accum: 
   opts = StepOptions(grad_accum=grad_accum, router_bias_rate=0.0)
   return make_train_step(model, tx, opts, trainable=trainable, lr_fn=lr_fn,
                          loss_fn=functools.partial(policy_loss, k=k, md=md))
+
+
+def minibatch_groups(num_groups: int, groups_per_step: int, grad_accum: int = 1) -> list[int]:
+  """How many groups each optimizer step of an iteration holds, and the rows (/ k) its batch is
+  padded to: full steps of `groups_per_step`, then the rest in the smallest of
+  `groups_per_step / 4, / 2, / 1` that holds it (multiples of `grad_accum`), so a short last
+  step does not pay for a full batch of padding and the step compiles for at most three shapes.
+  Returns one padded size per step: `[groups_per_step] * full + [last bucket]`."""
+  if num_groups <= 0:
+    return []
+  full, rest = divmod(num_groups, groups_per_step)
+  sizes = [groups_per_step] * full
+  if rest:
+    buckets = sorted({b for b in (groups_per_step // 4, groups_per_step // 2, groups_per_step)
+                      if b > 0 and b % grad_accum == 0})
+    sizes.append(next(b for b in buckets if b >= rest))
+  return sizes
+

@@ -11,7 +11,9 @@ One iteration i (the policy at its start is pi_i):
    `rl/length_penalty.py`), update the per-prompt success statistics;
 3. compute pi_i's log-probs of those rollouts once (teacher-forced), then take `epochs` passes of
    optimizer steps over them in minibatches of `groups_per_step` groups (`rl/policy_step.py`,
-   the train stack's Muon / AdamW); optionally reset the optimizer state first;
+   the train stack's Muon / AdamW); optionally reset the optimizer state first, and optionally
+   skip the groups whose k rewards are all equal (`rl.skip_uniform_groups`: no signal at the
+   iteration's first step, `mirror_descent.informative_groups`);
 4. hand the new parameters to the sampler (device to device): they are pi_{i+1}.
 
 Restarts: the train state and the host state (iteration, prompt statistics, the unfinished
@@ -343,12 +345,21 @@ class RLTrainer:
 
   def _update(self, state, rows, it: int):
     """Step 3: pi_i's log-probs once, `epochs` passes of optimizer steps, then the KL figures."""
-    rl = self.rl
-    per = rl.groups_per_step * rl.k
-    batches = []
+    rl, k = self.rl, self.rl.k
+    out: dict[str, float] = {}
+    if rl.skip_uniform_groups:
+      keep = mirror_descent.informative_groups([r for _, _, r in rows], k)
+      out['rollout/uniform_groups'] = float((~keep).sum())
+      rows = [row for g in np.flatnonzero(keep) for row in rows[g * k:(g + 1) * k]]
+      if not rows:   # no group carries signal: the policy stays pi_i
+        return state, {**out, 'optimizer_steps': 0.0}
+    batches, start = [], 0
     with self._ctx():
-      for s in range(0, len(rows), per):
-        hb = rollouts_lib.train_batch(rows[s:s + per], it, per, rl.length_buckets, self.mc)
+      for size in policy_step.minibatch_groups(len(rows) // k, rl.groups_per_step,
+                                               rl.grad_accum):
+        chunk = rows[start:start + size * k]
+        start += len(chunk)
+        hb = rollouts_lib.train_batch(chunk, it, size * k, rl.length_buckets, self.mc)
         b = rules_lib.shard_batch(hb, self.mesh, self.rules)
         old, ent = self.logprob_fn(state.params, b)
         b['old_logp'] = old
@@ -373,9 +384,10 @@ class RLTrainer:
           start, _ = self.logprob_fn(self.start_params, b)
           kl_s += float(mirror_descent.kl_estimate_sums(b['old_logp'], start, mask)['kl_sum'])
     tok = max(tok, 1.0)
-    out = {'loss': float(np.mean(jax.device_get(losses))),
-           'grad_norm': float(np.mean(jax.device_get(gnorms))),
-           'kl/to_pi_i': kl_i / tok, 'entropy': ent_sum / tok, 'optimizer_steps': float(len(losses))}
+    out.update({'loss': float(np.mean(jax.device_get(losses))),
+                'grad_norm': float(np.mean(jax.device_get(gnorms))),
+                'kl/to_pi_i': kl_i / tok, 'entropy': ent_sum / tok,
+                'optimizer_steps': float(len(losses))})
     if self.start_params is not None:
       out['kl/pi_i_to_start'] = kl_s / tok
     return state, out

@@ -91,3 +91,20 @@ def test_kl_estimate_is_zero_at_equal_policies_and_matches_exact_kl():
   s = md.kl_estimate_sums(lp, lq, mask)
   assert abs(float(s['kl_sum'] / s['tokens']) - exact) < 0.01 * exact + 1e-3
   assert float(md.kl_estimate_sums(lp, lp, mask)['kl_sum']) == 0.0
+
+
+@pytest.mark.parametrize('baseline', md.BASELINES)
+def test_uniform_groups_have_zero_first_step_gradient_and_are_found(baseline):
+  """What `rl.skip_uniform_groups` relies on: a group whose k rewards are equal contributes
+  nothing to the gradient at Delta = 0, under both baselines."""
+  logp, _, mask, _, k = _example(3, G=4)
+  rewards = jnp.asarray([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5], jnp.float32)
+  keep = md.informative_groups(rewards, k)
+  np.testing.assert_array_equal(keep, [False, True, False, False])
+  cfg = md.MirrorDescentConfig(tau=0.2, baseline=baseline)
+  grad = jax.grad(lambda lp: md.mirror_descent_sums(lp, logp, mask, rewards, k, cfg)['loss_sum'])(
+      logp)
+  per_group = np.abs(np.asarray(grad)).reshape(4, k, -1).sum((1, 2))
+  assert np.all(per_group[~keep] == 0) and np.all(per_group[keep] > 0)
+  with pytest.raises(ValueError, match='groups of k'):
+    md.informative_groups(rewards[:-1], k)

@@ -86,3 +86,17 @@ def test_train_batch_marks_this_iterations_tokens_and_the_step_learns():
   delta = np.sum((np.asarray(new) - b['old_logp']) * b['loss_mask'], axis=1)
   # The rewarded response became more likely, the other less (advantages +0.5 / -0.5).
   assert delta[0] > 0 > delta[1], delta
+
+
+def test_minibatch_groups_pads_the_last_step_to_the_smallest_bucket():
+  from kimi_vl_jax.rl.policy_step import minibatch_groups
+  assert minibatch_groups(0, 32) == []
+  assert minibatch_groups(5, 32) == [8]
+  assert minibatch_groups(9, 32) == [16]
+  assert minibatch_groups(32, 32) == [32]
+  assert minibatch_groups(41, 32) == [32, 16]
+  assert minibatch_groups(70, 32) == [32, 32, 8]
+  assert minibatch_groups(3, 4) == [4] and minibatch_groups(1, 4) == [1]
+  # each padded step holds whole groups per micro-batch
+  assert minibatch_groups(3, 8, grad_accum=4) == [4]
+  assert minibatch_groups(1, 8, grad_accum=8) == [8]
