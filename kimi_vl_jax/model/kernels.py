@@ -9,6 +9,12 @@ the vision tower, the decoder layers, MLA and the MoE):
   `KimiVLConfig.attention_impl`); the decoder uses it through `causal_attention`:
 * `causal_attention`: `(q, k, v, segment_ids, scale, *, kernel, layout) -> out`, the decoder's
   attention over the (possibly context-sharded) sequence; default `attention.causal_attention`.
+* `latent_attention`: `(q, latent, expand, expand_params, segment_ids, scale, *, kernel, layout)
+  -> out`, the same attention when keys and values are computed token by token from a smaller
+  latent: `expand(expand_params, latent) -> (k, v)` (MLA: `[c_kv | rope(k_rope)]`, R + Hr = 576
+  values per token for Kimi-VL-A3B, expanded by `kv_b_proj`'s kernel into 5,120). Context
+  parallelism's all-gather moves the latent and expands it on every shard. None (default): the
+  caller expands and calls `causal_attention`.
 * `vision_attention`: the same signature, MoonViT's per-image attention. Its rows are
   independent, so it skips blocks row by row (`AttentionKernel(per_row=True)`, per device:
   one device here, inside `shard_map` over the batch axes on a mesh), and an all-padding row of
@@ -44,6 +50,7 @@ class Kernels:
   """See the module docstring. Every field is hashable (functions, frozen dataclasses)."""
   attention: attention_lib.AttentionKernel = attention_lib.AttentionKernel()
   causal_attention: Callable = attention_lib.causal_attention
+  latent_attention: Callable | None = None
   vision_attention: Callable | None = None
   routed_experts: Callable = moe.routed_experts_dropless
   pipeline: Callable | None = None

@@ -10,7 +10,11 @@ Numerics follow transformers' `DeepseekV3Attention` (rope_interleave=True): RoPE
 fp32, optional YaRN scaling (`rope_scaling`), softmax scale `Hqk^-0.5 * mscale(factor,
 mscale_all_dim)^2`, fp32 softmax. The causal + segment-masked attention is the given `Kernels`'
 `causal_attention` (by default `attention.causal_attention` on one device), so packed examples
-never attend to each other.
+never attend to each other. Keys and values are a per-token function of the latent
+`[c_kv | rope(k_rope)]` (`expand_latent`); a `Kernels.latent_attention` (context parallelism's
+all-gather) receives the latent, the expansion and `kv_b_proj`'s kernel instead of K/V, so it can
+move the R + Hr values per token (576 for Kimi-VL-A3B) rather than the expanded
+N x (Hn + Hr + Hv) (5,120) and expand where the keys are used.
 
 Decoding with a KV cache (`docs/sampling.md`): the cache holds, per token, only the normalised
 latent `c_kv` [R] and the rotated rope key `k_rope` [Hr] (576 values for Kimi-VL-A3B). `mode`
@@ -32,6 +36,7 @@ Einsum letters: B batch, T query, S key, D model, N heads, H head dim, R lora ra
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -111,6 +116,29 @@ def rope_cos_sin(positions: Array, inv_freq: np.ndarray, attention_factor: float
   return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 
+def heads_kv(kv: Array, k_rope: Array, nope_dim: int) -> tuple[Array, Array]:
+  """kv [B, S, N, Hn + Hv] = `c_kv kv_b_proj`, k_rope [B, S, Hr] (rotated, shared by the heads)
+  -> k [B, S, N, Hn + Hr] = `[k_nope | k_rope]`, v [B, S, N, Hv]."""
+  k_nope, v = kv[..., :nope_dim], kv[..., nope_dim:]
+  k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + k_rope.shape[-1:])
+  return jnp.concatenate([k_nope, k_rope], axis=-1), v
+
+
+def expand_latent(w_kv: Array, latent: Array, *, nope_dim: int, dtype=jnp.float32
+                  ) -> tuple[Array, Array]:
+  """Per-head keys and values from the per-token latent (DeepSeek-V2 section 2.1.2).
+
+  w_kv [R, N, Hn + Hv] (`kv_b_proj`'s kernel in the compute dtype), latent [B, S, R + Hr] =
+  `[c_kv | rope(k_rope)]` -> `heads_kv(c_kv W_kv, k_rope)`: the same einsum as `kv_b_proj`.
+  Token by token, so it commutes with moving tokens between devices: context parallelism
+  gathers the 576-value latent (Kimi-VL-A3B) and expands after the gather.
+  """
+  R = w_kv.shape[0]
+  ckv, k_rope = latent[..., :R], latent[..., R:]
+  kv = jnp.einsum('BSR,RNH->BSNH', ckv.astype(dtype), w_kv.astype(dtype))
+  return heads_kv(kv, k_rope.astype(dtype), nope_dim)
+
+
 # ---------------------------------------------------------------------------------------------
 
 class MLA(nn.Module):
@@ -176,18 +204,24 @@ class MLA(nn.Module):
       out, entries = self._decode(q_nope, q_rope, ckv, k_rope, positions, cache, kv_b_proj, scale)
       return o_proj('BTNH,NHD->BTD', out), entries
 
-    kv = kv_b_proj('BSR,RNH->BSNH', ckv)
-    k_nope, v = kv[..., :Hn], kv[..., Hn:]                          # [B, S, N, Hn], [B, S, N, Hv]
     q = jnp.concatenate([q_nope, q_rope], axis=-1)                  # [B, T, N, Hqk]
-    k_rope = jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + (Hr,))
-    k = jnp.concatenate([k_nope, k_rope], axis=-1)                  # [B, S, N, Hqk]
-    # Single device, or rows split over a 'context' mesh axis (as the kernels say).
-    out = self.kernels.causal_attention(q, k, v, segment_ids, scale,
-                                        kernel=self.kernels.attention, layout=self.layout)
+    kw = dict(kernel=self.kernels.attention, layout=self.layout)
+    if self.kernels.latent_attention is None:
+      # Expand here, then the (single-device or context-parallel) attention over K/V.
+      k, v = heads_kv(kv_b_proj('BSR,RNH->BSNH', ckv), k_rope, Hn)  # [B, S, N, Hqk], [.., Hv]
+      out = self.kernels.causal_attention(q, k, v, segment_ids, scale, **kw)
+    else:
+      # The kernel expands the latent [c_kv | rope(k_rope)] [B, S, R + Hr] where it wants
+      # (context parallelism: after gathering it), with kv_b_proj's kernel read in the compute
+      # dtype (an einsum with the scalar 1, as `_decode` does).
+      latent = jnp.concatenate([ckv, k_rope], axis=-1)
+      w_kv = kv_b_proj(',RNH->RNH', jnp.ones((), self.dtype))       # [R, N, Hn + Hv]
+      expand = functools.partial(expand_latent, nope_dim=Hn, dtype=self.dtype)
+      out = self.kernels.latent_attention(q, latent, expand, w_kv, segment_ids, scale, **kw)
     out = constrain(out, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
     out = o_proj('BTNH,NHD->BTD', out)
     if self.mode == 'prefill':
-      return out, (ckv, k_rope[:, :, 0, :])
+      return out, (ckv, k_rope)
     return out
 
   def _decode(self, q_nope: Array, q_rope: Array, ckv: Array, k_rope: Array, positions: Array,

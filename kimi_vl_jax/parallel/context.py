@@ -230,13 +230,38 @@ class LoadBalancedLayout:
 # Attention over a context-sharded sequence.
 
 
+def _gather_tokens(x):
+  """[b, t, ...] on each context shard -> the whole row [b, T, ...] (a pytree, leaf by leaf); the
+  backward pass is a reduce-scatter of the cotangent."""
+  return jax.tree.map(lambda a: jax.lax.all_gather(a, CONTEXT_AXIS, axis=1, tiled=True), x)
+
+
 def _all_gather_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float,
                       kernel: attention.AttentionKernel):
   """Per-shard body: local queries [b, t] against the gathered keys / values [b, T]."""
+  k, v = _gather_tokens((k, v))                                  # [b, T, N, H], [b, T, N, Hv]
+  return _attend_gathered(q, k, v, q_segment_ids, _gather_tokens(kv_segment_ids), index=index,
+                          scale=scale, kernel=kernel)
+
+
+def _all_gather_latent_shard(q, latent, expand_params, q_segment_ids, kv_segment_ids, *,
+                             expand, index: np.ndarray, scale: float,
+                             kernel: attention.AttentionKernel):
+  """Per-shard body: gather the latent [b, t, ...] of the row, expand K/V [b, T] here.
+
+  `expand_params` enter replicated; the shard_map's transpose sums their gradient, each shard's
+  share being its own queries' dK / dV through the gathered latent, over the context and batch
+  shards (no double counting: a key's gradient is split by the queries that read it).
+  """
+  k, v = expand(expand_params, _gather_tokens(latent))          # [b, T, N, H], [b, T, N, Hv]
+  return _attend_gathered(q, k, v, q_segment_ids, _gather_tokens(kv_segment_ids), index=index,
+                          scale=scale, kernel=kernel)
+
+
+def _attend_gathered(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float,
+                     kernel: attention.AttentionKernel):
+  """Local queries [b, t] (this shard's slots of the row) against the whole row's K/V [b, T]."""
   t = q.shape[1]
-  k = jax.lax.all_gather(k, CONTEXT_AXIS, axis=1, tiled=True)                # [b, T, N, H]
-  v = jax.lax.all_gather(v, CONTEXT_AXIS, axis=1, tiled=True)                # [b, T, N, Hv]
-  kv_segment_ids = jax.lax.all_gather(kv_segment_ids, CONTEXT_AXIS, axis=1, tiled=True)
   index = jnp.asarray(index, jnp.int32)                                      # [T] sequence index
   q_index = jax.lax.dynamic_slice_in_dim(index, jax.lax.axis_index(CONTEXT_AXIS) * t, t)
   return kernel(q, k, v, q_segment_ids, kv_segment_ids, causal=True, scale=scale,
@@ -252,21 +277,45 @@ class ContextAttention:
   K/V, each shard's [T/C, T] problem on `kernel` (dense; 'flash' keeps it O(T/C x block)).
   `ring=True`: K/V blocks travel around the ring (C - 1 `ppermute`s), per-step scores
   [B, N, T/C, T/C], folded by flash's online softmax (`kernel` is not used).
+
+  `latent` is the all-gather form's `Kernels.latent_attention` (`ring=False` only): it gathers
+  the per-token latent K/V are made of and expands on every shard. The ring keeps moving
+  expanded K/V blocks (`build_kernels` gives it no `latent_attention`, so MLA expands first).
   """
   mesh: Mesh
   rules: tuple
   context: int
   ring: bool = False
 
-  def __call__(self, q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
-               kernel: attention.AttentionKernel | None = None, layout: str = SEQUENCE) -> Array:
+  def _setup(self, q: Array, kernel, layout: str):
     if layout not in LAYOUTS:
       raise ValueError(f'unknown sequence layout {layout!r}; choose one of {LAYOUTS}')
     kernel = attention.AttentionKernel() if kernel is None else kernel
     C, T = self.context, q.shape[1]
     check_seq_len(T, C, load_balance=layout == LOAD_BALANCED)
-    seq = _row_spec(self.mesh, self.rules, q.shape[0])
-    index = layout_index(T, C, layout)
+    return kernel, _row_spec(self.mesh, self.rules, q.shape[0]), layout_index(T, C, layout)
+
+  def latent(self, q: Array, latent, expand, expand_params, segment_ids: Array, scale: float,
+             *, kernel: attention.AttentionKernel | None = None,
+             layout: str = SEQUENCE) -> Array:
+    """`Kernels.latent_attention`: q [B, T, N, H], latent (a pytree of [B, T, ...] arrays), the
+    token-wise `expand(expand_params, latent) -> (k, v)` and its replicated parameters,
+    segment_ids [B, T] -> [B, T, N, Hv]. Each shard all-gathers the latent and the segment ids
+    of the row and expands K/V itself (MLA: 576 instead of 5,120 values per token for
+    Kimi-VL-A3B, for C x the `kv_b_proj` FLOPs: every shard expands the whole row)."""
+    if self.ring:
+      raise ValueError('ring context attention moves expanded K/V blocks; call it with k, v '
+                       '(build_kernels gives the ring no latent_attention)')
+    kernel, seq, index = self._setup(q, kernel, layout)
+    body = lambda *a: _all_gather_latent_shard(*a, expand=expand, index=index,  # noqa: E731
+                                               scale=scale, kernel=kernel)
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(seq, seq, P(), seq, seq), out_specs=seq)
+    return fn(q, latent, expand_params, segment_ids, segment_ids)
+
+  def __call__(self, q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
+               kernel: attention.AttentionKernel | None = None, layout: str = SEQUENCE) -> Array:
+    kernel, seq, index = self._setup(q, kernel, layout)
+    C = self.context
     if self.ring:
       body = lambda *a: _ring_shard(*a, index=index, scale=scale, context=C,  # noqa: E731
                                      layout=layout)

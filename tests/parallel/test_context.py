@@ -2,7 +2,8 @@
 
 The tiny KimiVL (images + two packed text segments per row) under data 2 x context 4 must give the
 single-device logits, loss and gradients, with and without the load-balanced layout; the compiled
-step must all-gather K/V over 'context' and keep per-device attention logits at T/C x T.
+step's all-gather attention must gather MLA's latent (R + Hr values per token, not the expanded
+per-head K/V) over 'context' and keep per-device attention logits at T/C x T.
 """
 
 import dataclasses
@@ -18,10 +19,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kimi_vl_jax.model import KimiVL, attention
 from kimi_vl_jax.model import config as config_lib
+from kimi_vl_jax.model import mla
 from kimi_vl_jax.model.decoder import LanguageModel
 from kimi_vl_jax.model.kimi_vl import init_params
 from kimi_vl_jax.model.vision import MoonViT, merge_order
-from kimi_vl_jax.parallel import context
+from kimi_vl_jax.parallel import context, hlo_cost
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import rules as rules_lib
 from kimi_vl_jax.parallel.kernels import build_kernels
@@ -136,6 +138,15 @@ def _kv_gathers(hlo: str, n_heads: int) -> list[str]:
   return [l for l in hlo.splitlines() if pat.search(l) and "{'context'}" in l]
 
 
+def _attention_context_gathers(hlo: str, scope: str = '/self_attn/') -> list[hlo_cost.Instruction]:
+  """The all-gathers over the 'context' mesh axis alone whose op_name contains `scope` (default:
+  the decoder's attention; forward only, their backward is a reduce-scatter), from the HLO."""
+  comps, _ = hlo_cost.parse_module(hlo)
+  return [i for c in comps.values() for i in c.instructions
+          if i.opcode in ('all-gather', 'all-gather-start') and "{'context'}" in i.attrs
+          and scope in i.op_name]
+
+
 def _attention_logit_shapes(hlo: str, n_heads: int) -> set[tuple[int, ...]]:
   """Shapes [b, N, t, s] of f32 4-D buffers whose second dim is the head count."""
   shapes = {tuple(int(d) for d in m.split(','))
@@ -248,6 +259,65 @@ def test_attention_matches_single_device(impl, layout):
     assert shapes and all(s[2:] == (T // 4, T // 4) for s in shapes), shapes
 
 
+@pytest.mark.parametrize('mesh_shape, layout', [((2, 4), 'sequence'), ((2, 4), 'load_balanced'),
+                                                ((4, 2), 'load_balanced')])
+def test_latent_attention_matches_single_device(mesh_shape, layout):
+  """`latent_attention` (gather the latent, expand on every shard) gives the single-device values
+  and gradients w.r.t. q, the latent and the expansion's weights: the weights' gradient is summed
+  over the context (and batch) shards exactly once. data 4 x context 2 replicates the B = 2 rows
+  over part of 'data', so there the weights' gradient must not be summed over those copies."""
+  r = np.random.default_rng(4)
+  N, Hn, Hr, Hv, R = 2, 8, 4, 6, 5
+  q = r.normal(size=(B, T, N, Hn + Hr)).astype(np.float32)
+  latent = r.normal(size=(B, T, R + Hr)).astype(np.float32)
+  w = (0.3 * r.normal(size=(R, N, Hn + Hv))).astype(np.float32)
+  seg = _batch()['segment_ids']
+  scale = (Hn + Hr) ** -0.5
+  expand = functools.partial(mla.expand_latent, nope_dim=Hn)
+  weights = jnp.arange(B * T * N * Hv).reshape(B, T, N, Hv) / (B * T * N * Hv)
+
+  def single(q, latent, w, seg):
+    k, v = expand(w, latent)
+    return attention.causal_attention(q, k, v, seg, scale)
+
+  data, C = mesh_shape
+  mesh = _mesh(data=data, context=C)
+  kernels = build_kernels(_config(), mesh, 'dp_cp')
+  perm = context.layout_index(T, C, layout)
+  inv = context.inverse_permutation(perm)
+
+  def sharded(q, latent, w, seg):  # inputs / outputs in sequence order, attention in `layout`
+    q, latent, seg = (a[:, perm] for a in (q, latent, seg))
+    out = kernels.latent_attention(q, latent, expand, w, seg, scale, kernel=kernels.attention,
+                                   layout=layout)
+    return out[:, inv]
+
+  def grads(fn):
+    loss = lambda *a: (jnp.sum(jnp.sin(fn(*a, seg)) * weights), fn(*a, seg))  # noqa: E731
+    return jax.value_and_grad(loss, (0, 1, 2), has_aux=True)
+
+  (_, ref), ref_g = grads(single)(q, latent, w)
+  with rules_lib.sharding_context(mesh, 'dp_cp'):
+    fn = jax.jit(grads(sharded))
+    (_, got), got_g = fn(q, latent, w)
+    gathers = _attention_context_gathers(fn.lower(q, latent, w).compile().as_text(), '')
+  assert _rel_err(got, ref) <= 1e-5
+  for name, g, rg in zip(('q', 'latent', 'w'), got_g, ref_g):
+    assert _rel_err(g, rg) <= 1e-5, name
+  # The latent and the segment ids travel, not K/V.
+  b = B // data if B % data == 0 else B          # rows not divisible by 'data' are replicated
+  assert sorted(i.shape.arrays[0][:2] for i in gathers) == [('f32', (b, T, R + Hr)),
+                                                            ('s32', (b, T))], [
+      i.line for i in gathers]
+
+
+def test_ring_has_no_latent_attention():
+  kernels = build_kernels(_config(context_parallel='ring'), _mesh(data=2, context=4), 'dp_cp')
+  assert kernels.latent_attention is None
+  with pytest.raises(ValueError, match='ring context attention moves expanded K/V'):
+    kernels.causal_attention.latent(*(None,) * 5, 1.0)
+
+
 def test_attention_memory_per_device_shrinks_with_context():
   """compiled.memory_analysis(): the attention fwd+bwd temporaries per device under data 2 x
   context 4 shrink with the T x T -> T/C x T logits on half the rows (ideal 1/8; measured about
@@ -279,23 +349,29 @@ def test_attention_memory_per_device_shrinks_with_context():
 # --------------------------------------------------------------------------------------------
 # Whole model: sharded == single device.
 
+@pytest.fixture(scope='module')
+def data2_context4(setup):
+  """load_balance -> the sharded step's (loss, logits, grads) and compiled HLO (compiled once
+  per layout for the tests below)."""
+  config, params, batch, _ = setup
+  runs = {}
+
+  def run(load_balance):
+    if load_balance not in runs:
+      runs[load_balance] = _run_sharded(config.replace(context_load_balance=load_balance),
+                                        params, batch, _mesh(data=2, context=4), 'dp_cp')
+    return runs[load_balance]
+  return run
+
+
 @pytest.mark.parametrize('load_balance', [True, False])
-def test_kimi_vl_data2_context4_matches_single_device(setup, load_balance):
+def test_kimi_vl_data2_context4_matches_single_device(setup, data2_context4, load_balance):
   config, params, batch, ref = setup
-  mesh = _mesh(data=2, context=4)
-  got, hlo = _run_sharded(config.replace(context_load_balance=load_balance), params, batch,
-                          mesh, 'dp_cp')
+  got, hlo = data2_context4(load_balance)
   _assert_matches(got, ref)
   assert config.text.context_parallel == 'all_gather'   # the default
-
-  # K/V (and the segment ids) are all-gathered over 'context' inside attention ...
-  gathers = [l for l in hlo.splitlines() if 'all-gather(' in l and "{'context'}" in l]
   t = config.text
-  k_shape = f'f32[{B // 2},{T},{t.num_heads},{t.qk_head_dim}]'
-  v_shape = f'f32[{B // 2},{T},{t.num_heads},{t.v_head_dim}]'
-  assert any(k_shape in l for l in gathers), gathers
-  assert any(v_shape in l for l in gathers), gathers
-  # ... and every per-device attention logits buffer is [B/data, N, T/C, T] (or its transpose),
+  # Every per-device attention logits buffer is [B/data, N, T/C, T] (or its transpose),
   # never T x T.
   shapes = _attention_logit_shapes(hlo, t.num_heads)
   assert (B // 2, t.num_heads, T // 4, T) in shapes, shapes
@@ -304,6 +380,27 @@ def test_kimi_vl_data2_context4_matches_single_device(setup, load_balance):
     assert 'collective-permute' in hlo
   # The logits come back to sequence order by ppermute, never by gathering whole rows [b, T, V].
   assert not re.search(rf'= f32\[\d+,{T},{t.vocab_size}\]\S* all-gather\(', hlo)
+
+
+def test_kimi_vl_context_all_gather_moves_the_latent(setup, data2_context4):
+  """Each decoder attention all-gathers, per token, MLA's normalised latent and rotated rope key
+  (kv_lora_rank + qk_rope_head_dim values) and the segment id over 'context', not the per-head
+  keys and values (num_heads x (qk_head_dim + v_head_dim)); the bytes are counted in the HLO."""
+  config = setup[0]
+  t = config.text
+  _, hlo = data2_context4(True)
+  gathers = _attention_context_gathers(hlo)
+  b = B // 2                                                   # rows per data shard
+  floats = [i for i in gathers if i.shape.arrays[0][0] == 'f32']
+  ints = [i for i in gathers if i.shape.arrays[0][0] == 's32']
+  assert floats and ints, [i.line for i in gathers]
+  assert all(i.shape.dims == (b, T) for i in ints), [i.line for i in ints]   # segment ids
+  latent_bytes = sum(i.shape.bytes for i in floats)
+  per_token = latent_bytes / (t.num_layers * b * T * 4)
+  expanded = t.num_heads * (t.qk_head_dim + t.v_head_dim)
+  assert per_token == t.kv_lora_rank + t.qk_rope_head_dim, (per_token, expanded)
+  assert latent_bytes == t.num_layers * b * T * (t.kv_lora_rank + t.qk_rope_head_dim) * 4
+  assert not _kv_gathers(hlo, t.num_heads)
 
 
 @pytest.mark.slow
@@ -333,7 +430,11 @@ def test_kimi_vl_expert2_pipeline2_context2_matches_single_device(impl):
   mesh = _mesh(data=1, expert=2, pipeline=2, context=2)
   got, hlo = _run_sharded(cfg, params, batch, mesh, 'fsdp_ep_cp')
   _assert_matches(got, (loss, logits, grads))
-  assert bool(_kv_gathers(hlo, cfg.text.num_heads)) == (impl == 'all_gather')
+  assert not _kv_gathers(hlo, cfg.text.num_heads)          # the ring permutes, all_gather ...
+  widths = {i.shape.dims[-1] for i in _attention_context_gathers(hlo)
+            if i.shape.arrays[0][0] == 'f32'}               # ... gathers the latent
+  t = cfg.text
+  assert widths == ({t.kv_lora_rank + t.qk_rope_head_dim} if impl == 'all_gather' else set())
 
 
 def test_language_model_alone_uses_the_sequence_layout(setup):
