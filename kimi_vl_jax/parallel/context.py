@@ -6,12 +6,21 @@ tokens. Everything in a decoder layer is per token except attention, which is th
 token needs the others:
 
 * `'all_gather'` (`ContextAttention(ring=False)`): each context shard keeps its T / C queries and
-  all-gathers the keys, values and segment ids of the whole row, so its attention logits are
-  `[B, N, T/C, T]` instead of `[B, N, T, T]`. The backward pass of the all-gather is a
-  reduce-scatter of dK, dV. Causality uses each token's *original sequence index* (not its slot
-  in the local buffer), which the shard computes from its `axis_index` and the static layout
-  below; packed segment ids keep examples apart exactly as on one device.
-* `'ring'` (`ContextAttention(ring=True)`): K/V blocks of T / C tokens travel around the context
+  all-gathers what the keys and values of the whole row are made of, and the segment ids, so its
+  attention logits are `[B, N, T/C, T]` instead of `[B, N, T, T]`. MLA's keys and values are a
+  per-token function of its latent (`mla.expand_latent`), so MLA calls `ContextAttention.latent`
+  (`Kernels.latent_attention`) with `[c_kv | rope(k_rope)]` (after `kv_a_layernorm` and RoPE) and
+  `kv_b_proj`'s kernel: the shard gathers kv_lora_rank + qk_rope_head_dim values per token (576
+  for Kimi-VL-A3B; 8.9x fewer than the expanded per-head K/V, num_heads x (qk_head_dim +
+  v_head_dim) = 5,120) and expands K/V for the whole row itself, trading C x the `kv_b_proj`
+  FLOPs for the bytes. The backward pass of the all-gather is a reduce-scatter of the latent's
+  gradient; `kv_b_proj`'s gradient is each shard's own queries' share, summed over the shards by
+  the `shard_map` (tested against one device). Causality uses each token's *original sequence
+  index* (not its slot in the local buffer), which the shard computes from its `axis_index` and
+  the static layout below; packed segment ids keep examples apart exactly as on one device.
+  `ContextAttention.__call__` gathers given K/V instead (any attention with per-head K/V).
+* `'ring'` (`ContextAttention(ring=True)`): expanded K/V blocks of T / C tokens travel around the
+  context
   ring (C - 1 `ppermute`s) and are folded into an fp32 online softmax (flash attention's
   `online_softmax_fold`); blocks the causal mask cannot reach are skipped (`lax.cond`), so per-step
   scores are `[B, N, T/C, T/C]` and, in the load-balanced layout, every shard computes half a block
@@ -20,7 +29,8 @@ token needs the others:
 Select with `TextConfig.context_parallel` ('all_gather' default, 'ring', or 'none' = leave the
 sharded attention to XLA's propagation); the layout with `KimiVLConfig.context_load_balance`.
 `parallel.kernels.build_kernels` puts a `ContextAttention` in the model's `Kernels.causal_attention`
-and, for the balanced layout, a `LoadBalancedLayout` in `Kernels.sequence_layout`.
+(for 'all_gather' also its `latent` method in `Kernels.latent_attention`) and, for the balanced
+layout, a `LoadBalancedLayout` in `Kernels.sequence_layout`.
 
 Load balancing ("dual chunk swap", zig-zag; Llama 3 context parallelism, Megatron-LM CP): with a
 causal mask, query i sees i + 1 keys, so contiguous slices give the last shard C times the work of
