@@ -8,7 +8,7 @@ token needs the others:
 * `'all_gather'` (`ContextAttention(ring=False)`): each context shard keeps its T / C queries and
   all-gathers what the keys and values of the whole row are made of, and the segment ids, so its
   attention logits are `[B, N, T/C, T]` instead of `[B, N, T, T]`. MLA's keys and values are a
-  per-token function of its latent (`mla.expand_latent`), so MLA calls `ContextAttention.latent`
+  per-token function of its latent (`mla.expand_latent`), so MLA calls `LatentContextAttention`
   (`Kernels.latent_attention`) with `[c_kv | rope(k_rope)]` (after `kv_a_layernorm` and RoPE) and
   `kv_b_proj`'s kernel: the shard gathers kv_lora_rank + qk_rope_head_dim values per token (576
   for Kimi-VL-A3B; 8.9x fewer than the expanded per-head K/V, num_heads x (qk_head_dim +
@@ -18,10 +18,9 @@ token needs the others:
   the `shard_map` (tested against one device). Causality uses each token's *original sequence
   index* (not its slot in the local buffer), which the shard computes from its `axis_index` and
   the static layout below; packed segment ids keep examples apart exactly as on one device.
-  `ContextAttention.__call__` gathers given K/V instead (any attention with per-head K/V).
+  `ContextAttention(ring=False)` itself gathers given K/V (any attention with per-head K/V).
 * `'ring'` (`ContextAttention(ring=True)`): expanded K/V blocks of T / C tokens travel around the
-  context
-  ring (C - 1 `ppermute`s) and are folded into an fp32 online softmax (flash attention's
+  context ring (C - 1 `ppermute`s) and are folded into an fp32 online softmax (flash attention's
   `online_softmax_fold`); blocks the causal mask cannot reach are skipped (`lax.cond`), so per-step
   scores are `[B, N, T/C, T/C]` and, in the load-balanced layout, every shard computes half a block
   per step.
@@ -29,8 +28,8 @@ token needs the others:
 Select with `TextConfig.context_parallel` ('all_gather' default, 'ring', or 'none' = leave the
 sharded attention to XLA's propagation); the layout with `KimiVLConfig.context_load_balance`.
 `parallel.kernels.build_kernels` puts a `ContextAttention` in the model's `Kernels.causal_attention`
-(for 'all_gather' also its `latent` method in `Kernels.latent_attention`) and, for the balanced
-layout, a `LoadBalancedLayout` in `Kernels.sequence_layout`.
+(for 'all_gather' also a `LatentContextAttention` in `Kernels.latent_attention`) and, for the
+balanced layout, a `LoadBalancedLayout` in `Kernels.sequence_layout`.
 
 Load balancing ("dual chunk swap", zig-zag; Llama 3 context parallelism, Megatron-LM CP): with a
 causal mask, query i sees i + 1 keys, so contiguous slices give the last shard C times the work of
@@ -278,6 +277,16 @@ def _attend_gathered(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarra
                 q_positions=q_index[None], kv_positions=index[None])        # [b, t, N, Hv]
 
 
+def _prepare(mesh: Mesh, rules, context: int, q: Array, kernel, layout: str):
+  """(kernel, the shard_map spec of [B, T, ...] rows, the sequence index of every slot [T])."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'unknown sequence layout {layout!r}; choose one of {LAYOUTS}')
+  kernel = attention.AttentionKernel() if kernel is None else kernel
+  T = q.shape[1]
+  check_seq_len(T, context, load_balance=layout == LOAD_BALANCED)
+  return kernel, _row_spec(mesh, rules, q.shape[0]), layout_index(T, context, layout)
+
+
 @dataclasses.dataclass(frozen=True)
 class ContextAttention:
   """`Kernels.causal_attention` over rows split over `mesh`'s context axis (`context` shards).
@@ -286,46 +295,20 @@ class ContextAttention:
   layout) -> [B, T, N, Hv]`, global shapes, rows stored in `layout`. `ring=False`: all-gather
   K/V, each shard's [T/C, T] problem on `kernel` (dense; 'flash' keeps it O(T/C x block)).
   `ring=True`: K/V blocks travel around the ring (C - 1 `ppermute`s), per-step scores
-  [B, N, T/C, T/C], folded by flash's online softmax (`kernel` is not used).
-
-  `latent` is the all-gather form's `Kernels.latent_attention` (`ring=False` only): it gathers
-  the per-token latent K/V are made of and expands on every shard. The ring keeps moving
-  expanded K/V blocks (`build_kernels` gives it no `latent_attention`, so MLA expands first).
+  [B, N, T/C, T/C], folded by flash's online softmax (`kernel` is not used). MLA reaches the
+  all-gather form through `LatentContextAttention` (it gathers the latent instead of K/V); the
+  ring keeps moving expanded K/V blocks (`build_kernels` gives it no `latent_attention`, so MLA
+  expands before calling it).
   """
   mesh: Mesh
   rules: tuple
   context: int
   ring: bool = False
 
-  def _setup(self, q: Array, kernel, layout: str):
-    if layout not in LAYOUTS:
-      raise ValueError(f'unknown sequence layout {layout!r}; choose one of {LAYOUTS}')
-    kernel = attention.AttentionKernel() if kernel is None else kernel
-    C, T = self.context, q.shape[1]
-    check_seq_len(T, C, load_balance=layout == LOAD_BALANCED)
-    return kernel, _row_spec(self.mesh, self.rules, q.shape[0]), layout_index(T, C, layout)
-
-  def latent(self, q: Array, latent, expand, expand_params, segment_ids: Array, scale: float,
-             *, kernel: attention.AttentionKernel | None = None,
-             layout: str = SEQUENCE) -> Array:
-    """`Kernels.latent_attention`: q [B, T, N, H], latent (a pytree of [B, T, ...] arrays), the
-    token-wise `expand(expand_params, latent) -> (k, v)` and its replicated parameters,
-    segment_ids [B, T] -> [B, T, N, Hv]. Each shard all-gathers the latent and the segment ids
-    of the row and expands K/V itself (MLA: 576 instead of 5,120 values per token for
-    Kimi-VL-A3B, for C x the `kv_b_proj` FLOPs: every shard expands the whole row)."""
-    if self.ring:
-      raise ValueError('ring context attention moves expanded K/V blocks; call it with k, v '
-                       '(build_kernels gives the ring no latent_attention)')
-    kernel, seq, index = self._setup(q, kernel, layout)
-    body = lambda *a: _all_gather_latent_shard(*a, expand=expand, index=index,  # noqa: E731
-                                               scale=scale, kernel=kernel)
-    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(seq, seq, P(), seq, seq), out_specs=seq)
-    return fn(q, latent, expand_params, segment_ids, segment_ids)
-
   def __call__(self, q: Array, k: Array, v: Array, segment_ids: Array, scale: float, *,
                kernel: attention.AttentionKernel | None = None, layout: str = SEQUENCE) -> Array:
-    kernel, seq, index = self._setup(q, kernel, layout)
     C = self.context
+    kernel, seq, index = _prepare(self.mesh, self.rules, C, q, kernel, layout)
     if self.ring:
       body = lambda *a: _ring_shard(*a, index=index, scale=scale, context=C,  # noqa: E731
                                      layout=layout)
@@ -338,6 +321,31 @@ class ContextAttention:
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(seq,) * 5, out_specs=seq,
                        check_vma=not self.ring)
     return fn(q, k, v, segment_ids, segment_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentContextAttention:
+  """`Kernels.latent_attention` of the all-gather form over `mesh`'s context axis.
+
+  `(q [B, T, N, H], latent, expand, expand_params, segment_ids [B, T], scale, *, kernel, layout)
+  -> [B, T, N, Hv]`: `latent` is a pytree of [B, T, ...] arrays, `expand(expand_params, latent)
+  -> (k, v)` works token by token, `expand_params` are replicated. Each shard all-gathers the
+  latent and the segment ids of the row and expands K/V itself, then attends as
+  `ContextAttention(ring=False)` does (MLA: 576 instead of 5,120 values per token for
+  Kimi-VL-A3B, for C x the `kv_b_proj` FLOPs: every shard expands the whole row).
+  """
+  mesh: Mesh
+  rules: tuple
+  context: int
+
+  def __call__(self, q: Array, latent, expand, expand_params, segment_ids: Array, scale: float,
+               *, kernel: attention.AttentionKernel | None = None,
+               layout: str = SEQUENCE) -> Array:
+    kernel, seq, index = _prepare(self.mesh, self.rules, self.context, q, kernel, layout)
+    body = lambda *a: _all_gather_latent_shard(*a, expand=expand, index=index,  # noqa: E731
+                                               scale=scale, kernel=kernel)
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(seq, seq, P(), seq, seq), out_specs=seq)
+    return fn(q, latent, expand_params, segment_ids, segment_ids)
 
 
 def _ring_shard(q, k, v, q_segment_ids, kv_segment_ids, *, index: np.ndarray, scale: float,

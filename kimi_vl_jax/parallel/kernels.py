@@ -7,9 +7,9 @@ Built once from the model config, the mesh and the logical-axis rules, and hande
   `TextConfig.context_parallel`) when the rules split `act_len` over a 'context' axis larger
   than 1; else the single-device attention (also for context_parallel='none', which leaves the
   sharded attention to XLA's propagation).
-* `latent_attention`: with the 'all_gather' `ContextAttention`, its `latent` method: MLA hands it
-  the per-token latent and `kv_b_proj`, and each shard gathers the latent and expands K/V after
-  the gather; else None (the ring and one device get expanded K/V).
+* `latent_attention`: with the 'all_gather' `ContextAttention`, a `context.LatentContextAttention`
+  (MLA hands it the per-token latent and `kv_b_proj`'s kernel; each shard gathers the latent and
+  expands K/V after the gather); else None (the ring and one device get expanded K/V).
 * `sequence_layout`: `context.LoadBalancedLayout` when that context-parallel attention runs and
   `KimiVLConfig.context_load_balance` is set.
 * `routed_experts`: `expert.ExpertParallel` when the mesh's 'expert' axis is larger than 1 and
@@ -55,10 +55,10 @@ def build_kernels(config: KimiVLConfig, mesh: Mesh | None = None,
   new = {}
   C = context.context_size(mesh, rules)
   if C > 1 and t.context_parallel != 'none':
-    attend = context.ContextAttention(mesh, rules, C, ring=t.context_parallel == 'ring')
-    new['causal_attention'] = attend
-    if not attend.ring:
-      new['latent_attention'] = attend.latent
+    ring = t.context_parallel == 'ring'
+    new['causal_attention'] = context.ContextAttention(mesh, rules, C, ring=ring)
+    if not ring:
+      new['latent_attention'] = context.LatentContextAttention(mesh, rules, C)
     if config.context_load_balance:
       new['sequence_layout'] = context.LoadBalancedLayout(mesh, rules, C)
   if mesh is not None and config.attention_impl == 'flash':

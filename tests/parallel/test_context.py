@@ -311,11 +311,14 @@ def test_latent_attention_matches_single_device(mesh_shape, layout):
       i.line for i in gathers]
 
 
-def test_ring_has_no_latent_attention():
-  kernels = build_kernels(_config(context_parallel='ring'), _mesh(data=2, context=4), 'dp_cp')
-  assert kernels.latent_attention is None
-  with pytest.raises(ValueError, match='ring context attention moves expanded K/V'):
-    kernels.causal_attention.latent(*(None,) * 5, 1.0)
+def test_only_the_all_gather_form_takes_the_latent():
+  mesh = _mesh(data=2, context=4)
+  ring = build_kernels(_config(context_parallel='ring'), mesh, 'dp_cp')
+  assert ring.latent_attention is None          # MLA expands, the ring moves K/V blocks
+  gather = build_kernels(_config(), mesh, 'dp_cp')
+  assert isinstance(gather.latent_attention, context.LatentContextAttention)
+  assert gather == build_kernels(_config(), mesh, 'dp_cp')    # a value: equal builds compare equal
+  assert build_kernels(_config()).latent_attention is None    # no mesh
 
 
 def test_attention_memory_per_device_shrinks_with_context():
