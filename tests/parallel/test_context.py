@@ -259,9 +259,10 @@ def test_attention_matches_single_device(impl, layout):
     assert shapes and all(s[2:] == (T // 4, T // 4) for s in shapes), shapes
 
 
-@pytest.mark.parametrize('mesh_shape, layout', [((2, 4), 'sequence'), ((2, 4), 'load_balanced'),
-                                                ((4, 2), 'load_balanced')])
-def test_latent_attention_matches_single_device(mesh_shape, layout):
+@pytest.mark.parametrize('mesh_shape, layout, impl', [
+    ((2, 4), 'sequence', 'dense'), ((2, 4), 'load_balanced', 'dense'),
+    ((4, 2), 'load_balanced', 'dense'), ((2, 4), 'load_balanced', 'flash')])
+def test_latent_attention_matches_single_device(mesh_shape, layout, impl):
   """`latent_attention` (gather the latent, expand on every shard) gives the single-device values
   and gradients w.r.t. q, the latent and the expansion's weights: the weights' gradient is summed
   over the context (and batch) shards exactly once. data 4 x context 2 replicates the B = 2 rows
@@ -282,7 +283,8 @@ def test_latent_attention_matches_single_device(mesh_shape, layout):
 
   data, C = mesh_shape
   mesh = _mesh(data=data, context=C)
-  kernels = build_kernels(_config(), mesh, 'dp_cp')
+  kernels = build_kernels(_config().replace(attention_impl=impl, attention_block_q=4,
+                                            attention_block_kv=8), mesh, 'dp_cp')
   perm = context.layout_index(T, C, layout)
   inv = context.inverse_permutation(perm)
 
