@@ -7,6 +7,12 @@ turns only, every parameter training, long rows.
   python -m kimi_vl_jax.main --config=configs/long_cot_sft.py --workdir=RUN \\
       --config.data_dir=DATA --config.tokenizer.path=TIKTOKEN --config.init_from=orbax:SFT_RUN
   python -m kimi_vl_jax.main --config=configs/long_cot_sft.py:tiny --workdir=/tmp/long_cot
+
+The tiny variant's "long CoT" is the bundled arithmetic problems with worked answers of three
+lengths (`data/build_demo.py` `worked_answer`: the plain answer, one that plans first, one that
+plans and checks its result; about 13, 50 and 80 tokens), mixed with easy-vqa: the model it
+trains answers at varied lengths, which the RL stage's length penalty shortens (`configs/rl.py`,
+`init_from='demo_long_cot'`).
 """
 
 from kimi_vl_jax.train import stage_config as sc
@@ -20,16 +26,16 @@ def get_config(arg: str = ''):
   c.model_overrides.text = {'rope_theta': 800000.0}
   if arg == 'tiny':
     c.data.sources = [
-        sc.source('arith_cot', 'chat', 'demo:arithmetic/train.jsonl', 0.7),
+        sc.source('arith_cot', 'chat', 'demo:arithmetic/cot_train.jsonl', 0.7),
         sc.source('easy_vqa', 'chat', 'demo:easy_vqa/train.jsonl', 0.3),
     ]
     c.data.seq_len = 256
     c.data.max_patches = 192
     c.data.max_images = 12
     c.data.image = {'max_patches': 16}
-    c.phases = [{'name': 'long_cot', 'steps': 60}]
-    c.optim.schedule = {'kind': 'warmup_cosine', 'peak_lr': 1e-3, 'total_steps': 60,
-                        'warmup_steps': 6, 'end_lr': 1e-4}
+    c.phases = [{'name': 'long_cot', 'steps': 200}]
+    c.optim.schedule = {'kind': 'warmup_cosine', 'peak_lr': 1e-3, 'total_steps': 200,
+                        'warmup_steps': 20, 'end_lr': 1e-4}
     c.eval.batches = 0
     return c
 

@@ -5,17 +5,20 @@ stage's output.
     python -m kimi_vl_jax.recipe --tiny --workdir=/tmp/recipe       # the CPU chain, demo data
     python -m kimi_vl_jax.recipe --workdir=gs://bucket/recipe \\
         --override='*:data_dir=gs://bucket/data' --override='*:tokenizer.path=TIKTOKEN' \\
-        --override=joint_pretrain:init_from=params:ALIGNED
+        --override=vit_pretrain:tokenizer.path=SIGLIP_DIR/spiece.model \\
+        --override=vit_pretrain:init_from=siglip:SIGLIP_DIR \\
+        --override='vit_align:init_from=scratch,language_model=hf:MOONLIGHT_DIR,vision_tower=orbax:{prev}'
 
 `STAGES` is the chain: one row per stage (name, config file under `configs/`, how its key figure
 is read from its `summary.json`). Stage i runs `configs/<file>:tiny` (or the full config) in
-`WORKDIR/<name>` with `init_from='orbax:WORKDIR/<name of stage i-1>'`; the first stage keeps its
-config's own `init_from` (from scratch in `--tiny`; the full config names a template the user
-fills with `--override`).
+`WORKDIR/<name>` with its row's `init` (`orbax:{prev}`; ViT alignment reads MoonViT only),
+`{prev}` = `WORKDIR/<name of stage i-1>`; the first stage keeps its config's own `init_from`
+(from scratch in `--tiny`; the full config names a template the user fills with `--override`).
 
 Flags:
   --stages=a,b / --from_stage=a   run part of the chain (a stage's predecessor must be finished)
-  --override=STAGE:FIELD=VALUE    set a config field of one stage (`*` = every stage); FIELD is
+  --override=STAGE:FIELD=VALUE    set a config field of one stage (`*` = every stage that has
+                                  the field; refused if none has it); FIELD is
                                   dotted, list items by index (`phases.0.steps`), VALUE a Python
                                   literal or else a string; repeatable. Overrides of stages
                                   outside the selection still apply to the predecessor read to
@@ -77,6 +80,21 @@ def answer_accuracy(summary: dict) -> str:
           f"questions), loss {summary.get('last_loss', float('nan')):.3f}" + _heldout_loss(summary))
 
 
+def zero_shot(summary: dict) -> str:
+  """MoonViT pre-training: zero-shot accuracy over the class prompts and the retrieval recalls
+  (`train/vit_pretrain.py`'s evaluator), else the losses."""
+  ev = summary.get('eval') or {}
+  if 'zero_shot_accuracy' not in ev and 'i2t_recall@1' not in ev:
+    return final_loss(summary)
+  parts = []
+  if 'zero_shot_accuracy' in ev:
+    parts.append(f"zero-shot accuracy {100 * ev['zero_shot_accuracy']:.1f}%")
+  parts += [f"{d} recall@1 {100 * ev[f'{d}_recall@1']:.1f}%" for d in ('i2t', 't2i')
+            if f'{d}_recall@1' in ev]
+  return ', '.join(parts) + (f", loss {summary['last_loss']:.3f}" if 'last_loss' in summary
+                             else '')
+
+
 def heldout_change(summary: dict) -> str:
   ch = summary.get('heldout_change')
   if not ch:
@@ -93,11 +111,16 @@ class Stage:
 
   tiny: fields the chain sets on the `:tiny` variant so that the stage continues its predecessor
   (the tiny configs also run alone, where some start from scratch with other choices).
+  init / init_full: the stage's `init_from` in the tiny / full chain, `{prev}` standing for the
+  predecessor's sub-workdir (also in an `--override` of init_from); `init_full` None = `init`.
+  The first stage keeps its config's own.
   """
   name: str
   config: str
   figure: Callable[[dict], str]
   tiny: dict = dataclasses.field(default_factory=dict)
+  init: str = 'orbax:{prev}'
+  init_full: str | None = None
 
 
 # The tiny chain trains one model throughout: `demo`, the joint-SFT demo's (so its SFT figure
@@ -108,12 +131,18 @@ _DEMO = {'model': 'demo'}
 _LONG_ROPE = {'model_overrides.text.rope_theta': 800000.0}
 
 STAGES: tuple[Stage, ...] = (
+    Stage('vit_pretrain', 'vit_pretrain.py', zero_shot),
+    # MoonViT from ViT pre-training; the language model from Moonlight in the full recipe (the
+    # user names it), from scratch in the tiny chain; the projector from scratch.
+    Stage('vit_align', 'vit_align.py', final_loss, init='scratch,vision_tower=orbax:{prev}',
+          init_full='scratch,language_model=hf:{moonlight_dir},vision_tower=orbax:{prev}'),
     Stage('joint_pretrain', 'joint_pretrain.py', final_loss, _DEMO),
     Stage('joint_cooldown', 'joint_cooldown.py', final_loss, _DEMO),
     Stage('long_context', 'long_context.py', final_loss, _DEMO),
     Stage('joint_sft', 'joint_sft.py', answer_accuracy, _LONG_ROPE),
     Stage('long_cot_sft', 'long_cot_sft.py', final_loss, _DEMO),
-    Stage('rl', 'rl.py', heldout_change, _LONG_ROPE),
+    # Half the standalone demo's iterations keep the tiny chain within its time budget.
+    Stage('rl', 'rl.py', heldout_change, {**_LONG_ROPE, 'rl.iterations': 40}),
 )
 
 
@@ -181,6 +210,22 @@ def set_field(cfg, path: list[str], value, where: str, raw: str | None = None,
         raise ValueError(f'{where}: {e}') from None
 
 
+def _has_field(cfg, path: list[str]) -> bool:
+  """Whether the dotted field exists in `cfg` (a `*` override sets it in the stages that have
+  it: e.g. `data.seq_len` is not a field of MoonViT pre-training's image-caption batches)."""
+  node = cfg
+  for key in path:
+    if isinstance(node, (list, tuple)):
+      if not (key.isdigit() and int(key) < len(node)):
+        return False
+      node = node[int(key)]
+    elif hasattr(node, 'keys') and key in node:
+      node = node[key]
+    else:
+      return False
+  return True
+
+
 def stage_workdir(workdir: str, stage: Stage) -> str:
   return storage_paths.join(workdir, stage.name)
 
@@ -223,20 +268,26 @@ def build(workdir: str, tiny: bool, overrides=(), selected: list[int] | None = N
     if stage != '*' and stage not in names:
       raise ValueError(f'--override={text!r}: unknown stage {stage!r}; the chain is '
                        f'{", ".join(names)} (or * for every stage)')
+  loaded = {i: load_config(stages[i], variant, configs_dir) for i in need}
+  for text, stage, path, *_ in parsed:
+    if stage == '*' and not any(_has_field(c, path) for c in loaded.values()):
+      raise ValueError(f'--override={text!r}: no stage has the field {".".join(path)!r}')
   out = {}
   for i in need:
     st = stages[i]
-    cfg = load_config(st, variant, configs_dir)
+    cfg = loaded[i]
     with cfg.unlocked():
       if tiny:
         for field, value in st.tiny.items():
           set_field(cfg, field.split('.'), value, f'recipe table, stage {st.name}',
                     create=True)
       if i > 0:
-        cfg.init_from = 'orbax:' + stage_workdir(workdir, stages[i - 1])
+        cfg.init_from = st.init if tiny or st.init_full is None else st.init_full
       for text, stage, path, value, raw in parsed:
-        if stage in (st.name, '*'):
+        if stage == st.name or (stage == '*' and _has_field(cfg, path)):
           set_field(cfg, path, value, f'--override={text}', raw)
+      if i > 0:
+        cfg.init_from = cfg.init_from.replace('{prev}', stage_workdir(workdir, stages[i - 1]))
     if i in selected and '{' in (cfg.get('init_from') or ''):
       raise ValueError(f'stage {st.name}: init_from={cfg.init_from!r} is a template: give the '
                        f'start with --override={st.name}:init_from=params:DIR (or hf:DIR, '
@@ -252,6 +303,10 @@ def _model_configs(cfg):
   from kimi_vl_jax.run_stage import LM_STAGES
   from kimi_vl_jax.train.init import model_config
   from kimi_vl_jax.train.stage_config import resolve_phases
+  if cfg.stage == 'vit_pretrain':
+    from kimi_vl_jax.train.vit_pretrain import vit_config
+    vc = vit_config(cfg)
+    return vc, vc
   if cfg.stage not in LM_STAGES:
     mc = model_config(cfg)
     return mc, mc
@@ -264,32 +319,42 @@ _SHAPES: dict[str, dict] = {}
 
 
 def param_shapes(mc) -> dict[str, tuple]:
-  """{path: shape} of a model's parameters (`jax.eval_shape`: nothing is allocated)."""
+  """{path: shape} of a model's parameters (`jax.eval_shape`: nothing is allocated); `mc` a
+  Kimi-VL config or MoonViT pre-training's `VitPretrainConfig`."""
   key = repr(mc)
   if key not in _SHAPES:
     import flax.linen as nn
     import jax
+    from kimi_vl_jax.model import vit_pretrain
     from kimi_vl_jax.model.kimi_vl import init_params
-    tree = nn.meta.unbox(jax.eval_shape(lambda r: init_params(mc, r), jax.random.PRNGKey(0)))
+    init = (vit_pretrain.init_params if isinstance(mc, vit_pretrain.VitPretrainConfig)
+            else init_params)
+    tree = nn.meta.unbox(jax.eval_shape(lambda r: init(mc, r), jax.random.PRNGKey(0)))
     _SHAPES[key] = {jax.tree_util.keystr(p): tuple(x.shape)
                     for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   return _SHAPES[key]
 
 
-def check_continuity(configs: dict[int, Any], selected: list[int],
+def check_continuity(configs: dict[int, Any], selected: list[int], workdir: str,
                      stages: tuple[Stage, ...] = STAGES) -> None:
-  """Every selected stage's parameters are in its predecessor's checkpoint, same shapes (the
-  `orbax:` init restores the params by name; optimizer state starts fresh). Both stages must be
-  Kimi-VL model stages (`run_stage.LM_STAGES`, rl)."""
-  from kimi_vl_jax.run_stage import LM_STAGES
-  model_stages = set(LM_STAGES) | {'rl'}
+  """Every selected stage's parameters that its `init_from` reads from its predecessor's
+  checkpoint (in the chain's `workdir`) are there, same shapes (the `orbax:` init restores the
+  params by name; optimizer state starts fresh): the whole tree for `orbax:PREV`, one top-level
+  subtree for `BASE,SUBTREE=orbax:PREV` (vit_align reads `vision_tower` from MoonViT
+  pre-training)."""
+  from kimi_vl_jax.train.init import parse_init_from
   for i in selected:
     if i == 0:
       continue
     prev, cur = configs[i - 1], configs[i]
-    if not (prev.stage in model_stages and cur.stage in model_stages):
+    source = 'orbax:' + stage_workdir(workdir, stages[i - 1])
+    base, parts = parse_init_from(cur.init_from)
+    prefixes = ([''] if base == source else []) + [f"['{sub}']" for sub, src in parts
+                                                    if src == source]
+    if not prefixes:
       continue
     want, have = param_shapes(_model_configs(cur)[0]), param_shapes(_model_configs(prev)[1])
+    want = {k: v for k, v in want.items() if any(k.startswith(p) for p in prefixes)}
     missing = sorted(want.keys() - have.keys())
     bad = [f'{k}: {want[k]} vs {have[k]}' for k in want if k in have and want[k] != have[k]]
     if missing or bad:
@@ -359,7 +424,7 @@ def plan_chain(workdir: str, tiny: bool, overrides=(), stages_flag: str | None =
   configs = build(workdir, tiny, overrides, selected, stages, configs_dir)
   for i in selected:
     check_workdir(configs[i], stage_workdir(workdir, stages[i]))
-  check_continuity(configs, selected, stages)
+  check_continuity(configs, selected, workdir, stages)
   done = {i: finished(configs[i], read_summary(stage_workdir(workdir, stages[i])))
           for i in configs}
   for i in selected:

@@ -20,7 +20,10 @@ from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = [s.name for s in recipe.STAGES]
-FULL_START = 'joint_pretrain:init_from=params:/ckpt/aligned'
+FULL_START = ['vit_pretrain:init_from=siglip:/ckpt/siglip',
+              'vit_align:init_from=scratch,language_model=hf:/ckpt/moonlight,'
+              'vision_tower=orbax:{prev}']
+LM = NAMES[NAMES.index('vit_align'):]   # the stages that train the Kimi-VL model
 
 
 def _rope(cfg):
@@ -31,35 +34,50 @@ def _rope(cfg):
 def test_tiny_chain_configs_continue_each_other():
   configs = recipe.build('/tmp/recipe', tiny=True)
   assert sorted(configs) == list(range(len(NAMES)))
+  assert NAMES[:2] == ['vit_pretrain', 'vit_align']
   assert configs[0].init_from == 'scratch'
-  for i in range(1, len(NAMES)):
+  assert configs[1].init_from == 'scratch,vision_tower=orbax:/tmp/recipe/vit_pretrain'
+  for i in range(2, len(NAMES)):
     assert configs[i].init_from == f'orbax:/tmp/recipe/{NAMES[i - 1]}'
   assert {c.model for c in configs.values()} == {'demo'}
   # RoPE base 50000 until long context raises it to 800000; later stages keep it.
-  assert [_rope(c)[0] for c in configs.values()] == [5e4, 5e4] + [8e5] * 4
-  recipe.check_continuity(configs, list(configs))
+  assert [_rope(configs[NAMES.index(n)])[0] for n in LM] == [5e4] * 3 + [8e5] * 4
+  recipe.check_continuity(configs, list(configs), '/tmp/recipe')
+  # MoonViT pre-training's tower is the one alignment reads (the subtree shapes checked).
+  vit = recipe.param_shapes(recipe._model_configs(configs[0])[1])
+  align = recipe.param_shapes(recipe._model_configs(configs[1])[0])
+  tower = {k: v for k, v in align.items() if k.startswith("['vision_tower']")}
+  assert tower and all(vit[k] == v for k, v in tower.items())
 
 
 def test_full_chain_configs_build():
-  with pytest.raises(ValueError, match='joint_pretrain: init_from=.*template.*--override'):
+  with pytest.raises(ValueError, match='vit_pretrain: init_from=.*template.*--override'):
     recipe.build('gs://bucket/recipe', tiny=False)
+  with pytest.raises(ValueError, match='vit_align: init_from=.*moonlight_dir.*template'):
+    recipe.build('gs://bucket/recipe', tiny=False, overrides=FULL_START[:1])
   configs = recipe.build('gs://bucket/recipe', False,
-                         [FULL_START, '*:data_dir=/data', '*:tokenizer.path=/tok/kimi.tiktoken'])
-  assert configs[0].init_from == 'params:/ckpt/aligned'
-  for i in range(1, len(NAMES)):
+                         FULL_START + ['*:data_dir=/data', '*:tokenizer.path=/tok/kimi.tiktoken',
+                                       'vit_pretrain:tokenizer.path=/ckpt/siglip/spiece.model'])
+  assert configs[0].init_from == 'siglip:/ckpt/siglip'
+  assert configs[1].init_from == ('scratch,language_model=hf:/ckpt/moonlight,'
+                                  'vision_tower=orbax:gs://bucket/recipe/vit_pretrain')
+  for i in range(2, len(NAMES)):
     assert configs[i].init_from == f'orbax:gs://bucket/recipe/{NAMES[i - 1]}'
   assert {c.model for c in configs.values()} == {'kimi_vl_a3b'}
-  assert [_rope(c) for c in configs.values()] == [(5e4, 5e4)] * 2 + [(8e5, 8e5)] * 4
+  assert [_rope(configs[NAMES.index(n)]) for n in LM] == [(5e4, 5e4)] * 3 + [(8e5, 8e5)] * 4
+  assert configs[0].tokenizer.path == '/ckpt/siglip/spiece.model'
   for c in configs.values():
-    assert c.tokenizer.path == '/tok/kimi.tiktoken'
+    if c.stage != 'vit_pretrain':
+      assert c.tokenizer.path == '/tok/kimi.tiktoken'
     if c.stage == 'rl':
       assert resolve_templates(c).rl.prompts == '/data/rl/prompts.jsonl'
     else:
       assert all('{' not in s['path'] for p in resolve_phases(c) for s in p['data'].sources)
-  recipe.check_continuity(configs, list(configs))   # every stage loads its predecessor's params
+  # every stage loads its predecessor's params
+  recipe.check_continuity(configs, list(configs), 'gs://bucket/recipe')
   # The RL trainer writes a local workdir: a remote chain refuses it at start.
   with pytest.raises(ValueError, match='rl stage writes a local workdir'):
-    recipe.run_chain('gs://bucket/recipe', False, [FULL_START, '*:data_dir=/data'])
+    recipe.run_chain('gs://bucket/recipe', False, FULL_START + ['*:data_dir=/data'])
 
 
 def test_selection_and_overrides():
@@ -93,6 +111,12 @@ def test_refusals_at_start(tmp_path):
   # A model whose parameters are not those of the previous stage.
   with pytest.raises(ValueError, match='joint_cooldown cannot start from joint_pretrain'):
     recipe.run_chain(str(tmp_path), True, ['joint_cooldown:model=tiny'])
+  # Alignment reads only MoonViT from ViT pre-training: a tower of another width is refused...
+  with pytest.raises(ValueError, match="vit_align cannot start from vit_pretrain.*vision_tower"):
+    recipe.run_chain(str(tmp_path), True, ['vit_pretrain:model=tiny'])
+  # ... and a `*` override must name a field some stage has.
+  with pytest.raises(ValueError, match="no stage has the field 'data.nonsense'"):
+    recipe.run_chain(str(tmp_path), True, ['*:data.nonsense=1'])
   # A predecessor outside the selection that has not finished.
   with pytest.raises(ValueError, match='starts from long_context, which has not finished'):
     recipe.run_chain(str(tmp_path), True, stages_flag='joint_sft')
@@ -118,6 +142,11 @@ def test_finished_reads_the_summary():
 SHORT = [
     '*:model=tiny', '*:eval.batches=0', '*:train.tensorboard=False', '*:data.seq_len=128',
     '*:data.batch_size=4',
+    'vit_pretrain:phases.0.steps=2', "vit_pretrain:data.resolution='0:9,1:36'",
+    'vit_pretrain:eval.examples=48', 'vit_pretrain:eval.galleries=1',
+    # Learning rate 0: alignment's MoonViT must stay ViT pre-training's exactly.
+    'vit_align:phases.0.steps=1', 'vit_align:optim.schedule.peak_lr=0',
+    'vit_align:optim.schedule.end_lr=0',
     'joint_pretrain:phases.0.steps=2',
     'joint_cooldown:phases.0.steps=1',
     "long_context:phases=[{'name': 'ctx', 'steps': 1}]",
@@ -127,7 +156,8 @@ SHORT = [
     'long_cot_sft:phases.0.steps=2', 'long_cot_sft:checkpoint.interval=1',
     'long_cot_sft:optim.schedule.peak_lr=0', 'long_cot_sft:optim.schedule.end_lr=0',
     'long_cot_sft:train.router_bias_rate=0',
-    'rl:rl.iterations=1', 'rl:rl.heldout_examples=8', 'rl:rl.heldout_samples=2',
+    'rl:rl.iterations=1', 'rl:rl.prompts_per_iteration=8', 'rl:rl.groups_per_step=8',
+    'rl:rl.heldout_examples=8', 'rl:rl.heldout_samples=2',
     'rl:rl.length_buckets=(192,)', 'rl:rl.batch_buckets=(64,)',
 ]
 
@@ -155,10 +185,12 @@ def _final_params(workdir, name):
   mc = recipe._model_configs(cfg)[1]
   shapes = recipe.param_shapes(mc)
   import flax.linen as nn
-  from kimi_vl_jax.model.kimi_vl import init_params
+  from kimi_vl_jax.model import kimi_vl, vit_pretrain
+  init = (vit_pretrain.init_params if isinstance(mc, vit_pretrain.VitPretrainConfig)
+          else kimi_vl.init_params)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-                          nn.meta.unbox(jax.eval_shape(lambda r: init_params(mc, r),
+                          nn.meta.unbox(jax.eval_shape(lambda r: init(mc, r),
                                                        jax.random.PRNGKey(0))))
   params = checkpointing.restore_params(os.path.join(workdir, name), abstract)
   flat = {jax.tree_util.keystr(p): np.asarray(x)
@@ -176,13 +208,15 @@ def _make_chain(workdir):
   with open(workdir / 'recipe_table.md') as f:
     table = f.read()
   sft = _final_params(workdir, 'joint_sft')
+  towers = [{k: v for k, v in _final_params(workdir, n).items()
+             if k.startswith("['vision_tower']")} for n in ('vit_pretrain', 'vit_align')]
   ckpts = workdir / 'long_cot_sft' / 'checkpoints'
   assert sorted(os.listdir(ckpts)) == ['1', '2']
   shutil.rmtree(ckpts / '2')
   os.remove(workdir / 'long_cot_sft' / 'summary.json')
   second = _run(workdir)
   return dict(workdir=workdir, first=first, second=second, summaries=summaries, table=table,
-              sft=sft)
+              sft=sft, towers=towers)
 
 
 @pytest.fixture(scope='module')
@@ -194,14 +228,20 @@ def chain(tmp_path_factory):
 @pytest.mark.slow
 def test_each_stage_starts_from_the_previous_one(chain):
   s = chain['summaries']
-  assert s['joint_pretrain']['init_from'] == 'scratch'
-  for prev, name in zip(NAMES, NAMES[1:]):
+  assert s['vit_pretrain']['init_from'] == 'scratch'
+  assert s['vit_align']['init_from'] == f"scratch,vision_tower=orbax:{chain['workdir']}/vit_pretrain"
+  for prev, name in zip(NAMES[1:], NAMES[2:]):
     assert s[name]['init_from'] == f"orbax:{chain['workdir'] / prev}", name
     assert s[name]['resumed_from'] is None
   for name in NAMES[:-1]:
     assert s[name]['final_step'] == recipe.expected_end(
         recipe.build(str(chain['workdir']), True, SHORT)[NAMES.index(name)])[1]
   assert s['rl']['iterations'] == 1
+  # Alignment trained at learning rate 0: its MoonViT is ViT pre-training's, so it read it.
+  vit, align = chain['towers']
+  assert vit and vit.keys() == align.keys()
+  for k in vit:
+    np.testing.assert_array_equal(align[k], vit[k], err_msg=k)
   # Long-CoT SFT trained at learning rate 0: its params are joint SFT's, so it read them.
   cot = _final_params(chain['workdir'], 'long_cot_sft')
   assert cot.keys() == chain['sft'].keys()

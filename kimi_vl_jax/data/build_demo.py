@@ -13,6 +13,9 @@
   arithmetic/{train,test}.jsonl        text-only chats: a word problem and a worked answer ending in
                                        "The answer is N." plus the verifiable `answer` field
   arithmetic/text_{train,test}.jsonl   the same problems as plain `{"text": ...}` documents
+  arithmetic/cot_{train,test}.jsonl    the same problems with worked answers of three lengths
+                                       (plain, with a plan, with a plan and a check; a third
+                                       each): the tiny long-CoT SFT data
   video/{train,test}.jsonl             generated videos of a colored shape moving across a 56x56
                                        frame (12-40 frames), one question each: which way it moves,
                                        its shape, its color or how long the video is (`kind` =
@@ -34,7 +37,7 @@ import re
 import shutil
 import tempfile
 
-DEMO_VERSION = '5'
+DEMO_VERSION = '6'
 ARITH_SIZES = {'train': 20000, 'test': 1000}
 ARITH_SEEDS = {'train': 1234, 'test': 98765}
 
@@ -159,8 +162,9 @@ _ITEMS = ['apples', 'books', 'coins', 'pencils', 'stickers', 'marbles', 'cookies
           'shells', 'cards']
 
 
-def arithmetic_problem(rng: random.Random) -> tuple[str, str, int]:
-  """One word problem -> (question, worked answer, numeric answer)."""
+def _arithmetic_parts(rng: random.Random) -> dict:
+  """One word problem's parts: question, kind (0 add, 1 subtract, 2 multiply, 3 divide), the
+  operands, the result and the names in it."""
   name, other = rng.sample(_NAMES, 2)
   item = rng.choice(_ITEMS)
   kind = rng.randrange(4)
@@ -182,18 +186,70 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, str, int]:
     a = b * r
     q = f'{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?'
     expr = f'{a} / {b}'
-  return q, f'{expr} = {r}. The answer is {r}.', r
+  return dict(q=q, kind=kind, a=a, b=b, r=r, expr=expr, name=name, other=other, item=item)
+
+
+def arithmetic_problem(rng: random.Random) -> tuple[str, str, int]:
+  """One word problem -> (question, worked answer, numeric answer)."""
+  p = _arithmetic_parts(rng)
+  return p['q'], f"{p['expr']} = {p['r']}. The answer is {p['r']}.", p['r']
+
+
+# The check of a long worked answer: the inverse operation, back to the first operand.
+_CHECKS = {
+    0: lambda p: f"{p['r']} - {p['b']} = {p['a']}",
+    1: lambda p: f"{p['r']} + {p['b']} = {p['a']}",
+    2: lambda p: f"{p['r']} / {p['b']} = {p['a']}",
+    3: lambda p: f"{p['r']} * {p['b']} = {p['a']}",
+}
+_RESTATE = {
+    0: lambda p: (f"{p['name']} starts with {p['a']} {p['item']}. Then {p['name']} gets "
+                  f"{p['b']} more, so I add them."),
+    1: lambda p: (f"{p['name']} starts with {p['a']} {p['item']}. {p['name']} gives {p['b']} "
+                  'away, so I subtract.'),
+    2: lambda p: (f"There are {p['a']} boxes and each box has {p['b']} {p['item']}, so I "
+                  'multiply.'),
+    3: lambda p: f"{p['a']} {p['item']} are split into {p['b']} equal parts, so I divide.",
+}
+COT_STYLES = ('short', 'plan', 'reflect')
+
+
+def worked_answer(p: dict, style: str) -> str:
+  """A worked answer of one of three lengths (the long-CoT demo's mixture, `cot_*.jsonl`):
+  'short' is the plain answer of `{train,test}.jsonl`; 'plan' restates the problem and names the
+  operation first; 'reflect' also checks the result by the inverse operation. All end in
+  "The answer is N." with the same N."""
+  if style not in COT_STYLES:
+    raise ValueError(f'unknown worked-answer style {style!r}; one of {COT_STYLES}')
+  calc, end = f"{p['expr']} = {p['r']}.", f"The answer is {p['r']}."
+  if style == 'short':
+    return f'{calc} {end}'
+  if style == 'plan':
+    return f"{_RESTATE[p['kind']](p)} {calc} {end}"
+  return (f"{_RESTATE[p['kind']](p)} {calc} Let me check: {_CHECKS[p['kind']](p)}. "
+          f'That is right. {end}')
 
 
 def _build_arithmetic(out: str) -> None:
   for split, n in ARITH_SIZES.items():
     rng = random.Random(ARITH_SEEDS[split])
-    probs = [arithmetic_problem(rng) for _ in range(n)]
+    parts = [_arithmetic_parts(rng) for _ in range(n)]
+    probs = [(p['q'], f"{p['expr']} = {p['r']}. The answer is {p['r']}.", p['r']) for p in parts]
     _write_jsonl(os.path.join(out, f'{split}.jsonl'), (
         {'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}],
          'answer': str(r)} for q, a, r in probs))
     _write_jsonl(os.path.join(out, f'text_{split}.jsonl'),
                  ({'text': f'Question: {q} Answer: {a}'} for q, a, _ in probs))
+    # The same problems with worked answers of three lengths, a third each (the tiny long-CoT
+    # SFT's data: the model it trains answers at varied lengths, which RL's length penalty
+    # then shortens).
+    style_rng = random.Random(ARITH_SEEDS[split] + 1)
+    _write_jsonl(os.path.join(out, f'cot_{split}.jsonl'), (
+        {'messages': [{'role': 'user', 'content': p['q']},
+                      {'role': 'assistant',
+                       'content': worked_answer(p, style_rng.choice(COT_STYLES))}],
+         'answer': str(p['r']), 'kind': ('add', 'subtract', 'multiply', 'divide')[p['kind']]}
+        for p in parts))
 
 
 # -------------------------------------------------------------------------------------------- video

@@ -434,8 +434,9 @@ class RLTrainer:
 
 
 def resolve_templates(cfg):
-  """A copy of `cfg` with `{data_dir}` filled into the prompt sets and `init_from='demo_sft'`
-  replaced by the tiny joint-SFT checkpoint (trained on first use)."""
+  """A copy of `cfg` with `{data_dir}` filled into the prompt sets and `init_from='demo_sft'` /
+  `'demo_long_cot'` replaced by the tiny joint-SFT / long-CoT SFT checkpoint (trained on first
+  use)."""
   import copy
   cfg = copy.deepcopy(cfg)
   with cfg.unlocked():
@@ -447,40 +448,73 @@ def resolve_templates(cfg):
         cfg.rl[name] = path.replace('{data_dir}', cfg.data_dir)
     if cfg.get('init_from') == 'demo_sft':
       cfg.init_from = 'orbax:' + demo_sft_checkpoint()
+    elif cfg.get('init_from') == 'demo_long_cot':
+      cfg.init_from = 'orbax:' + demo_long_cot_checkpoint()
   return cfg
 
 
-def demo_sft_checkpoint() -> str:
-  """The workdir of `configs/joint_sft.py:tiny` under the demo cache (`data/build_demo.py`),
-  trained there first if it holds no complete checkpoint (about 10 minutes on a 2-core CPU)."""
-  from kimi_vl_jax.data.build_demo import default_cache_dir
+def _stage_config(name: str):
+  """`configs/<name>.py:tiny`, read from the configs directory next to this package."""
+  config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), 'configs', f'{name}.py')
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f'the demo checkpoint trains configs/{name}.py:tiny, which is not '
+                            'next to this package; run it yourself and pass '
+                            '--config.init_from=orbax:WORKDIR')
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'{name}_config', config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('tiny')
+
+
+def _demo_checkpoint(workdir: str, make_cfg, what: str) -> str:
+  """`workdir` once a run of `make_cfg()` has finished there (its `summary.json` without
+  `preempted_at`), training it first (on from its checkpoint, if a SIGTERM stopped it)."""
   import json
-  workdir = os.path.join(default_cache_dir(), 'joint_sft_tiny')
   done = os.path.join(workdir, 'summary.json')
   if os.path.exists(done):
     with open(done) as f:
       if 'preempted_at' not in json.load(f):
         return workdir
     # A run stopped by SIGTERM left its summary: train on from its checkpoint.
-  config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), 'configs', 'joint_sft.py')
-  if not os.path.exists(config_file):
-    raise FileNotFoundError('init_from=demo_sft trains configs/joint_sft.py:tiny, which is not '
-                            'next to this package; run it yourself and pass '
-                            '--config.init_from=orbax:WORKDIR')
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('joint_sft_config', config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   from kimi_vl_jax.train.loop import Trainer
-  print(f'init_from=demo_sft: training configs/joint_sft.py:tiny in {workdir} first', flush=True)
-  summary = Trainer(module.get_config('tiny'), workdir).run()
+  print(f'{what}: training it in {workdir} first', flush=True)
+  summary = Trainer(make_cfg(), workdir).run()
   if 'preempted_at' in summary:
-    raise RuntimeError(f'init_from=demo_sft: training {workdir} was stopped (SIGTERM) at step '
+    raise RuntimeError(f'{what}: training {workdir} was stopped (SIGTERM) at step '
                        f"{summary['preempted_at']}; run again to resume it")
   with open(done, 'w') as f:
     json.dump(summary, f, default=str)
   return workdir
+
+
+def demo_sft_checkpoint() -> str:
+  """The workdir of `configs/joint_sft.py:tiny` under the demo cache (`data/build_demo.py`),
+  trained there first if it holds no complete checkpoint (about 10 minutes on a 2-core CPU)."""
+  from kimi_vl_jax.data.build_demo import default_cache_dir
+  return _demo_checkpoint(os.path.join(default_cache_dir(), 'joint_sft_tiny'),
+                          lambda: _stage_config('joint_sft'),
+                          'init_from=demo_sft (configs/joint_sft.py:tiny)')
+
+
+def demo_long_cot_checkpoint() -> str:
+  """The workdir of `configs/long_cot_sft.py:tiny` continued from the tiny joint-SFT checkpoint
+  (`demo_sft_checkpoint`: its model preset and RoPE base), under the demo cache, trained there
+  first if needed (a few minutes): a policy that answers the arithmetic problems at three
+  lengths (`data/build_demo.py` `worked_answer`), for the length penalty's demo."""
+  from kimi_vl_jax.data.build_demo import default_cache_dir
+
+  def make_cfg():
+    sft, cfg = _stage_config('joint_sft'), _stage_config('long_cot_sft')
+    with cfg.unlocked():
+      cfg.init_from = 'orbax:' + demo_sft_checkpoint()
+      cfg.model, cfg.model_overrides = sft.model, sft.model_overrides
+    return cfg
+
+  return _demo_checkpoint(os.path.join(default_cache_dir(), 'long_cot_sft_tiny'), make_cfg,
+                          'init_from=demo_long_cot (configs/long_cot_sft.py:tiny from the tiny '
+                          'joint-SFT checkpoint)')
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -86,6 +86,31 @@ def test_arithmetic_is_deterministic_and_verifiable(cache, tmp_path):
       r['messages'][0]['content'] for r in recs[:200]}
 
 
+def test_worked_answers_of_three_lengths(cache):
+  """The tiny long-CoT data: the train problems, each with a worked answer of one of three
+  lengths whose arithmetic is right and whose final answer is the record's."""
+  plain = _lines(os.path.join(cache, 'arithmetic', 'train.jsonl'))
+  cot = _lines(os.path.join(cache, 'arithmetic', 'cot_train.jsonl'))
+  assert len(cot) == len(plain)
+  tok = tok_lib.SentencePieceTokenizer()
+  lengths = {s: [] for s in build_demo.COT_STYLES}
+  for p, c in zip(plain[:600], cot[:600]):
+    assert c['messages'][0] == p['messages'][0] and c['answer'] == p['answer']
+    text = c['messages'][1]['content']
+    assert text.endswith(f"The answer is {c['answer']}.")
+    for lhs, rhs in re.findall(r'(\d+ [-+*/] \d+) = (\d+)', text):
+      assert eval(lhs) == int(rhs), text  # noqa: S307 - our own digits
+    style = ('reflect' if 'Let me check' in text else 'plan' if ', so I ' in text else 'short')
+    if style == 'short':
+      assert text == p['messages'][1]['content']
+    lengths[style].append(len(tok.encode(text)))
+  assert all(150 < len(v) < 250 for v in lengths.values())          # about a third each
+  means = [np.mean(lengths[s]) for s in build_demo.COT_STYLES]
+  assert means[0] * 3 < means[1] < means[2] < 100, means
+  with pytest.raises(ValueError, match='style'):
+    build_demo.worked_answer(dict(kind=0), 'verbose')
+
+
 def test_demo_mixture_through_the_pipeline(cache):
   tok = tok_lib.SentencePieceTokenizer()
   cfg = build_demo.demo_sft_data_config(seq_len=256, batch_size=4)

@@ -57,3 +57,25 @@ def test_stopped_again_is_an_error_and_leaves_no_done_marker(cache):
   finally:
     _FakeTrainer.result = {'final_step': 1000}
   assert not os.path.exists(os.path.join(str(cache), 'joint_sft_tiny', 'summary.json'))
+
+
+def test_long_cot_demo_continues_the_sft_checkpoint_at_its_rope_base(cache, monkeypatch):
+  seen = []
+
+  class _Recording(_FakeTrainer):
+    def __init__(self, cfg, workdir):
+      super().__init__(cfg, workdir)
+      seen.append(cfg)
+
+  monkeypatch.setattr(loop, 'Trainer', _Recording)
+  wd = trainer_lib.demo_long_cot_checkpoint()
+  sft_wd = os.path.join(str(cache), 'joint_sft_tiny')
+  assert wd == os.path.join(str(cache), 'long_cot_sft_tiny')
+  assert _FakeTrainer.calls == [sft_wd, wd]       # the SFT checkpoint first, then long-CoT
+  sft, cot = seen
+  assert sft.stage == 'joint_sft' and cot.stage == 'long_cot_sft'
+  assert cot.init_from == f'orbax:{sft_wd}'
+  assert cot.model == sft.model == 'demo'
+  assert cot.model_overrides.to_dict() == sft.model_overrides.to_dict()
+  assert any('cot_train' in s['path'] for s in cot.data.sources)
+  assert trainer_lib.demo_long_cot_checkpoint() == wd and len(_FakeTrainer.calls) == 2
