@@ -15,7 +15,8 @@
   arithmetic/text_{train,test}.jsonl   the same problems as plain `{"text": ...}` documents
   arithmetic/cot_{train,test}.jsonl    the same problems with worked answers of three lengths
                                        (plain, with a plan, with a plan and a check; a third
-                                       each): the tiny long-CoT SFT data
+                                       each; no extra number to get wrong): the tiny long-CoT
+                                       SFT data
   video/{train,test}.jsonl             generated videos of a colored shape moving across a 56x56
                                        frame (12-40 frames), one question each: which way it moves,
                                        its shape, its color or how long the video is (`kind` =
@@ -37,7 +38,7 @@ import re
 import shutil
 import tempfile
 
-DEMO_VERSION = '6'
+DEMO_VERSION = '7'
 ARITH_SIZES = {'train': 20000, 'test': 1000}
 ARITH_SEEDS = {'train': 1234, 'test': 98765}
 
@@ -195,39 +196,32 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, str, int]:
   return p['q'], f"{p['expr']} = {p['r']}. The answer is {p['r']}.", p['r']
 
 
-# The check of a long worked answer: the inverse operation, back to the first operand.
-_CHECKS = {
-    0: lambda p: f"{p['r']} - {p['b']} = {p['a']}",
-    1: lambda p: f"{p['r']} + {p['b']} = {p['a']}",
-    2: lambda p: f"{p['r']} / {p['b']} = {p['a']}",
-    3: lambda p: f"{p['r']} * {p['b']} = {p['a']}",
-}
-_RESTATE = {
-    0: lambda p: (f"{p['name']} starts with {p['a']} {p['item']}. Then {p['name']} gets "
-                  f"{p['b']} more, so I add them."),
-    1: lambda p: (f"{p['name']} starts with {p['a']} {p['item']}. {p['name']} gives {p['b']} "
-                  'away, so I subtract.'),
-    2: lambda p: (f"There are {p['a']} boxes and each box has {p['b']} {p['item']}, so I "
-                  'multiply.'),
-    3: lambda p: f"{p['a']} {p['item']} are split into {p['b']} equal parts, so I divide.",
+# What a longer worked answer adds: a plan (which operation, and why) and a check (the same
+# equation once more). Neither restates a number of the question, so the longer answers are no
+# harder to get right than the plain one: only longer, the overthinking that k1.5's length
+# penalty removes.
+_PLAN = {
+    0: 'We get more, so I add.',
+    1: 'Some are given away, so I subtract.',
+    2: 'Each box has the same number, so I multiply.',
+    3: 'They are shared equally, so I divide.',
 }
 COT_STYLES = ('short', 'plan', 'reflect')
 
 
 def worked_answer(p: dict, style: str) -> str:
   """A worked answer of one of three lengths (the long-CoT demo's mixture, `cot_*.jsonl`):
-  'short' is the plain answer of `{train,test}.jsonl`; 'plan' restates the problem and names the
-  operation first; 'reflect' also checks the result by the inverse operation. All end in
-  "The answer is N." with the same N."""
+  'short' is the plain answer of `{train,test}.jsonl`; 'plan' says which operation and why
+  first; 'reflect' also checks the equation once more. All end in "The answer is N." with the
+  same N."""
   if style not in COT_STYLES:
     raise ValueError(f'unknown worked-answer style {style!r}; one of {COT_STYLES}')
   calc, end = f"{p['expr']} = {p['r']}.", f"The answer is {p['r']}."
   if style == 'short':
     return f'{calc} {end}'
   if style == 'plan':
-    return f"{_RESTATE[p['kind']](p)} {calc} {end}"
-  return (f"{_RESTATE[p['kind']](p)} {calc} Let me check: {_CHECKS[p['kind']](p)}. "
-          f'That is right. {end}')
+    return f"{_PLAN[p['kind']]} {calc} {end}"
+  return f"{_PLAN[p['kind']]} {calc} Let me check: {calc} That is right. {end}"
 
 
 def _build_arithmetic(out: str) -> None:

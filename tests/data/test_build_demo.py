@@ -100,13 +100,15 @@ def test_worked_answers_of_three_lengths(cache):
     assert text.endswith(f"The answer is {c['answer']}.")
     for lhs, rhs in re.findall(r'(\d+ [-+*/] \d+) = (\d+)', text):
       assert eval(lhs) == int(rhs), text  # noqa: S307 - our own digits
-    style = ('reflect' if 'Let me check' in text else 'plan' if ', so I ' in text else 'short')
+    style = ('reflect' if 'Let me check' in text else 'plan' if ', so ' in text else 'short')
+    # No number beyond the plain answer's: the longer answers are only longer.
+    assert set(re.findall(r'\d+', text)) == set(re.findall(r'\d+', p['messages'][1]['content']))
     if style == 'short':
       assert text == p['messages'][1]['content']
     lengths[style].append(len(tok.encode(text)))
   assert all(150 < len(v) < 250 for v in lengths.values())          # about a third each
   means = [np.mean(lengths[s]) for s in build_demo.COT_STYLES]
-  assert means[0] * 3 < means[1] < means[2] < 100, means
+  assert means[0] * 2 < means[1] < means[2] < 100, means
   with pytest.raises(ValueError, match='style'):
     build_demo.worked_answer(dict(kind=0), 'verbose')
 
