@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -51,9 +50,7 @@ from typing import Any, Callable
 from absl import app, flags, logging
 
 from kimi_vl_jax.storage import paths as storage_paths
-
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           'configs')
+from kimi_vl_jax.train.stage_config import CONFIGS_DIR, load_config_file
 
 
 # -- key figures: read from a stage's summary.json ------------------------------------------------
@@ -152,10 +149,7 @@ def load_config(stage: Stage, variant: str, configs_dir: str = CONFIGS_DIR):
   path = os.path.join(configs_dir, stage.config)
   if not os.path.exists(path):
     raise FileNotFoundError(f'recipe stage {stage.name!r}: config file {path} does not exist')
-  spec = importlib.util.spec_from_file_location(f'recipe_{stage.name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return load_config_file(path, variant, f'recipe_{stage.name}')
 
 
 def parse_override(text: str) -> tuple[str, list[str], Any, str]:

@@ -193,7 +193,7 @@ def _arithmetic_parts(rng: random.Random) -> dict:
 def arithmetic_problem(rng: random.Random) -> tuple[str, str, int]:
   """One word problem -> (question, worked answer, numeric answer)."""
   p = _arithmetic_parts(rng)
-  return p['q'], f"{p['expr']} = {p['r']}. The answer is {p['r']}.", p['r']
+  return p['q'], worked_answer(p, 'short'), p['r']
 
 
 # What a longer worked answer adds: a plan (which operation, and why) and a check (the same
@@ -228,7 +228,7 @@ def _build_arithmetic(out: str) -> None:
   for split, n in ARITH_SIZES.items():
     rng = random.Random(ARITH_SEEDS[split])
     parts = [_arithmetic_parts(rng) for _ in range(n)]
-    probs = [(p['q'], f"{p['expr']} = {p['r']}. The answer is {p['r']}.", p['r']) for p in parts]
+    probs = [(p['q'], worked_answer(p, 'short'), p['r']) for p in parts]
     _write_jsonl(os.path.join(out, f'{split}.jsonl'), (
         {'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}],
          'answer': str(r)} for q, a, r in probs))

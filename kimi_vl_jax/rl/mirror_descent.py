@@ -25,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -73,7 +74,6 @@ def informative_groups(rewards, k: int, atol: float = 1e-9):
   iteration only its `tau * Delta` term remains, a pull back toward pi_i. Skipping such groups
   (`rl.skip_uniform_groups`; DAPO's "dynamic sampling", arXiv 2503.14476 section 3.2) spends the
   optimizer steps on the prompts that carry signal and drops that pull for the others."""
-  import numpy as np
   r = np.asarray(rewards, np.float64)
   if r.shape[0] % k:
     raise ValueError(f'{r.shape[0]} rewards do not form groups of k={k}')

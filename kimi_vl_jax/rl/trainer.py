@@ -455,17 +455,13 @@ def resolve_templates(cfg):
 
 def _stage_config(name: str):
   """`configs/<name>.py:tiny`, read from the configs directory next to this package."""
-  config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__)))), 'configs', f'{name}.py')
+  from kimi_vl_jax.train.stage_config import CONFIGS_DIR, load_config_file
+  config_file = os.path.join(CONFIGS_DIR, f'{name}.py')
   if not os.path.exists(config_file):
     raise FileNotFoundError(f'the demo checkpoint trains configs/{name}.py:tiny, which is not '
                             'next to this package; run it yourself and pass '
                             '--config.init_from=orbax:WORKDIR')
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f'{name}_config', config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('tiny')
+  return load_config_file(config_file, 'tiny', f'{name}_config')
 
 
 def _demo_checkpoint(workdir: str, make_cfg, what: str) -> str:

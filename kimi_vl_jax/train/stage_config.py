@@ -34,6 +34,9 @@ few hundred K parameters on the bundled demo data that runs on a CPU in minutes.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from kimi_vl_jax.config_dict import as_dict
@@ -42,6 +45,18 @@ from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.storage import paths as storage_paths
 
 VARIANTS = ('', 'tiny')
+
+# `configs/` next to the package: one file per stage, `get_config(arg)`.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs')
+
+
+def load_config_file(path: str, variant: str = '', module_name: str = 'stage_config_file'):
+  """`get_config(variant)` of the stage config file at `path` (the caller checks it exists)."""
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 # Full-scale numbers (Kimi-VL report, arXiv 2504.07491, section 2.3). Rows per host x hosts =
 # global batch.
